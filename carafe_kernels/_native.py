@@ -1,0 +1,38 @@
+"""Loads the compiled library (carafe_kernels._C), which registers the C++ ops with the dispatcher.
+
+``import carafe_kernels`` must work where the extension was not built: then HAS_NATIVE is False and
+NATIVE_ERROR says why, and the registry reports it through ``backend_status()``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+HAS_NATIVE = False
+HAS_NATIVE_CUDA = False
+NATIVE_ERROR: str | None = None
+
+if os.environ.get("CARAFE_NO_NATIVE", "0").lower() in ("1", "true", "yes", "on"):
+    NATIVE_ERROR = "CARAFE_NO_NATIVE is set"
+else:
+    try:
+        from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+    except ImportError as exc:
+        NATIVE_ERROR = (f"the compiled extension carafe_kernels._C could not be imported ({exc}); "
+                        "reinstall with `pip install --no-build-isolation .` to build it")
+    else:
+        HAS_NATIVE = True
+        HAS_NATIVE_CUDA = torch._C._dispatch_has_kernel_for_dispatch_key("carafe_kernels::carafe", "CUDA")
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the native CUDA kernels cannot run here, or None."""
+    if not HAS_NATIVE:
+        return NATIVE_ERROR
+    if not HAS_NATIVE_CUDA:
+        return ("the extension was built without CUDA kernels (needs a CUDA build of torch and nvcc at "
+                "install time, or CARAFE_FORCE_CUDA=1)")
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False"
+    return None

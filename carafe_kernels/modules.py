@@ -1,0 +1,106 @@
+"""nn.Module wrappers with mmcv's names and constructor arguments, so code switches by import."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .functional import _check_int, carafe, carafe_fused
+from .registry import requested_backend
+
+__all__ = ["CARAFE", "CARAFEPack"]
+
+
+class CARAFE(nn.Module):
+    """CARAFE reassembly with given (already normalised) masks; mmcv's ``CARAFE``.
+
+    Args:
+        kernel_size: reassembly kernel size k (odd).
+        group_size: G, the number of mask groups (divides the channels).
+        scale_factor: integer upsampling ratio s.
+        backend: "auto" (default), "reference", "cpu", "cuda" or "triton".
+
+    Shape:
+        features (N, C, H, W), masks (N, G*k*k, H*s, W*s) -> (N, C, H*s, W*s).
+    """
+
+    def __init__(self, kernel_size: int, group_size: int, scale_factor: int, *, backend: str = "auto"):
+        super().__init__()
+        self.kernel_size = _check_int("kernel_size", kernel_size, odd=True)
+        self.group_size = _check_int("group_size", group_size)
+        self.scale_factor = _check_int("scale_factor", scale_factor)
+        requested_backend(backend)  # fail early on an unknown name
+        self.backend = backend
+
+    def forward(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return carafe(features, masks, self.kernel_size, self.group_size, self.scale_factor, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"kernel_size={self.kernel_size}, group_size={self.group_size}, "
+                f"scale_factor={self.scale_factor}, backend={self.backend!r}")
+
+
+class CARAFEPack(nn.Module):
+    """The complete CARAFE upsampler (Wang et al., ICCV 2019), mmcv's ``CARAFEPack``.
+
+    A 1x1 channel compressor, a content encoder predicting ``up_group*up_kernel**2*scale_factor**2``
+    logits per low-res pixel, then the fused op (pixel shuffle + softmax + reassembly in one kernel).
+    Parameter names (``channel_compressor``, ``content_encoder``) and initialisation (Xavier-uniform
+    convs, content encoder N(0, 0.001)) follow mmcv, so an mmcv state_dict loads unchanged.
+
+    Args:
+        channels: input channels C.
+        scale_factor: upsampling ratio s.
+        up_kernel: reassembly kernel size k (odd), default 5.
+        up_group: mask groups G, default 1.
+        encoder_kernel: content-encoder kernel size, default 3.
+        encoder_dilation: content-encoder dilation, default 1.
+        compressed_channels: channels after the compressor, default 64.
+        backend: "auto" (default), "reference", "cpu", "cuda" or "triton".
+
+    Shape:
+        (N, C, H, W) -> (N, C, H*s, W*s).
+
+    Example:
+        >>> up = CARAFEPack(64, scale_factor=2)
+        >>> up(torch.randn(1, 64, 16, 16)).shape
+        torch.Size([1, 64, 32, 32])
+    """
+
+    def __init__(self, channels: int, scale_factor: int, up_kernel: int = 5, up_group: int = 1,
+                 encoder_kernel: int = 3, encoder_dilation: int = 1, compressed_channels: int = 64,
+                 *, backend: str = "auto"):
+        super().__init__()
+        self.channels = _check_int("channels", channels)
+        self.scale_factor = _check_int("scale_factor", scale_factor)
+        self.up_kernel = _check_int("up_kernel", up_kernel, odd=True)
+        self.up_group = _check_int("up_group", up_group)
+        self.encoder_kernel = _check_int("encoder_kernel", encoder_kernel, odd=True)
+        self.encoder_dilation = _check_int("encoder_dilation", encoder_dilation)
+        self.compressed_channels = _check_int("compressed_channels", compressed_channels)
+        if self.channels % self.up_group != 0:
+            raise ValueError(f"up_group={up_group} must divide channels={channels}")
+        requested_backend(backend)
+        self.backend = backend
+        self.channel_compressor = nn.Conv2d(self.channels, self.compressed_channels, 1)
+        self.content_encoder = nn.Conv2d(
+            self.compressed_channels,
+            self.up_kernel * self.up_kernel * self.up_group * self.scale_factor * self.scale_factor,
+            self.encoder_kernel,
+            padding=(self.encoder_kernel - 1) * self.encoder_dilation // 2,
+            dilation=self.encoder_dilation)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        for m in (self.channel_compressor, self.content_encoder):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        # NB: near-zero logits start every reassembly kernel close to a uniform average.
+        nn.init.normal_(self.content_encoder.weight, std=0.001)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.content_encoder(self.channel_compressor(x))
+        return carafe_fused(x, logits, self.up_kernel, self.up_group, self.scale_factor, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, scale_factor={self.scale_factor}, up_kernel={self.up_kernel}, "
+                f"up_group={self.up_group}, backend={self.backend!r}")

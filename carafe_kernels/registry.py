@@ -1,0 +1,165 @@
+"""The one list of CARAFE backends: what each runs on, why it may be unavailable, and its limits.
+
+``select_backend`` turns a requested name (argument or the CARAFE_BACKEND environment variable) into a
+backend that can run the call, or raises an error that says why. ``"auto"`` tries, per device type, the
+order in AUTO_ORDER (fastest first, as measured in benchmarks/results/) and logs each skip reason once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import _native
+from .reference import carafe_fused_reference, carafe_reference
+
+__all__ = ["Backend", "BackendUnavailableError", "BACKENDS", "AUTO_ORDER", "backend_status", "select_backend"]
+
+log = logging.getLogger("carafe_kernels")
+
+# Fastest first, per device type. CPU: the C++ kernels beat the reference by >10x at every benchmarked
+# shape (benchmarks/results/cpu.json). CUDA: the CUDA C++ kernels first, then Triton (kernels written to
+# the same design; swap when the H200 results say otherwise). Triton on CPU runs only in its interpreter,
+# which is for testing, so "auto" never picks it there.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call; the message says why."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    # Device types it runs on; a function of the environment for Triton (its interpreter runs on CPU).
+    device_types: Callable[[], tuple[str, ...]]
+    # None when usable on this machine, otherwise the reason.
+    unavailable_reason: Callable[[], str | None]
+    # The implementations: (features, masks_or_logits, kernel_size, group_size, scale_factor) -> out.
+    carafe: Callable[..., torch.Tensor]
+    carafe_fused: Callable[..., torch.Tensor]
+    max_kernel_size: int | None = None
+    max_scale_factor: int | None = None
+    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    notes: str = field(default="", compare=False)
+
+    def call_unsupported_reason(self, features: torch.Tensor, kernel_size: int, scale_factor: int) -> str | None:
+        """Why this backend cannot run this particular call, or None."""
+        reason = self.unavailable_reason()
+        if reason is not None:
+            return reason
+        device_types = self.device_types()
+        if features.device.type not in device_types:
+            return f"runs on {'/'.join(device_types)} tensors, got a {features.device.type} tensor"
+        if features.dtype not in self.dtypes:
+            return f"does not support dtype {features.dtype}"
+        if self.max_kernel_size is not None and kernel_size > self.max_kernel_size:
+            return f"supports kernel_size <= {self.max_kernel_size}, got {kernel_size}"
+        if self.max_scale_factor is not None and scale_factor > self.max_scale_factor:
+            return f"supports scale_factor <= {self.max_scale_factor}, got {scale_factor}"
+        return None
+
+
+def _native_op(name: str) -> Callable[..., torch.Tensor]:
+    def call(*args):
+        return getattr(torch.ops.carafe_kernels, name)(*args)
+    call.__name__ = f"carafe_kernels_{name}"
+    return call
+
+
+def _triton_module():
+    from . import triton as triton_backend  # imported lazily: Triton is optional and slow to import
+    return triton_backend
+
+
+def _triton_reason() -> str | None:
+    try:
+        return _triton_module().unavailable_reason()
+    except ImportError as exc:
+        return f"carafe_kernels.triton could not be imported ({exc})"
+
+
+def _triton_device_types() -> tuple[str, ...]:
+    return ("cpu",) if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+def _triton_call(name: str) -> Callable[..., torch.Tensor]:
+    def call(*args):
+        return getattr(_triton_module(), name)(*args)
+    call.__name__ = f"triton_{name}"
+    return call
+
+
+def _always_available() -> str | None:
+    return None
+
+
+def _cpu_reason() -> str | None:
+    return _native.NATIVE_ERROR
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (
+        Backend("reference", lambda: ("cpu", "cuda", "mps", "xpu", "meta"), _always_available,
+                carafe_reference, carafe_fused_reference,
+                notes="pure PyTorch; any device and float dtype; the float64 test oracle"),
+        Backend("cpu", lambda: ("cpu",), _cpu_reason, _native_op("carafe"), _native_op("carafe_fused"),
+                notes="C++ kernels, at::parallel_for + at::vec"),
+        Backend("cuda", lambda: ("cuda",), _native.cuda_unavailable_reason, _native_op("carafe"),
+                _native_op("carafe_fused"), max_kernel_size=11, max_scale_factor=8,
+                notes="CUDA C++ kernels"),
+        Backend("triton", _triton_device_types, _triton_reason, _triton_call("carafe"),
+                _triton_call("carafe_fused"), max_kernel_size=11, max_scale_factor=8,
+                dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                notes="Triton kernels; on CPU only under TRITON_INTERPRET=1"),
+    )
+}
+
+
+def backend_status() -> dict[str, str | None]:
+    """Every backend name mapped to None when it is usable on this machine, or the reason it is not."""
+    return {name: backend.unavailable_reason() for name, backend in BACKENDS.items()}
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged and not torch.compiler.is_compiling():
+        _logged.add(message)
+        log.info(message)
+
+
+def requested_backend(backend: str) -> str:
+    """The effective request: an explicit argument wins, then CARAFE_BACKEND, then "auto"."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("CARAFE_BACKEND", "auto") or "auto"
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {['auto', *BACKENDS]}")
+    return backend
+
+
+def select_backend(backend: str, features: torch.Tensor, kernel_size: int, scale_factor: int) -> Backend:
+    """The backend that will run this call. An explicit name runs or raises BackendUnavailableError."""
+    name = requested_backend(backend)
+    if name != "auto":
+        chosen = BACKENDS[name]
+        reason = chosen.call_unsupported_reason(features, kernel_size, scale_factor)
+        if reason is not None:
+            raise BackendUnavailableError(f"CARAFE backend {name!r} cannot run this call: {reason}")
+        return chosen
+    for candidate in AUTO_ORDER.get(features.device.type, ("reference",)):
+        chosen = BACKENDS[candidate]
+        reason = chosen.call_unsupported_reason(features, kernel_size, scale_factor)
+        if reason is None:
+            return chosen
+        _log_once(f"carafe_kernels: backend {candidate!r} skipped: {reason}")
+    return BACKENDS["reference"]

@@ -1,0 +1,47 @@
+// Index maths shared by the CPU and CUDA kernels. Header-only, torch-free, usable from host and device.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CARAFE_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define CARAFE_HOST_DEVICE inline
+#endif
+
+namespace carafe {
+
+// Shape of one call. All extents are 64-bit so that offsets never overflow (mmcv's backward
+// overflows int32 on large inputs).
+struct Shape {
+  int64_t N, C, H, W;  // features (low resolution)
+  int64_t k, G, s;     // kernel_size, group_size, scale_factor
+  CARAFE_HOST_DEVICE int64_t r() const { return (k - 1) / 2; }
+  CARAFE_HOST_DEVICE int64_t kk() const { return k * k; }
+  CARAFE_HOST_DEVICE int64_t ss() const { return s * s; }
+  CARAFE_HOST_DEVICE int64_t Ho() const { return H * s; }
+  CARAFE_HOST_DEVICE int64_t Wo() const { return W * s; }
+  CARAFE_HOST_DEVICE int64_t channels_per_group() const { return C / G; }
+  CARAFE_HOST_DEVICE int64_t mask_channels() const { return G * k * k; }          // masks (N, G*k*k, Ho, Wo)
+  CARAFE_HOST_DEVICE int64_t logit_channels() const { return G * k * k * s * s; }  // logits (N, G*k*k*s*s, H, W)
+};
+
+// Offset of masks[n, g*k*k + t, y, x] in a contiguous (N, G*k*k, H*s, W*s) tensor.
+CARAFE_HOST_DEVICE int64_t mask_offset(const Shape& p, int64_t n, int64_t g, int64_t t, int64_t y, int64_t x) {
+  return ((n * p.mask_channels() + g * p.kk() + t) * p.Ho() + y) * p.Wo() + x;
+}
+
+// Offset of the logit that, after pixel_shuffle(s), lands at masks[n, g*k*k + t, h*s + i, w*s + j]:
+// channel (g*k*k + t)*s*s + i*s + j of a contiguous (N, G*k*k*s*s, H, W) tensor at (h, w).
+CARAFE_HOST_DEVICE int64_t logit_offset(const Shape& p, int64_t n, int64_t g, int64_t t, int64_t i, int64_t j,
+                                        int64_t h, int64_t w) {
+  return ((n * p.logit_channels() + ((g * p.kk() + t) * p.ss() + i * p.s + j)) * p.H + h) * p.W + w;
+}
+
+// The low-resolution row/column that tap index d (0 <= d < k) of output row/column o reads,
+// or -1 when it falls outside [0, extent): zero padding, no renormalisation.
+CARAFE_HOST_DEVICE int64_t source_index(int64_t o, int64_t s, int64_t d, int64_t r, int64_t extent) {
+  const int64_t q = o / s + d - r;
+  return (q >= 0 && q < extent) ? q : -1;
+}
+
+}  // namespace carafe
