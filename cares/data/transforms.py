@@ -1,0 +1,212 @@
+"""Resizing and seeded data augmentation for (image, mask) slice pairs.
+
+Tensors here are (1, H, W): image float32 in [0, 1], mask float32 in {0, 1}.
+
+Resizing rule: images bilinear (with antialiasing, so that shrinking a 500-pixel slice to 256 does
+not alias), masks nearest ("nearest-exact", which keeps the mask centred) and binary.
+
+Augmentation: geometric steps (flips, 90-degree rotations, a small affine warp) are applied to the
+image and the mask with the same parameters and the same sampling grid; intensity jitter touches
+the image only. All randomness comes from an explicit torch.Generator, normally
+`item_generator(seed, epoch, index)`, so a given item of a given epoch is augmented the same way
+in every run, in any DataLoader worker, whatever order items are read in.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def derive_seed(*keys: int) -> int:
+    """Mix non-negative integers into one 64-bit seed (numpy's SeedSequence), so that nearby keys
+    such as (0, 1, 2) and (0, 2, 1) give unrelated random streams."""
+    for key in keys:
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 0:
+            raise ValueError(f"seed keys must be non-negative integers, got {keys!r}")
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
+
+
+def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The CPU torch.Generator that augments item `index` in epoch `epoch` of a run seeded `seed`."""
+    generator = torch.Generator()
+    generator.manual_seed(derive_seed(seed, epoch, index))
+    return generator
+
+
+# ----------------------------------------------------------------------------------------------
+# Resizing
+# ----------------------------------------------------------------------------------------------
+
+def _check_chw(tensor: torch.Tensor, name: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != 3 or tensor.shape[0] != 1:
+        raise ValueError(f"{name} must have shape (1, H, W), got {tuple(tensor.shape)}")
+
+
+def _check_size(size) -> None:
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"size must be an int, got {type(size).__name__}")
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+
+
+def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(1, H, W) float image -> (1, size, size), bilinear with antialiasing, clipped to [0, 1]."""
+    _check_chw(image, "image")
+    _check_size(size)
+    if tuple(image.shape[-2:]) == (size, size):
+        return image
+    resized = F.interpolate(image[None].float(), size=(size, size), mode="bilinear",
+                            align_corners=False, antialias=True)[0]
+    return resized.clamp_(0.0, 1.0)
+
+
+def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """(1, H, W) binary mask (bool or float {0, 1}) -> float32 (1, size, size) in {0, 1}, nearest."""
+    _check_chw(mask, "mask")
+    _check_size(size)
+    mask = mask.float()
+    if tuple(mask.shape[-2:]) == (size, size):
+        return mask
+    return F.interpolate(mask[None], size=(size, size), mode="nearest-exact")[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """What `augment_pair` may do, and how strongly. Probabilities are per item.
+
+    flip_prob:          chance of a left-right flip, and separately of an up-down flip
+    rot90:              rotate by a uniformly drawn multiple of 90 degrees
+    affine_prob:        chance of the small affine warp below
+    max_rotation_deg:   affine rotation drawn uniformly in +-max_rotation_deg
+    scale_range:        affine zoom factor drawn uniformly in this range
+    max_translation:    affine shift drawn uniformly in +-max_translation of the image side
+    intensity_prob:     chance of the intensity jitter below (image only)
+    brightness:         add an offset drawn in +-brightness
+    contrast:           scale about the image mean by a factor drawn in 1 +- contrast
+    gamma_range:        raise to a power drawn log-uniformly in this range
+    """
+    flip_prob: float = 0.5
+    rot90: bool = True
+    affine_prob: float = 0.5
+    max_rotation_deg: float = 15.0
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    max_translation: float = 0.05
+    intensity_prob: float = 0.5
+    brightness: float = 0.1
+    contrast: float = 0.1
+    gamma_range: tuple[float, float] = (0.8, 1.25)
+
+    def __post_init__(self):
+        for name in ("flip_prob", "affine_prob", "intensity_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        for name in ("max_rotation_deg", "max_translation", "brightness", "contrast"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("scale_range", "gamma_range"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {(low, high)}")
+
+
+DEFAULT_AUGMENT = AugmentConfig()
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def _chance(generator: torch.Generator, probability: float) -> bool:
+    return torch.rand((), generator=generator).item() < probability
+
+
+def _affine_warp(image: torch.Tensor, mask: torch.Tensor | None, angle_rad: float, scale: float,
+                 shift_x: float, shift_y: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotate by angle_rad, zoom by scale and shift by (shift_x, shift_y) fractions of the side.
+
+    One sampling grid serves both tensors (bilinear for the image, nearest for the mask), so the
+    two stay aligned. Reflection padding fills the corners the warp uncovers with nearby content,
+    in the image and the mask alike.
+    """
+    cos, sin = math.cos(angle_rad), math.sin(angle_rad)
+    # affine_grid maps output coordinates to input coordinates in [-1, 1] units; a zoom-in by
+    # `scale` samples the input at coordinates divided by scale; a shift of f of the side is 2f units.
+    theta = torch.tensor([[cos / scale, -sin / scale, -2.0 * shift_x],
+                          [sin / scale, cos / scale, -2.0 * shift_y]], dtype=torch.float32)
+    grid = F.affine_grid(theta[None], size=(1, 1, *image.shape[-2:]), align_corners=False)
+    warped_image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="reflection",
+                                 align_corners=False)[0].clamp_(0.0, 1.0)
+    warped_mask = None
+    if mask is not None:
+        warped_mask = F.grid_sample(mask[None], grid, mode="nearest", padding_mode="reflection",
+                                    align_corners=False)[0]
+    return warped_image, warped_mask
+
+
+def _jitter_intensity(image: torch.Tensor, gamma: float, contrast: float, brightness: float) -> torch.Tensor:
+    image = image.clamp(0.0, 1.0) ** gamma
+    mean = image.mean()
+    return ((image - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+
+
+def augment_pair(image: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator,
+                 config: AugmentConfig = DEFAULT_AUGMENT) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Randomly flip, rotate, warp and intensity-jitter a square (1, S, S) image and its mask.
+
+    mask may be None (unlabeled data). Every random number is drawn from `generator`, always in the
+    same order and whether or not a step ends up applied, so results depend only on the generator's
+    seed and `config`. Returns new tensors: image float32 in [0, 1], mask float32 in {0, 1}.
+    """
+    _check_chw(image, "image")
+    if image.shape[-1] != image.shape[-2]:
+        raise ValueError(f"augment_pair expects a square image, got {tuple(image.shape)}; resize first")
+    if mask is not None:
+        _check_chw(mask, "mask")
+        if mask.shape != image.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} differs from image shape {tuple(image.shape)}")
+        mask = mask.float()
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    image = image.float()
+
+    # Draw everything first, in a fixed order.
+    flip_left_right = _chance(generator, config.flip_prob)
+    flip_up_down = _chance(generator, config.flip_prob)
+    quarter_turns = int(torch.randint(0, 4, (), generator=generator).item())
+    do_affine = _chance(generator, config.affine_prob)
+    angle_rad = math.radians(_uniform(generator, -config.max_rotation_deg, config.max_rotation_deg))
+    scale = _uniform(generator, *config.scale_range)
+    shift_x = _uniform(generator, -config.max_translation, config.max_translation)
+    shift_y = _uniform(generator, -config.max_translation, config.max_translation)
+    do_intensity = _chance(generator, config.intensity_prob)
+    gamma = math.exp(_uniform(generator, *(math.log(g) for g in config.gamma_range)))
+    contrast = _uniform(generator, 1.0 - config.contrast, 1.0 + config.contrast)
+    brightness = _uniform(generator, -config.brightness, config.brightness)
+
+    def geometric(step):
+        nonlocal image, mask
+        image = step(image)
+        mask = None if mask is None else step(mask)
+
+    if flip_left_right:
+        geometric(lambda t: torch.flip(t, dims=(-1,)))
+    if flip_up_down:
+        geometric(lambda t: torch.flip(t, dims=(-2,)))
+    if config.rot90 and quarter_turns:
+        geometric(lambda t: torch.rot90(t, k=quarter_turns, dims=(-2, -1)))
+    if do_affine:
+        image, mask = _affine_warp(image, mask, angle_rad, scale, shift_x, shift_y)
+    if do_intensity:
+        image = _jitter_intensity(image, gamma, contrast, brightness)
+    return image.contiguous(), None if mask is None else mask.contiguous()
