@@ -16,13 +16,19 @@ NATIVE_ERROR: str | None = None
 if os.environ.get("CARAFE_NO_NATIVE", "0").lower() in ("1", "true", "yes", "on"):
     NATIVE_ERROR = "CARAFE_NO_NATIVE is set"
 else:
-    try:
-        from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
-    except ImportError as exc:
-        NATIVE_ERROR = (f"the compiled extension carafe_kernels._C could not be imported ({exc}); "
-                        "reinstall with `pip install --no-build-isolation .` to build it")
+    import importlib.util
+
+    if importlib.util.find_spec("carafe_kernels._C") is None:
+        NATIVE_ERROR = ("the compiled extension carafe_kernels._C is not built; install with "
+                        "`pip install --no-build-isolation .` (or -e) to build it")
     else:
-        HAS_NATIVE = True
+        try:
+            from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+        except ImportError as exc:
+            NATIVE_ERROR = (f"the compiled extension carafe_kernels._C could not be loaded ({exc}); "
+                            "rebuild it against the installed torch with `pip install --no-build-isolation .`")
+        else:
+            HAS_NATIVE = True
         HAS_NATIVE_CUDA = torch._C._dispatch_has_kernel_for_dispatch_key("carafe_kernels::carafe", "CUDA")
 
 

@@ -1,10 +1,11 @@
 """`python -m cares <command>` (also the `cares` console script).
 
 Each subcommand lives in its own module, which provides:
-    HELP: str                               one line for the command list
+    HELP: str                               a paragraph shown by `cares COMMAND --help`
     add_arguments(parser) -> None           its flags
     run(args) -> int                        the work; returns the exit code
-Modules are imported only when their command runs, so `cares --help` stays fast.
+Only the module of the command being run is imported, so `cares --help` stays fast and one command's
+optional dependencies never break another.
 """
 from __future__ import annotations
 
@@ -12,25 +13,34 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = {
-    "train": "cares.train",
-    "evaluate": "cares.evaluate",
-    "predict": "cares.predict",
-    "pseudo-label": "cares.pseudo_label",
-    "complexity": "cares.complexity",
-    "demo": "cares.demo",
+# command -> (module, one line for the command list)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("cares.train", "train a model (supervised, or with pseudo labels)"),
+    "evaluate": ("cares.evaluate", "evaluate a checkpoint with the paper's six metrics"),
+    "predict": ("cares.predict", "predict masks for PNG/JPG slices or NIfTI volumes"),
+    "pseudo-label": ("cares.pseudo_label", "pseudo-label unlabeled slices, keeping confident ones"),
+    "complexity": ("cares.complexity", "parameters, MACs, FLOPs and latency of every model"),
+    "demo": ("cares.demo", "train and evaluate CARes-UNet on synthetic CT and write a report"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _selected_command(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cares",
         description="CARes-UNet for COVID-19 lung-infection segmentation in CT: train, evaluate, "
                     "predict, pseudo-label unlabeled slices, report model complexity, or run the demo.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module_name in COMMANDS.items():
+    selected = _selected_command(argv)
+    for name, (module_name, summary) in COMMANDS.items():
+        if name != selected:
+            sub.add_parser(name, help=summary)
+            continue
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+        p = sub.add_parser(name, help=summary, description=getattr(module, "HELP", summary),
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
@@ -38,5 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     return int(args._run(args) or 0)

@@ -1,0 +1,131 @@
+"""Model registry: ``build_model(name, in_channels=1, num_classes=1, **options)``.
+
+Every model maps (N, in_channels, H, W) -> (N, num_classes, H, W) logits (apply a sigmoid for
+probabilities) and subclasses ``SegmentationModel`` (``size_multiple``: what H and W must divide by).
+
+Names (``MODEL_NAMES``):
+    cares_unet      CARes-UNet (Xu et al. 2021): residual blocks + CARAFE upsampling.
+                    options: upsampler ("carafe", "deconv", "subpixel", "bilinear"), carafe_backend.
+    ca_unet         CARes-UNet without residual connections. options: upsampler, carafe_backend.
+    res_unet        CARes-UNet with 2x2 transposed-conv upsampling (= cares_unet[upsampler=deconv]).
+    unet            plain U-Net (transposed-conv upsampling, BatchNorm).
+    unet_resnet34   U-Net decoder on a ResNet-34 encoder (written here; no pretrained weights).
+    segnet          SegNet (VGG-16-BN encoder, max-unpooling decoder).
+    fcn             FCN-8s (VGG-16-BN encoder). options: dropout.
+
+A name may carry options in brackets, the form used for the report's ablation rows:
+``build_model("cares_unet[upsampler=deconv]")`` == ``build_model("cares_unet", upsampler="deconv")``.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any, Callable
+
+from .blocks import SegmentationModel
+from .cares_unet import UPSAMPLERS, CAResUNet
+from .fcn import FCN8s
+from .resnet import UNetResNet34
+from .segnet import SegNet
+from .unet import UNet
+
+__all__ = ["MODEL_NAMES", "ABLATION_VARIANTS", "UPSAMPLERS", "build_model", "parse_model_spec",
+           "model_options", "SegmentationModel", "CAResUNet", "UNet", "UNetResNet34", "SegNet", "FCN8s"]
+
+
+def _cares_unet(in_channels: int, num_classes: int, *, upsampler: str = "carafe",
+                carafe_backend: str = "auto") -> CAResUNet:
+    return CAResUNet(in_channels, num_classes, upsampler=upsampler, carafe_backend=carafe_backend)
+
+
+def _ca_unet(in_channels: int, num_classes: int, *, upsampler: str = "carafe",
+             carafe_backend: str = "auto") -> CAResUNet:
+    return CAResUNet(in_channels, num_classes, residual=False, upsampler=upsampler,
+                     carafe_backend=carafe_backend)
+
+
+def _res_unet(in_channels: int, num_classes: int) -> CAResUNet:
+    return CAResUNet(in_channels, num_classes, upsampler="deconv")
+
+
+def _fcn(in_channels: int, num_classes: int, *, dropout: float = 0.5) -> FCN8s:
+    return FCN8s(in_channels, num_classes, dropout=dropout)
+
+
+_BUILDERS: dict[str, Callable[..., SegmentationModel]] = {
+    "cares_unet": _cares_unet,
+    "ca_unet": _ca_unet,
+    "res_unet": _res_unet,
+    "unet": UNet,
+    "unet_resnet34": UNetResNet34,
+    "segnet": SegNet,
+    "fcn": _fcn,
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+# The paper's upsampler ablation, as model specs (the carafe row is plain "cares_unet").
+ABLATION_VARIANTS: tuple[str, ...] = tuple(f"cares_unet[upsampler={kind}]" for kind in UPSAMPLERS
+                                           if kind != "carafe")
+
+_SPEC = re.compile(r"^\s*(?P<name>[A-Za-z0-9_]+)\s*(?:\[(?P<options>[^\]]*)\])?\s*$")
+
+
+def _parse_value(text: str) -> Any:
+    """Bracket option values: true/false -> bool, integers -> int, decimals -> float, else the string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"cares_unet[upsampler=deconv,carafe_backend=reference]"`` -> ("cares_unet", {options}).
+
+    A plain name gives an empty dict. Raises ValueError for a malformed spec or an unknown name.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"model name must be a str, got {type(spec).__name__} ({spec!r})")
+    match = _SPEC.match(spec)
+    if match is None:
+        raise ValueError(f"model spec must look like 'name' or 'name[key=value,...]', got {spec!r}")
+    name = match["name"]
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r} (from {spec!r}); choose one of {list(MODEL_NAMES)}")
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in (match["options"] or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"model option must be key=value, got {item!r} in {spec!r}")
+        options[key.strip()] = _parse_value(value.strip())
+    return name, options
+
+
+def model_options(name: str) -> tuple[str, ...]:
+    """The keyword options ``build_model`` accepts for the model ``name``."""
+    parameters = inspect.signature(_BUILDERS[name]).parameters
+    return tuple(p for p in parameters if p not in ("in_channels", "num_classes"))
+
+
+def build_model(name: str, in_channels: int = 1, num_classes: int = 1, **options: Any) -> SegmentationModel:
+    """Build a model by name (optionally ``name[key=value,...]``) with the given input/output channels.
+
+    Raises:
+        ValueError: unknown name, malformed spec, or an option given both in brackets and as a keyword.
+        TypeError: an option the model does not take.
+    """
+    model_name, spec_options = parse_model_spec(name)
+    clashing = sorted(set(spec_options) & set(options))
+    if clashing:
+        raise ValueError(f"options {clashing} given both in the model spec {name!r} and as keywords")
+    options = {**spec_options, **options}
+    allowed = model_options(model_name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"model {model_name!r} does not take options {unknown}; it takes {list(allowed)}")
+    return _BUILDERS[model_name](in_channels, num_classes, **options)

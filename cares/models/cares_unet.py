@@ -1,0 +1,143 @@
+"""CARes-UNet (Xu et al., "CARes-UNet: Content-aware residual UNet for lesion segmentation of COVID-19
+from chest CT images", Med Phys 2021) and its ablations CA-UNet (no residual connections) and Res-UNet
+(transposed-conv upsampling).
+
+Architecture, as in the authors' released code (github.com/zylye123/CARes-UNet, model.py), with
+channels c = 64, 128, 256, 512 and every "block" = 3x3 conv-BN-ReLU + residual block::
+
+    x1 = block(in -> 64)                                    256 x 256   (for a 256 x 256 input)
+    x2 = block(64 -> 128)(down(64))                         128
+    x3 = block(128 -> 256)(down(128))                        64
+    x4 = block(256 -> 512)(down(256))                        32
+    x5 = block(512 -> 1024)(down(512))     bottleneck        16
+    d4 = block(1024 -> 512)(cat[x4, up(x5)])                 32
+    d3 = block(512 -> 256)(cat[x3, up(d4)])                  64
+    d2 = block(256 -> 128)(cat[x2, up(d3)])                 128
+    d1 = block(128 -> 64)(cat[x1, up(d2)])                  256
+    logits = conv1x1(64 -> num_classes)(d1)
+
+down(c) = stride-2 3x3 conv-BN-ReLU (c -> c) + residual block; up(C) = CARAFE (compress C -> 64, 3x3
+content encoder, k_up 5, scale 2) then a 1x1 conv C -> C/2 (with bias) at the upsampled resolution.
+Convs followed by BatchNorm have no bias. The network returns logits (the released code applies a
+sigmoid in forward; here the loss and the inference code apply it).
+
+Differences from the released code, both deliberate:
+* Its residual block also builds a 1x1 conv-BN projection that forward never runs (every residual
+  block there keeps its channel count): 2.10 M parameters. It is not built here, so the released
+  56.52 M parameters become 54.42 M. Forward is unchanged.
+* Its head has 2 output channels followed by a sigmoid; here num_classes (default 1) logits.
+
+At 1 x 1 x 256 x 256 this gives 54.42 M parameters and 157.97 GFLOPs (FlopCounterMode convention,
+FLOPs = 2 x multiply-adds, CARAFE reassembly counted as 2*N*C*Hout*Wout*k_up^2), the paper's figures;
+tests/test_complexity.py checks both.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from carafe_kernels import CARAFEPack
+
+from .blocks import ConvResidualBlock, SegmentationModel
+
+__all__ = ["CAResUNet", "UPSAMPLERS", "make_upsampler", "CARAFEUpsampler"]
+
+ENCODER_CHANNELS = (64, 128, 256, 512)
+BOTTLENECK_CHANNELS = 1024
+UPSAMPLERS = ("carafe", "deconv", "subpixel", "bilinear")
+
+
+class CARAFEUpsampler(nn.Sequential):
+    """CARAFE x2 (CARAFEPack: compress to 64 channels, 3x3 content encoder, k_up 5) then a 1x1 conv
+    halving the channels, as in the released code (the conv runs after upsampling).
+
+    Shape: (N, C, H, W) -> (N, C // 2, 2H, 2W).
+    """
+
+    def __init__(self, channels: int, backend: str = "auto"):
+        super().__init__(OrderedDict(
+            carafe=CARAFEPack(channels, scale_factor=2, up_kernel=5, up_group=1, encoder_kernel=3,
+                              encoder_dilation=1, compressed_channels=64, backend=backend),
+            reduce=nn.Conv2d(channels, channels // 2, 1),
+        ))
+
+
+def make_upsampler(kind: str, channels: int, carafe_backend: str = "auto") -> nn.Module:
+    """A x2 upsampler (N, C, H, W) -> (N, C // 2, 2H, 2W) for the paper's upsampler ablation.
+
+    * ``carafe``: CARAFEUpsampler (CARAFE then 1x1 conv C -> C/2).
+    * ``deconv``: 2x2 transposed conv with stride 2, C -> C/2 (U-Net's up-convolution).
+    * ``subpixel``: sub-pixel convolution (Shi et al., ESPCN): 3x3 conv C -> 4 * C/2, pixel shuffle.
+    * ``bilinear``: bilinear interpolation then the same 1x1 conv C -> C/2 as the CARAFE variant.
+    """
+    if kind == "carafe":
+        return CARAFEUpsampler(channels, backend=carafe_backend)
+    if kind == "deconv":
+        return nn.ConvTranspose2d(channels, channels // 2, kernel_size=2, stride=2)
+    if kind == "subpixel":
+        return nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(channels, (channels // 2) * 4, 3, padding=1),
+            shuffle=nn.PixelShuffle(2),
+        ))
+    if kind == "bilinear":
+        return nn.Sequential(OrderedDict(
+            interpolate=nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            reduce=nn.Conv2d(channels, channels // 2, 1),
+        ))
+    raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {kind!r}")
+
+
+class CAResUNet(SegmentationModel):
+    """CARes-UNet and its ablations; see the module docstring for the layer list.
+
+    Args:
+        in_channels: input channels (1 for CT).
+        num_classes: output logit channels.
+        residual: False removes the residual connections (CA-UNet).
+        upsampler: "carafe" (default), "deconv", "subpixel" or "bilinear" (see make_upsampler).
+        carafe_backend: CARAFE backend passed to CARAFEPack ("auto", "reference", "cpu", ...).
+
+    Shape: (N, in_channels, H, W) -> (N, num_classes, H, W) logits; H and W divisible by 16.
+    """
+
+    size_multiple = 16
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 1, *, residual: bool = True,
+                 upsampler: str = "carafe", carafe_backend: str = "auto"):
+        super().__init__(in_channels, num_classes)
+        if upsampler not in UPSAMPLERS:
+            raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {upsampler!r}")
+        if not isinstance(residual, bool):
+            raise TypeError(f"residual must be a bool, got {type(residual).__name__} ({residual!r})")
+        self.upsampler = upsampler
+
+        self.encoders = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        previous = in_channels
+        for channels in ENCODER_CHANNELS:
+            self.encoders.append(ConvResidualBlock(previous, channels, residual=residual))
+            self.downsamplers.append(ConvResidualBlock(channels, channels, stride=2, residual=residual))
+            previous = channels
+        self.bottleneck = ConvResidualBlock(previous, BOTTLENECK_CHANNELS, residual=residual)
+
+        # Decoder, deepest first: upsample C -> C/2, concatenate the skip (C/2), block C -> C/2.
+        self.upsamplers = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for channels in (BOTTLENECK_CHANNELS, *reversed(ENCODER_CHANNELS[1:])):
+            self.upsamplers.append(make_upsampler(upsampler, channels, carafe_backend))
+            self.decoders.append(ConvResidualBlock(channels, channels // 2, residual=residual))
+        self.head = nn.Conv2d(ENCODER_CHANNELS[0], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        skips = []
+        for encoder, downsample in zip(self.encoders, self.downsamplers):
+            x = encoder(x)
+            skips.append(x)
+            x = downsample(x)
+        x = self.bottleneck(x)
+        for upsample, decoder, skip in zip(self.upsamplers, self.decoders, reversed(skips)):
+            x = decoder(torch.cat([skip, upsample(x)], dim=1))
+        return self.head(x)

@@ -1,0 +1,157 @@
+"""cares.models: every model trains a step on CPU and keeps the input size; the registry and the
+ablation variants behave as documented."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from carafe_kernels import CARAFEPack
+from cares.models import (ABLATION_VARIANTS, MODEL_NAMES, UPSAMPLERS, CAResUNet, build_model,
+                          model_options, parse_model_spec)
+from cares.models.fcn import bilinear_kernel_
+
+ALL_SPECS = (*MODEL_NAMES, *ABLATION_VARIANTS)
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine is shared
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_forward_backward_keeps_size_and_reaches_every_parameter(spec):
+    torch.manual_seed(0)
+    model = build_model(spec, in_channels=1, num_classes=1)
+    images = torch.randn(2, 1, 64, 64)
+    logits = model(images)
+    assert logits.shape == (2, 1, 64, 64)
+    assert torch.isfinite(logits).all()
+    logits.square().mean().backward()
+    # "No module that forward never runs": every parameter must get a gradient.
+    unused = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not unused, f"{spec}: parameters forward never uses: {unused}"
+
+
+@pytest.mark.parametrize("spec", ["unet_resnet34", "cares_unet[upsampler=bilinear]"])
+def test_in_channels_and_num_classes_are_honoured(spec):
+    model = build_model(spec, in_channels=3, num_classes=4).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4, 32, 32)
+
+
+def _state_shapes(model: nn.Module, *, exclude_prefix: str | None = None) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()
+            if exclude_prefix is None or not key.startswith(exclude_prefix)}
+
+
+def test_upsampler_variants_differ_only_in_the_upsamplers():
+    with torch.device("meta"):
+        variants = {kind: build_model("cares_unet", upsampler=kind) for kind in UPSAMPLERS}
+    baseline = _state_shapes(variants["carafe"], exclude_prefix="upsamplers.")
+    assert baseline  # the encoder/decoder/head are there
+    for kind, model in variants.items():
+        assert _state_shapes(model, exclude_prefix="upsamplers.") == baseline, kind
+    upsampler_keys = {kind: frozenset(_state_shapes(m).keys() - baseline.keys())
+                      for kind, m in variants.items()}
+    assert len(set(upsampler_keys.values())) == len(UPSAMPLERS)  # and the upsamplers do differ
+
+
+def test_ablation_specs_equal_keyword_options():
+    with torch.device("meta"):
+        from_spec = build_model("cares_unet[upsampler=subpixel]")
+        from_keyword = build_model("cares_unet", upsampler="subpixel")
+        res_unet = build_model("res_unet")
+        deconv = build_model("cares_unet[upsampler=deconv]")
+    assert _state_shapes(from_spec) == _state_shapes(from_keyword)
+    assert _state_shapes(res_unet) == _state_shapes(deconv)
+
+
+def test_cares_unet_structure_matches_the_paper():
+    model = build_model("cares_unet")
+    carafes = [m for m in model.modules() if isinstance(m, CARAFEPack)]
+    assert [c.channels for c in carafes] == [1024, 512, 256, 128]
+    for carafe in carafes:
+        assert (carafe.compressed_channels, carafe.encoder_kernel, carafe.up_kernel, carafe.scale_factor) \
+            == (64, 3, 5, 2)
+    assert [up.reduce.out_channels for up in model.upsamplers] == [512, 256, 128, 64]
+    assert model.head.kernel_size == (1, 1) and model.head.in_channels == 64
+    assert sum(p.numel() for p in model.parameters()) == 54_417_489
+
+
+def test_carafe_backend_option_reaches_every_carafepack():
+    model = build_model("cares_unet", carafe_backend="reference")
+    backends = {m.backend for m in model.modules() if isinstance(m, CARAFEPack)}
+    assert backends == {"reference"}
+    with pytest.raises(ValueError, match="backend"):
+        build_model("cares_unet", carafe_backend="no-such-backend")
+
+
+def test_ca_unet_is_cares_unet_without_the_residual_connections():
+    torch.manual_seed(0)
+    cares, ca = build_model("cares_unet").eval(), build_model("ca_unet").eval()
+    ca.load_state_dict(cares.state_dict())  # identical parameters, strict key match
+    images = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(cares(images), ca(images))
+        for block in (m for m in ca.modules() if hasattr(m, "residual")):
+            block.residual = True
+        assert torch.allclose(cares(images), ca(images))
+
+
+def test_fcn_upsamplers_start_as_bilinear_interpolation():
+    deconv = nn.ConvTranspose2d(1, 1, 16, stride=8, padding=4, bias=False)
+    bilinear_kernel_(deconv)
+    with torch.no_grad():
+        upsampled = deconv(torch.ones(1, 1, 6, 6))
+    assert upsampled.shape == (1, 1, 48, 48)
+    # Away from the zero-padded border a constant map stays constant.
+    assert torch.allclose(upsampled[..., 8:-8, 8:-8], torch.ones(1, 1, 32, 32))
+
+
+def test_parse_model_spec():
+    assert parse_model_spec("unet") == ("unet", {})
+    assert parse_model_spec("cares_unet[upsampler=deconv, carafe_backend=reference]") == \
+        ("cares_unet", {"upsampler": "deconv", "carafe_backend": "reference"})
+    assert parse_model_spec("fcn[dropout=0.1]") == ("fcn", {"dropout": 0.1})
+    assert "upsampler" in model_options("cares_unet")
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        parse_model_spec("nope")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_model_spec("cares_unet[upsampler]")
+    with pytest.raises(ValueError, match="name\\[key=value"):
+        parse_model_spec("cares_unet[upsampler=deconv")
+
+
+def test_build_model_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("unet3d")
+    with pytest.raises(TypeError, match="does not take options \\['upsampler'\\]"):
+        build_model("unet", upsampler="carafe")
+    with pytest.raises(ValueError, match="both in the model spec"):
+        build_model("cares_unet[upsampler=deconv]", upsampler="bilinear")
+    with pytest.raises(ValueError, match="upsampler must be one of .* got 'nearest'"):
+        build_model("cares_unet", upsampler="nearest")
+    with pytest.raises(ValueError, match="in_channels must be >= 1, got 0"):
+        build_model("unet", in_channels=0)
+    with pytest.raises(TypeError, match="num_classes must be an int"):
+        build_model("segnet", num_classes=1.5)
+
+
+@pytest.mark.parametrize("spec, multiple", [("cares_unet", 16), ("unet", 16), ("unet_resnet34", 32),
+                                            ("segnet", 32), ("fcn", 32)])
+def test_bad_input_shapes_raise_value_error_naming_the_shape(spec, multiple):
+    with torch.device("meta"):
+        model = build_model(spec)
+        with pytest.raises(ValueError, match=f"divisible by {multiple}, got input shape \\(1, 1, 40, 64\\)"):
+            model(torch.empty(1, 1, 40, 64))
+        with pytest.raises(ValueError, match="\\(N, 1, H, W\\), got \\(1, 3, 64, 64\\)"):
+            model(torch.empty(1, 3, 64, 64))
+
+
+def test_cares_unet_rejects_non_bool_residual():
+    with pytest.raises(TypeError, match="residual must be a bool"):
+        CAResUNet(residual="no")
