@@ -56,8 +56,9 @@ def register_carafe_op_family(forward_qualname: str, backward_qualname: str) -> 
     """Fake kernels, autograd, autocast and FLOP formulas for one (forward, backward) op pair with the
     signatures  forward(features, masks_or_logits, k, G, s) -> out  and
     backward(grad_out, features, masks_or_logits, k, G, s) -> (grad_features, grad_masks_or_logits)."""
-    forward_op = torch._library.utils.lookup_op(forward_qualname)
-    backward_op = torch._library.utils.lookup_op(backward_qualname)
+    # register_flop_formula takes the OpOverloadPacket (torch.ops.ns.name), not lookup_op's OpOverload.
+    forward_op = torch._library.utils.lookup_op(forward_qualname).overloadpacket
+    backward_op = torch._library.utils.lookup_op(backward_qualname).overloadpacket
 
     @torch.library.register_fake(forward_qualname)
     def _forward_fake(features, masks, kernel_size, group_size, scale_factor):

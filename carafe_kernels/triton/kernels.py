@@ -1,0 +1,415 @@
+"""@triton.jit kernels for CARAFE: forward, and an atomic-free backward, for masks and for mask logits.
+
+Shapes (DESIGN.md §1): features (N, C, H, W); masks (N, G*K*K, H*S, W*S); mask_logits
+(N, G*K*K*S*S, H, W) whose channel (g*K*K + t)*S*S + i*S + j is tap t of group g for sub-pixel (i, j);
+output (N, C, H*S, W*S). Every tensor is contiguous NCHW (the wrappers in ops.py make it so).
+
+Shared blocking. A program owns a block of BLOCK_P low-res positions p (flattened h*W + w) of one
+(image n, group g) and, except in the mask-gradient kernel, a block of BLOCK_C channels of that group.
+The S*S output pixels (h*S + i, w*S + j) of a low-res position all read the same K x K feature window,
+so the kernels keep a third tensor axis for the sub-pixel index sub = i*S + j (padded to SS_PAD, a
+power of two, with a mask): each feature value is loaded once per tap and feeds S*S FMAs, and the
+masks of a tap are loaded once per program and feed BLOCK_C channels. Taps are a runtime loop (not
+unrolled), so K = 11 does not blow up the code.
+
+NB: everything accumulates in fp32 whatever the input dtype; loads are in the input dtype and the
+stores cast back. NB: per-(n, channel) base offsets are int64 (N*C*H*S*W*S overflows int32 on large
+upsampling outputs: mmcv's backward does); offsets inside one image plane stay int32 (an image plane
+of 2**31 elements is refused by ops.py).
+
+Fused softmax. The forward reads the logits of one (n, g, p-block) twice: a max pass over the K*K taps,
+then the reassembly pass, which weights tap t by exp(logit_t - max) and divides by the sum of those
+weights at the end; the normalised masks never touch memory. The backward kernels use
+prob_t = exp(logit_t - lse), lse = logsumexp over the taps, computed once by the mask-gradient kernel.
+
+Backward, no atomics, deterministic by construction (fixed loop orders, one writer per element):
+- grad features is a gather: features position p receives, for each tap t = (ky, kx), from the output
+  pixels of q = p + (R - ky, R - kx): grad_f[c, p] = sum_t sum_sub grad_out[c, q*S + sub] * mask_t[q, sub].
+- grad masks is a reduction over the group's channels:
+  dmask_t[q, sub] = sum_{c in g} grad_out[c, q*S + sub] * features[c, q + (ky - R, kx - R)].
+  One program owns all of a group's channels for its positions and loops over channel blocks,
+  accumulating in an fp32 buffer that only it touches; the fused variant then folds in the softmax
+  backward dlogit_t = prob_t * (dprob_t - sum_t' prob_t' dprob_t') (pixel-shuffle backward is the
+  index map), and writes the logsumexp it computed for the grad-features kernel.
+
+Autotuning. On a GPU each kernel is wrapped in triton.autotune over block shapes, num_warps and
+num_stages, keyed on (C, H, W, G, K, S, FUSED) plus the tensor dtypes (the autotuner adds those),
+with an early prune that fits the blocks to the shape (register budget BLOCK_C*BLOCK_P*SS_PAD,
+channel blocks no wider than the group). Under TRITON_INTERPRET=1 a single config is used, so tests
+never benchmark configs in the interpreter.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["INTERPRET", "carafe_fwd_kernel", "carafe_bwd_mask_kernel", "carafe_bwd_feat_kernel", "next_pow2"]
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels (raw @triton.jit; the autotuned launchers are built below)
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _carafe_fwd(
+    feat_ptr,   # (N, C, H, W) features, input dtype
+    mask_ptr,   # FUSED=False: masks (N, G*K*K, H*S, W*S); FUSED=True: mask_logits (N, G*K*K*S*S, H, W)
+    out_ptr,    # (N, C, H*S, W*S) output, input dtype (written)
+    C,          # int: channels
+    H,          # int: low-res height
+    W,          # int: low-res width
+    G,          # int: groups; C % G == 0, channel c belongs to group c // (C // G)
+    K: tl.constexpr,        # kernel_size, odd, <= 11
+    S: tl.constexpr,        # scale_factor, <= 8
+    SS_PAD: tl.constexpr,   # next power of two >= S*S (sub-pixel axis, masked)
+    FUSED: tl.constexpr,    # mask_ptr holds logits: pixel-shuffle + per-group softmax on the fly
+    BLOCK_C: tl.constexpr,  # channels of one group per program (power of two)
+    BLOCK_P: tl.constexpr,  # low-res positions per program (power of two)
+):
+    # Index layout: pid = ((n*G + g) * n_cb + cb) * n_pb + pb  (position blocks fastest, so programs
+    # running together share the K x K halo and the masks in L2).
+    # Register tiles: acc/out [BLOCK_C, BLOCK_P, SS_PAD] = (channel, low-res position, sub-pixel);
+    # features of a tap [BLOCK_C, BLOCK_P]; masks/probabilities of a tap [BLOCK_P, SS_PAD].
+    R: tl.constexpr = (K - 1) // 2
+    KK: tl.constexpr = K * K
+    SS: tl.constexpr = S * S
+    HW = H * W
+    Ws = W * S
+    HWs = HW * SS
+    Cg = C // G
+    n_pb = tl.cdiv(HW, BLOCK_P)
+    n_cb = tl.cdiv(Cg, BLOCK_C)
+    pid = tl.program_id(0)
+    pb = pid % n_pb
+    cb = (pid // n_pb) % n_cb
+    ng = (pid // n_pb // n_cb).to(tl.int64)  # n*G + g
+
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)              # channel inside the group
+    c_ok = c < Cg
+    chan = ng * Cg + c                                     # n*C + g*Cg + c, int64
+    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < HW
+    h = p // W
+    w = p % W
+    sub = tl.arange(0, SS_PAD)
+    sub_ok = sub < SS
+    i = sub // S
+    j = sub % S
+    opix = (h[:, None] * S + i[None, :]) * Ws + (w[:, None] * S + j[None, :])  # [BLOCK_P, SS_PAD]
+    pix_ok = p_ok[:, None] & sub_ok[None, :]
+
+    feat_rows = feat_ptr + chan[:, None] * HW              # [BLOCK_C, 1] pointers
+    if FUSED:
+        # logit of tap t for (p, sub): channel (g*KK + t)*SS + sub at low-res position p
+        mask_base = mask_ptr + ng * (KK * SS) * HW
+        mpix = sub[None, :] * HW + p[:, None]              # [BLOCK_P, SS_PAD]
+        tap_stride = tl.cast(SS * HW, tl.int64)  # NB: int64: t * stride overflows int32 on big images
+        # Pass 1: max over the K*K taps [BLOCK_P, SS_PAD] (loads only, no exp).
+        m_max = tl.full([BLOCK_P, SS_PAD], float("-inf"), tl.float32)
+        for t in range(KK):
+            logit = tl.load(mask_base + t * tap_stride + mpix, mask=pix_ok, other=0.0).to(tl.float32)
+            m_max = tl.maximum(m_max, logit)
+        m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)  # NB: -inf logits give weight 0, not NaN
+        denom = tl.zeros([BLOCK_P, SS_PAD], tl.float32)
+    else:
+        mask_base = mask_ptr + ng * KK * HWs
+        mpix = opix
+        tap_stride = tl.cast(HWs, tl.int64)
+
+    acc = tl.zeros([BLOCK_C, BLOCK_P, SS_PAD], tl.float32)
+    for ky in range(K):
+        hh = h + (ky - R)
+        row_ok = p_ok & (hh >= 0) & (hh < H)
+        for kx in range(K):
+            ww = w + (kx - R)
+            ok = row_ok & (ww >= 0) & (ww < W)
+            f = tl.load(feat_rows + (p + (ky - R) * W + (kx - R))[None, :],
+                        mask=c_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)     # [BLOCK_C, BLOCK_P]
+            t = ky * K + kx
+            m = tl.load(mask_base + t * tap_stride + mpix, mask=pix_ok, other=0.0).to(tl.float32)
+            if FUSED:
+                m = tl.exp(m - m_ref)
+                denom += m
+            acc += f[:, :, None] * m[None, :, :]
+    if FUSED:
+        # NB: softmax normalisation deferred to the end (as in flash attention): one exp per logit per
+        # program, where normalising first would need a second exp pass; exp throughput is 1/8 of FMA's.
+        acc = acc * (1.0 / denom)[None, :, :]
+
+    out_ptrs = out_ptr + chan[:, None, None] * HWs + opix[None, :, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=c_ok[:, None, None] & pix_ok[None, :, :])
+
+
+@triton.jit
+def _carafe_bwd_mask(
+    gout_ptr,   # (N, C, H*S, W*S) grad of the output, input dtype
+    feat_ptr,   # (N, C, H, W) features, input dtype
+    logit_ptr,  # FUSED: mask_logits (N, G*K*K*S*S, H, W); otherwise not read (any tensor)
+    dp_ptr,     # fp32 accumulator of dL/dmask, laid out like grad_ptr (written); unused when ACC_IN_GRAD
+    grad_ptr,   # output, input dtype: FUSED: grad mask_logits (N, G*K*K*S*S, H, W);
+                #                      else:  grad masks (N, G*K*K, H*S, W*S)
+    lse_ptr,    # FUSED: (N, G*S*S, H, W) fp32, written: logsumexp over the taps, for _carafe_bwd_feat; else unused
+    C,          # int: channels
+    H,          # int: low-res height
+    W,          # int: low-res width
+    G,          # int: groups
+    K: tl.constexpr,        # kernel_size
+    S: tl.constexpr,        # scale_factor
+    SS_PAD: tl.constexpr,   # next power of two >= S*S
+    FUSED: tl.constexpr,    # gradients w.r.t. logits (softmax + pixel-shuffle backward folded in)
+    ACC_IN_GRAD: tl.constexpr,  # grad_ptr is fp32 and doubles as the accumulator (no aliased arguments)
+    BLOCK_C: tl.constexpr,  # channels per step of the reduction loop
+    BLOCK_P: tl.constexpr,  # low-res positions per program
+):
+    # Index layout: pid = (n*G + g) * n_pb + pb; the program loops over all Cg channels of group g.
+    # Register tiles: grad_out [BLOCK_C, BLOCK_P, SS_PAD] (loaded once per channel block, reused by
+    # every tap); features of a tap [BLOCK_C, BLOCK_P]; per-tap result [BLOCK_P, SS_PAD].
+    # dp/grad offset of (tap t, p, sub): FUSED: ((n*G + g)*KK + t)*SS*HW + sub*HW + p;
+    #                                    else:  ((n*G + g)*KK + t)*HWs + (h*S + i)*Ws + w*S + j.
+    R: tl.constexpr = (K - 1) // 2
+    KK: tl.constexpr = K * K
+    SS: tl.constexpr = S * S
+    HW = H * W
+    Ws = W * S
+    HWs = HW * SS
+    Cg = C // G
+    n_pb = tl.cdiv(HW, BLOCK_P)
+    n_cb = tl.cdiv(Cg, BLOCK_C)
+    pid = tl.program_id(0)
+    pb = pid % n_pb
+    ng = (pid // n_pb).to(tl.int64)
+
+    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < HW
+    h = p // W
+    w = p % W
+    sub = tl.arange(0, SS_PAD)
+    sub_ok = sub < SS
+    i = sub // S
+    j = sub % S
+    opix = (h[:, None] * S + i[None, :]) * Ws + (w[:, None] * S + j[None, :])  # [BLOCK_P, SS_PAD]
+    pix_ok = p_ok[:, None] & sub_ok[None, :]
+    if FUSED:
+        mbase = ng * (KK * SS) * HW
+        mpix = sub[None, :] * HW + p[:, None]
+        tap_stride = tl.cast(SS * HW, tl.int64)  # NB: int64, as in _carafe_fwd
+    else:
+        mbase = ng * KK * HWs
+        mpix = opix
+        tap_stride = tl.cast(HWs, tl.int64)
+
+    if FUSED:
+        logit_base = logit_ptr + mbase
+        m_run = tl.full([BLOCK_P, SS_PAD], float("-inf"), tl.float32)
+        s_run = tl.zeros([BLOCK_P, SS_PAD], tl.float32)
+        for t in range(KK):
+            logit = tl.load(logit_base + t * tap_stride + mpix, mask=pix_ok, other=0.0).to(tl.float32)
+            m_new = tl.maximum(m_run, logit)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # NB: -inf logits give 0, not NaN
+            s_run = s_run * tl.exp(m_run - m_ref) + tl.exp(logit - m_ref)
+            m_run = m_new
+        lse = m_run + tl.log(s_run)
+        # lse of group g, sub-pixel sub at p: (n*G + g)*SS*HW + sub*HW + p
+        tl.store(lse_ptr + ng * SS * HW + mpix, lse, mask=pix_ok)
+
+    # dL/dmask_t accumulated over channel blocks in dp (fp32); only this program touches these elements.
+    if ACC_IN_GRAD:
+        dp_base = grad_ptr + mbase
+    else:
+        dp_base = dp_ptr + mbase
+    for cb in range(n_cb):
+        tl.debug_barrier()  # NB: last block's stores visible before this block's read-modify-write
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < Cg
+        chan = ng * Cg + c
+        go = tl.load(gout_ptr + chan[:, None, None] * HWs + opix[None, :, :],
+                     mask=c_ok[:, None, None] & pix_ok[None, :, :], other=0.0).to(tl.float32)
+        feat_rows = feat_ptr + chan[:, None] * HW
+        for ky in range(K):
+            hh = h + (ky - R)
+            row_ok = p_ok & (hh >= 0) & (hh < H)
+            for kx in range(K):
+                ww = w + (kx - R)
+                ok = row_ok & (ww >= 0) & (ww < W)
+                f = tl.load(feat_rows + (p + (ky - R) * W + (kx - R))[None, :],
+                            mask=c_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
+                contrib = tl.sum(go * f[:, :, None], axis=0)                    # [BLOCK_P, SS_PAD]
+                ptrs = dp_base + (ky * K + kx) * tap_stride + mpix
+                prev = tl.load(ptrs, mask=pix_ok & (cb > 0), other=0.0)
+                tl.store(ptrs, prev + contrib, mask=pix_ok)
+
+    if FUSED:
+        # Softmax backward: dlogit_t = prob_t * (dprob_t - sum_t' prob_t' * dprob_t').
+        tl.debug_barrier()
+        dot = tl.zeros([BLOCK_P, SS_PAD], tl.float32)
+        for t in range(KK):
+            prob = tl.exp(tl.load(logit_base + t * tap_stride + mpix, mask=pix_ok, other=0.0).to(tl.float32) - lse)
+            dot += prob * tl.load(dp_base + t * tap_stride + mpix, mask=pix_ok, other=0.0)
+        tl.debug_barrier()  # NB: with ACC_IN_GRAD the writes below overwrite dp: the dot pass reads first
+        grad_base = grad_ptr + mbase
+        for t in range(KK):
+            prob = tl.exp(tl.load(logit_base + t * tap_stride + mpix, mask=pix_ok, other=0.0).to(tl.float32) - lse)
+            dprob = tl.load(dp_base + t * tap_stride + mpix, mask=pix_ok, other=0.0)
+            tl.store(grad_base + t * tap_stride + mpix, (prob * (dprob - dot)).to(grad_ptr.dtype.element_ty),
+                     mask=pix_ok)
+    elif not ACC_IN_GRAD:  # half types: cast the fp32 accumulator into the output
+        tl.debug_barrier()
+        grad_base = grad_ptr + mbase
+        for t in range(KK):
+            dprob = tl.load(dp_base + t * tap_stride + mpix, mask=pix_ok, other=0.0)
+            tl.store(grad_base + t * tap_stride + mpix, dprob.to(grad_ptr.dtype.element_ty), mask=pix_ok)
+
+
+@triton.jit
+def _carafe_bwd_feat(
+    gout_ptr,   # (N, C, H*S, W*S) grad of the output, input dtype
+    mask_ptr,   # FUSED=False: masks (N, G*K*K, H*S, W*S); FUSED=True: mask_logits (N, G*K*K*S*S, H, W)
+    lse_ptr,    # FUSED: (N, G*S*S, H, W) fp32 logsumexp written by _carafe_bwd_mask; else unused
+    gfeat_ptr,  # (N, C, H, W) grad features, input dtype (written)
+    C,          # int: channels
+    H,          # int: low-res height
+    W,          # int: low-res width
+    G,          # int: groups
+    K: tl.constexpr,        # kernel_size
+    S: tl.constexpr,        # scale_factor
+    SS_PAD: tl.constexpr,   # next power of two >= S*S
+    FUSED: tl.constexpr,    # mask_ptr holds logits (probabilities recomputed as exp(logit - lse))
+    BLOCK_C: tl.constexpr,  # channels of one group per program
+    BLOCK_P: tl.constexpr,  # low-res positions per program
+):
+    # Index layout: pid = ((n*G + g) * n_cb + cb) * n_pb + pb, as in _carafe_fwd.
+    # For tap t = (ky, kx) the feature at p was read by the output pixels of q = p + (R - ky, R - kx);
+    # tiles: grad_out at q [BLOCK_C, BLOCK_P, SS_PAD], masks of tap t at q [BLOCK_P, SS_PAD];
+    # acc [BLOCK_C, BLOCK_P, SS_PAD] is reduced over the sub-pixel axis once at the end.
+    R: tl.constexpr = (K - 1) // 2
+    KK: tl.constexpr = K * K
+    SS: tl.constexpr = S * S
+    HW = H * W
+    Ws = W * S
+    HWs = HW * SS
+    Cg = C // G
+    n_pb = tl.cdiv(HW, BLOCK_P)
+    n_cb = tl.cdiv(Cg, BLOCK_C)
+    pid = tl.program_id(0)
+    pb = pid % n_pb
+    cb = (pid // n_pb) % n_cb
+    ng = (pid // n_pb // n_cb).to(tl.int64)
+
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < Cg
+    chan = ng * Cg + c
+    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < HW
+    h = p // W
+    w = p % W
+    sub = tl.arange(0, SS_PAD)
+    sub_ok = sub < SS
+    i = sub // S
+    j = sub % S
+    opix = (h[:, None] * S + i[None, :]) * Ws + (w[:, None] * S + j[None, :])  # output pixels of p
+    lpix = sub[None, :] * HW + p[:, None]                                        # logit-layout pixels of p
+
+    gout_rows = gout_ptr + chan[:, None, None] * HWs                             # [BLOCK_C, 1, 1]
+    if FUSED:
+        mask_base = mask_ptr + ng * (KK * SS) * HW
+        lse_base = lse_ptr + ng * SS * HW
+        tap_stride = tl.cast(SS * HW, tl.int64)  # NB: int64, as in _carafe_fwd
+    else:
+        mask_base = mask_ptr + ng * KK * HWs
+        tap_stride = tl.cast(HWs, tl.int64)
+
+    acc = tl.zeros([BLOCK_C, BLOCK_P, SS_PAD], tl.float32)
+    for ky in range(K):
+        dy = R - ky
+        qh = h + dy
+        row_ok = p_ok & (qh >= 0) & (qh < H)
+        for kx in range(K):
+            dx = R - kx
+            qw = w + dx
+            q_ok = row_ok & (qw >= 0) & (qw < W)
+            qpix_ok = q_ok[:, None] & sub_ok[None, :]
+            t = ky * K + kx
+            # output pixels of q = those of p shifted by (dy*S, dx*S)
+            go = tl.load(gout_rows + (opix + (dy * S * Ws + dx * S))[None, :, :],
+                         mask=c_ok[:, None, None] & qpix_ok[None, :, :], other=0.0).to(tl.float32)
+            if FUSED:
+                qoff = dy * W + dx
+                logit = tl.load(mask_base + t * tap_stride + lpix + qoff, mask=qpix_ok, other=0.0).to(tl.float32)
+                q_lse = tl.load(lse_base + lpix + qoff, mask=qpix_ok, other=0.0)
+                m = tl.exp(logit - q_lse)
+            else:
+                m = tl.load(mask_base + t * tap_stride + opix + (dy * S * Ws + dx * S), mask=qpix_ok,
+                            other=0.0).to(tl.float32)
+            acc += go * m[None, :, :]
+
+    gf = tl.sum(acc, axis=2)                                                    # [BLOCK_C, BLOCK_P]
+    tl.store(gfeat_ptr + chan[:, None] * HW + p[None, :], gf.to(gfeat_ptr.dtype.element_ty),
+             mask=c_ok[:, None] & p_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Autotuning
+# --------------------------------------------------------------------------------------------------
+
+# Whether @triton.jit gave interpreted kernels (TRITON_INTERPRET=1 was set when this module was imported).
+INTERPRET: bool = type(_carafe_fwd).__name__ == "InterpretedFunction"
+
+_KEY = ["C", "H", "W", "G", "K", "S", "FUSED"]  # plus the tensor dtypes, which the autotuner appends
+# Registers for the fp32 accumulator tile: BLOCK_C * BLOCK_P * SS_PAD <= _ACC_PER_THREAD * threads.
+_ACC_PER_THREAD = 32
+
+
+def _config(block_p: int, block_c: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_P": block_p, "BLOCK_C": block_c}, num_warps=num_warps, num_stages=num_stages)
+
+
+# (BLOCK_P, BLOCK_C, num_warps, num_stages) candidates, fitted to each call's shape by _fit_configs.
+# Eight per kernel: every new key compiles and times all of them. Wide channel blocks amortise the
+# per-program mask loads and exps; num_stages matters little here (no tl.dot to pipeline), so only two
+# candidates try 2.
+_FWD_CONFIGS = [_config(*c) for c in ((32, 16, 4, 1), (64, 16, 4, 1), (32, 32, 4, 1), (16, 64, 4, 1),
+                                      (64, 32, 8, 1), (32, 64, 8, 1), (128, 16, 8, 2), (64, 16, 4, 2))]
+_BWD_FEAT_CONFIGS = _FWD_CONFIGS
+_BWD_MASK_CONFIGS = [_config(*c) for c in ((16, 16, 4, 1), (32, 16, 4, 1), (16, 32, 4, 1), (32, 32, 8, 1),
+                                           (64, 16, 8, 1), (8, 32, 2, 1), (32, 16, 4, 2), (16, 32, 4, 2))]
+# Under the interpreter one config (no benchmarking); blocks large enough that tiny test shapes need
+# one or two programs per (image, group), which is what dominates the interpreter's run time.
+_INTERPRET_CONFIGS = [_config(64, 8, 4, 1)]
+
+
+def _fit_configs(configs, named_args, **kwargs):
+    """early_config_prune: clamp the blocks to the call's shape, keep the accumulator tile within the
+    register budget, and drop the duplicates this creates. Always returns at least one config."""
+    C, G, H, W, S = (int(named_args[n]) for n in ("C", "G", "H", "W", "S"))
+    ss_pad = next_pow2(S * S)
+    cg_pad = max(2, next_pow2(C // max(G, 1)))
+    hw_pad = max(2, next_pow2(H * W))
+    fitted, seen = [], set()
+    for cfg in configs:
+        bc = min(cfg.kwargs["BLOCK_C"], cg_pad)
+        bp = min(cfg.kwargs["BLOCK_P"], hw_pad)
+        budget = _ACC_PER_THREAD * 32 * cfg.num_warps
+        while bc * bp * ss_pad > budget and bp > 2:
+            bp //= 2
+        while bc * bp * ss_pad > budget and bc > 2:
+            bc //= 2
+        key = (bp, bc, cfg.num_warps, cfg.num_stages)
+        if key not in seen:
+            seen.add(key)
+            fitted.append(_config(*key))
+    return fitted
+
+
+def _autotuned(fn, configs):
+    if INTERPRET:
+        return triton.autotune(configs=_INTERPRET_CONFIGS, key=_KEY)(fn)
+    return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _fit_configs})(fn)
+
+
+carafe_fwd_kernel = _autotuned(_carafe_fwd, _FWD_CONFIGS)
+carafe_bwd_mask_kernel = _autotuned(_carafe_bwd_mask, _BWD_MASK_CONFIGS)
+carafe_bwd_feat_kernel = _autotuned(_carafe_bwd_feat, _BWD_FEAT_CONFIGS)

@@ -1,0 +1,489 @@
+"""The Triton backend (carafe_kernels/triton) against the float64 reference, and its op registrations.
+
+On CPU these run only in Triton's interpreter, which must be on before Triton is imported:
+
+    TRITON_INTERPRET=1 python -m pytest -m triton tests/test_triton.py
+
+(shapes are tiny: the interpreter runs each program in numpy, one at a time). On a CUDA machine the same
+file runs on CUDA tensors and adds the GPU-only checks (half-precision error on larger shapes,
+torch.compile with Inductor, large shapes, 64-bit offsets). Without TRITON_INTERPRET and without CUDA
+every test is skipped with the reason ``carafe_kernels.triton.unavailable_reason()`` gives.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    OPS,
+    assert_close_to_oracle,
+    forward_backward,
+    make_inputs,
+    max_abs_err,
+    oracle,
+    run_op,
+    shape_id,
+)
+
+import carafe_kernels
+from carafe_kernels import BackendUnavailableError, CARAFEPack, backend_status, carafe, carafe_flops, carafe_fused
+from carafe_kernels import triton as triton_backend
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+REASON = backend_status()["triton"]
+ON_GPU = HAS_CUDA and REASON is None
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.triton,
+              pytest.mark.skipif(REASON is not None, reason=f"Triton backend unavailable: {REASON}")]
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="GPU-only check (the interpreter is too slow for it, or it "
+                                                 "measures GPU behaviour); runs with a CUDA device")
+
+OPS_NS = torch.ops.carafe_kernels
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# (N, C, H, W, k, G, s): tiny, but covering k in 1/3/5/7 (and the limits 11/8), s in 1/2/3/4, G in 1/2/4,
+# odd sizes, a window wider than the image, more channels than one channel block (the mask-gradient
+# reduction loop), more positions than one position block, and an empty batch.
+SHAPES = [
+    (1, 1, 1, 1, 1, 1, 1),      # everything 1
+    (2, 4, 3, 5, 3, 2, 2),      # odd sizes, two groups
+    (1, 8, 4, 3, 5, 4, 3),      # G=4, s=3 (sub-pixel axis padded 9 -> 16)
+    (1, 6, 3, 4, 7, 2, 1),      # k=7 window wider than the image, s=1
+    (2, 3, 5, 7, 1, 1, 2),      # k=1
+    (1, 20, 3, 4, 3, 1, 2),     # 20 channels per group: several channel blocks
+    (1, 2, 9, 9, 3, 1, 2),      # 81 positions: several position blocks
+    (1, 4, 3, 2, 5, 2, 4),      # s=4
+    (1, 2, 2, 3, 11, 1, 8),     # the limits: k=11, s=8
+    (0, 4, 3, 3, 3, 1, 2),      # empty batch
+]
+# Larger shapes for the GPU: several blocks of every kind, realistic channel counts.
+GPU_SHAPES = [
+    (2, 64, 33, 40, 5, 1, 2),
+    (2, 96, 17, 23, 5, 4, 2),
+    (1, 256, 24, 24, 5, 1, 2),
+    (1, 32, 16, 16, 7, 2, 4),
+    (1, 16, 9, 11, 11, 1, 8),
+]
+
+
+def _ids(shapes):
+    return [shape_id(*shape) for shape in shapes]
+
+
+def _triton(op, k, G, s):
+    return lambda f, m: run_op(op, "triton", f, m, k, G, s)
+
+
+def _check_against_oracle(op, shape, dtype, *, device=DEVICE, layout=None):
+    N, C, H, W, k, G, s = shape
+    features, second = make_inputs(*shape, fused=op == "fused", dtype=dtype, device=device)
+    if layout is not None:
+        features, second = layout(features), layout(second)
+    got = forward_backward(_triton(op, k, G, s), features, second)
+    want = oracle(op, features, second, k, G, s)
+    reference_errs = [None] * 3
+    if dtype != torch.float32:
+        # DESIGN §4: error vs the float64 oracle at most 2x that of the reference run in the same dtype.
+        ref = forward_backward(lambda f, m: run_op(op, "reference", f, m, k, G, s), features, second)
+        reference_errs = [max_abs_err(r, w) for r, w in zip(ref, want)]
+    for what, actual, expected, ref_err in zip(("output", "grad features", f"grad {op} masks"), got, want,
+                                               reference_errs):
+        assert_close_to_oracle(actual, expected, dtype, f"{shape_id(*shape)} {what}", ref_err)
+
+
+# --------------------------------------------------------------------------------------------------
+# Correctness against the float64 oracle
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids(SHAPES))
+@pytest.mark.parametrize("op", OPS)
+def test_forward_and_gradients_match_oracle_fp32(op, shape):
+    _check_against_oracle(op, shape, torch.float32)
+
+
+HALF_SHAPES = [(2, 4, 3, 5, 3, 2, 2), (1, 20, 3, 4, 3, 1, 2)]
+
+
+@pytest.mark.parametrize("shape", HALF_SHAPES, ids=_ids(HALF_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("op", OPS)
+def test_half_dtypes_within_2x_of_reference(op, dtype, shape):
+    _check_against_oracle(op, shape, dtype)
+
+
+def test_non_contiguous_inputs():
+    """channels_last features and masks (the ops make them contiguous)."""
+    for op in OPS:
+        _check_against_oracle(op, (1, 4, 3, 5, 3, 2, 2), torch.float32,
+                              layout=lambda t: t.contiguous(memory_format=torch.channels_last))
+
+
+def test_extreme_logits_stay_finite():
+    """The fused softmax subtracts the running max: logits of +-80 (exp overflows fp32 without it) and
+    -inf on some taps give finite, correct probabilities."""
+    shape = (1, 2, 3, 3, 3, 1, 2)
+    features, logits = make_inputs(*shape, fused=True, device=DEVICE)
+    logits = logits * 80
+    logits[:, ::3] = float("-inf")  # a third of the taps of every sub-pixel masked out entirely
+    got = forward_backward(_triton("fused", 3, 1, 2), features, logits)
+    want = oracle("fused", features, logits, 3, 1, 2)
+    for what, actual, expected in zip(("output", "grad features", "grad logits"), got, want):
+        assert torch.isfinite(actual).all(), what
+        torch.testing.assert_close(actual.double().cpu(), expected, rtol=1e-5, atol=1e-5, msg=what)
+
+
+def test_backward_is_deterministic():
+    """No atomics: two backward passes are bitwise equal."""
+    shape = (1, 20, 5, 4, 3, 2, 2) if not ON_GPU else (2, 128, 32, 32, 5, 2, 2)
+    N, C, H, W, k, G, s = shape
+    for op in OPS:
+        features, second = make_inputs(*shape, fused=op == "fused", device=DEVICE)
+        first = forward_backward(_triton(op, k, G, s), features, second)
+        again = forward_backward(_triton(op, k, G, s), features, second)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# The ops: registrations, limits, public API
+# --------------------------------------------------------------------------------------------------
+
+def _op_args(name, shape=(1, 4, 3, 3, 3, 2, 2), dtype=torch.float32):
+    N, C, H, W, k, G, s = shape
+    fused = "fused" in name
+    features, second = make_inputs(*shape, fused=fused, dtype=dtype, device=DEVICE)
+    if name.endswith("_backward"):
+        grad = torch.randn(N, C, H * s, W * s, dtype=dtype, device=DEVICE)
+        return (grad, features, second, k, G, s)
+    return (features.requires_grad_(), second.requires_grad_(), k, G, s)
+
+
+OP_NAMES = ["triton_carafe", "triton_carafe_fused", "triton_carafe_backward", "triton_carafe_fused_backward"]
+
+
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_opcheck(name):
+    """Schema, autograd registration, fake tensor and AOT dispatch (dynamic shapes) of every op. All four
+    utilities work in the interpreter too (there the ops are custom_ops, see carafe_kernels/triton/ops.py)."""
+    triton_backend._ops()
+    op = getattr(OPS_NS, name).default
+    torch.library.opcheck(op, _op_args(name))
+
+
+def test_ops_registered_next_to_native_ops():
+    """The Triton ops live in the carafe_kernels namespace whether or not the C++ library (which defines
+    it with TORCH_LIBRARY) is loaded; see also test_namespace_shared_with_torch_library."""
+    triton_backend._ops()
+    for name in OP_NAMES:
+        assert hasattr(OPS_NS, name)
+    if carafe_kernels._native.HAS_NATIVE:
+        assert hasattr(OPS_NS, "carafe") and hasattr(OPS_NS, "carafe_fused_backward")
+
+
+def test_public_api_and_module_use_the_triton_ops():
+    shape = (1, 4, 3, 5, 3, 2, 2)
+    N, C, H, W, k, G, s = shape
+    features, masks = make_inputs(*shape, fused=False, device=DEVICE)
+    _, logits = make_inputs(*shape, fused=True, device=DEVICE)
+    assert torch.equal(carafe(features, masks, k, G, s, backend="triton"),
+                       OPS_NS.triton_carafe(features, masks, k, G, s))
+    assert torch.equal(carafe_fused(features, logits, k, G, s, backend="triton"),
+                       OPS_NS.triton_carafe_fused(features, logits, k, G, s))
+    pack = CARAFEPack(C, s, up_kernel=k, up_group=G, backend="triton").to(DEVICE)
+    ref = CARAFEPack(C, s, up_kernel=k, up_group=G, backend="reference").to(DEVICE)
+    ref.load_state_dict(pack.state_dict())
+    torch.testing.assert_close(pack(features), ref(features), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(k=13), "kernel_size must be odd and in"),
+    (dict(k=4), "kernel_size must be odd and in"),
+    (dict(s=9), "scale_factor must be in"),
+    (dict(dtype=torch.float64), "supports float16, bfloat16 and float32"),
+], ids=["k13", "k4", "s9", "fp64"])
+def test_ops_raise_value_error_beyond_limits(kwargs, match):
+    k, s, dtype = kwargs.get("k", 3), kwargs.get("s", 2), kwargs.get("dtype", torch.float32)
+    features = torch.randn(1, 2, 3, 3, dtype=dtype, device=DEVICE)
+    masks = torch.rand(1, k * k, 3 * s, 3 * s, dtype=dtype, device=DEVICE)
+    logits = torch.randn(1, k * k * s * s, 3, 3, dtype=dtype, device=DEVICE)
+    triton_backend._ops()
+    with pytest.raises(ValueError, match=match):
+        OPS_NS.triton_carafe(features, masks, k, 1, s)
+    with pytest.raises(ValueError, match=match):
+        OPS_NS.triton_carafe_fused(features, logits, k, 1, s)
+
+
+def test_ops_raise_value_error_on_bad_shapes():
+    triton_backend._ops()
+    features = torch.randn(1, 4, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="masks must have shape"):
+        OPS_NS.triton_carafe(features, torch.rand(1, 9, 5, 6, device=DEVICE), 3, 1, 2)
+    with pytest.raises(ValueError, match="group_size=3 must divide"):
+        OPS_NS.triton_carafe(features, torch.rand(1, 27, 6, 6, device=DEVICE), 3, 3, 2)
+    with pytest.raises(ValueError, match="same dtype"):
+        OPS_NS.triton_carafe(features, torch.rand(1, 9, 6, 6, device=DEVICE).half(), 3, 1, 2)
+
+
+def test_public_api_reports_unsupported_calls():
+    """The registry keeps calls outside the Triton limits from reaching the kernels, with the reason."""
+    features = torch.randn(1, 2, 3, 3, device=DEVICE)
+    with pytest.raises(BackendUnavailableError, match="kernel_size <= 11"):
+        carafe(features, torch.rand(1, 169, 6, 6, device=DEVICE), 13, 1, 2, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="scale_factor <= 8"):
+        carafe(features, torch.rand(1, 9, 27, 27, device=DEVICE), 3, 1, 9, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="dtype"):
+        carafe(features.double(), torch.rand(1, 9, 6, 6, device=DEVICE, dtype=torch.float64), 3, 1, 2,
+               backend="triton")
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    features, masks = make_inputs(1, 4, 3, 3, 3, 2, 2, fused=False, device=DEVICE)
+    triton_backend._ops()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = OPS_NS.triton_carafe(features, masks.half(), 3, 2, 2)  # mixed inputs are cast, like a conv
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double().cpu(), oracle("plain", features, masks, 3, 2, 2)[0],
+                               rtol=5e-2, atol=5e-2)
+
+
+def test_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    features, logits = make_inputs(1, 4, 3, 3, 3, 2, 2, fused=True, device=DEVICE)
+    with FlopCounterMode(display=False) as counter:
+        carafe_fused(features, logits, 3, 2, 2, backend="triton")
+    assert counter.get_total_flops() == carafe_flops(features.shape, 3, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------------
+
+# On a GPU: Inductor, which sees the kernels through triton_op/wrap_triton. In the interpreter the ops
+# are opaque custom_ops; both the AOT-autograd path and Inductor (CPU codegen around the op) still run.
+COMPILE_BACKENDS = ["inductor"] if ON_GPU else ["aot_eager", "inductor"]
+
+
+@pytest.mark.parametrize("compile_backend", COMPILE_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_torch_compile_fullgraph_matches_eager(op, compile_backend):
+    shape = (2, 64, 17, 23, 5, 2, 2) if ON_GPU else (1, 4, 3, 5, 3, 2, 2)
+    N, C, H, W, k, G, s = shape
+    torch._dynamo.reset()
+    features, second = make_inputs(*shape, fused=op == "fused", device=DEVICE)
+
+    def fn(f, m):
+        return run_op(op, "triton", f, m, k, G, s) * 2.0
+
+    compiled = torch.compile(fn, fullgraph=True, backend=compile_backend)
+    eager = forward_backward(fn, features, second)
+    got = forward_backward(compiled, features, second)
+    for a, b in zip(got, eager):
+        # Inductor may autotune to another block shape than eager: same maths, another summation order.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Availability, optional Triton, namespace sharing (each in a fresh interpreter process where needed)
+# --------------------------------------------------------------------------------------------------
+
+def _python(code: str, **env_overrides) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for key, value in env_overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def test_unavailable_reason_without_triton(monkeypatch):
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **kw: None if name == "triton" else real_find_spec(name, *a, **kw))
+    assert "Triton is not installed" in triton_backend.unavailable_reason()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="needs a machine without a CUDA device")
+def test_unavailable_reason_without_cuda_or_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "TRITON_INTERPRET=1 is not set" in triton_backend.unavailable_reason()
+
+
+def test_import_without_triton_installed():
+    """`import carafe_kernels` works without Triton (carafe_kernels.triton imports it lazily; torch
+    itself may try to, guarded); the backend then says why, and "auto" still works."""
+    _python("""
+        import sys
+        sys.modules["triton"] = None  # as if Triton were not installed: `import triton` raises ImportError
+        import torch, carafe_kernels
+        from carafe_kernels import backend_status, carafe
+        assert "Triton is not installed" in backend_status()["triton"], backend_status()["triton"]
+        out = carafe(torch.randn(1, 2, 3, 3), torch.rand(1, 9, 6, 6), 3, 1, 2)
+        assert out.shape == (1, 2, 6, 6)
+    """)
+
+
+def test_namespace_shared_with_torch_library():
+    """csrc/carafe.cpp defines the carafe_kernels namespace with TORCH_LIBRARY (a DEF library); the Triton
+    ops are Python FRAGMENTs in it. Simulated here without the extension: a DEF library with the C++
+    schemas first, then the Triton ops, both usable."""
+    _python(f"""
+        import torch
+        lib = torch.library.Library("carafe_kernels", "DEF")  # what TORCH_LIBRARY(carafe_kernels, m) does
+        lib.define("carafe(Tensor features, Tensor masks, int kernel_size, int group_size, int scale_factor) -> Tensor")
+        import carafe_kernels
+        from carafe_kernels import carafe
+        assert not carafe_kernels._native.HAS_NATIVE
+        f = torch.randn(1, 2, 3, 3, device="{DEVICE}"); m = torch.rand(1, 9, 6, 6, device="{DEVICE}")
+        out = carafe(f, m, 3, 1, 2, backend="triton")
+        ref = carafe(f, m, 3, 1, 2, backend="reference")
+        torch.testing.assert_close(out, ref)
+        assert hasattr(torch.ops.carafe_kernels, "carafe") and hasattr(torch.ops.carafe_kernels, "triton_carafe")
+    """, CARAFE_NO_NATIVE="1")
+
+
+_SM90_CHECK = """
+    # The compiled (non-interpreted) path, checked without a GPU: a stand-in driver that targets sm_90.
+    import re, os, subprocess, tempfile, warnings
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+
+    class StandInDriver:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+        def get_current_device(self):
+            return 0
+        def get_current_stream(self, *args):
+            return 0
+
+    triton.runtime.driver.set_active(StandInDriver())
+    from carafe_kernels.triton import kernels as kk, ops  # noqa: F401  (registers the triton_ops)
+    assert not kk.INTERPRET
+
+    # 1. torch.compile's view of the triton_ops: forward and backward decompose into the kernels, and
+    #    the kernels' mutation analysis (from their TTIR) finds exactly the outputs, never the inputs.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._functorch.aot_autograd import aot_function
+    from functorch.compile import make_boxed_func
+    graphs = []
+    def keep(gm, example_inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+    for fused, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+        graphs.clear()
+        with FakeTensorMode():
+            f = torch.empty(2, 4, 3, 5, dtype=dtype, requires_grad=True)
+            m = torch.empty(*((2, 2 * 9 * 4, 3, 5) if fused else (2, 2 * 9, 6, 10)), dtype=dtype, requires_grad=True)
+            name = "triton_carafe_fused" if fused else "triton_carafe"
+            fn = aot_function(lambda a, b: getattr(torch.ops.carafe_kernels, name)(a, b, 3, 2, 2),
+                              fw_compiler=keep, bw_compiler=keep)
+            fn(f, m).sum().backward()
+        code = "\\n".join(graphs)
+        assert code.count("triton_kernel_wrapper_functional(") == 3, code
+        clones = re.findall(r"tensors_to_clone = (\\[[^\\]]*\\])", code)
+        # fp32 accumulates in grad_ptr itself; half types in the fp32 dp buffer. lse only when fused.
+        want = ["['out_ptr']", "['grad_ptr', 'lse_ptr']" if fused else "['dp_ptr', 'grad_ptr']", "['gfeat_ptr']"]
+        assert sorted(clones) == sorted(want), clones
+
+    # 2. Every autotune config that the early prune keeps compiles for sm_90 without local-memory spills.
+    from triton.compiler import ASTSource
+    ptxas_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    checked = 0
+    for shape in (dict(C=256, G=1, H=64, W=64, K=5, S=2), dict(C=16, G=1, H=16, W=16, K=11, S=8)):
+        ss_pad = kk.next_pow2(shape["S"] ** 2)
+        for fn, configs, extra in ((kk._carafe_fwd, kk._FWD_CONFIGS, {}),
+                                   (kk._carafe_bwd_feat, kk._BWD_FEAT_CONFIGS, {}),
+                                   (kk._carafe_bwd_mask, kk._BWD_MASK_CONFIGS, {"ACC_IN_GRAD": False})):
+            # the two configs with the largest fp32 tile per thread: the ones that could spill
+            fitted = [c for c in kk._fit_configs(configs, shape) if c.num_stages == 1]
+            fitted.sort(key=lambda c: -c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_P"] * ss_pad / c.num_warps)
+            for cfg in fitted[:2]:
+                consts = dict(K=shape["K"], S=shape["S"], SS_PAD=ss_pad, FUSED=True, **extra, **cfg.kwargs)
+                sig = {n: "constexpr" if n in consts else
+                       ("*fp32" if n in ("lse_ptr", "dp_ptr") else "*bf16") if n.endswith("_ptr") else "i32"
+                       for n in fn.arg_names}
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                              target=GPUTarget("cuda", 90, 32),
+                                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+                    fh.write(compiled.asm["cubin"]); fh.flush()
+                    usage = subprocess.run([os.path.join(ptxas_dir, "cuobjdump"), "--dump-resource-usage", fh.name],
+                                           capture_output=True, text=True, check=True).stdout
+                local = int(re.search(r"LOCAL:(\\d+)", usage).group(1))
+                assert local == 0, (fn.__name__, consts, cfg, usage)
+                checked += 1
+    print("checked", checked)
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the real torch.compile and kernel runs cover this")
+def test_compiled_path_without_gpu():
+    """What the interpreter cannot show: the triton_op path that torch.compile takes on a GPU (traced with
+    fake tensors), and that the kernels compile for sm_90 (H100/H200) without register spills."""
+    pytest.importorskip("triton.backends.nvidia")
+    _python(_SM90_CHECK, TRITON_INTERPRET=None, CARAFE_NO_NATIVE="1", TRITON_DEFAULT_FP_FUSION="1")
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU-only
+# --------------------------------------------------------------------------------------------------
+
+# Every GPU shape in fp32, the k=5/s=2 ones (the common CARAFE setting) also in fp16 and bf16. Each new
+# (shape, dtype) autotunes, which compiles every config: the matrix is kept small for that reason.
+GPU_CASES = ([(shape, torch.float32) for shape in GPU_SHAPES]
+             + [(shape, dtype) for dtype in (torch.float16, torch.bfloat16) for shape in GPU_SHAPES[:3]])
+
+
+@gpu_only
+@pytest.mark.parametrize("case", GPU_CASES, ids=[f"{shape_id(*c[0])}-{DTYPE_NAMES[c[1]]}" for c in GPU_CASES])
+@pytest.mark.parametrize("op", OPS)
+def test_larger_shapes_on_gpu(op, case):
+    shape, dtype = case
+    _check_against_oracle(op, shape, dtype)
+
+
+@gpu_only
+@pytest.mark.slow
+def test_64bit_offsets_on_gpu():
+    """An output of more than 2**31 elements (mmcv's backward overflows int32 here): the last image of
+    the batch, whose offsets all exceed 2**31, is checked against the reference run on that image."""
+    C, H, W, k, G, s = 64, 256, 256, 5, 1, 2
+    N = (2 ** 31) // (C * H * s * W * s) + 2             # enough images to pass 2**31 output elements
+    # bf16: features + grad, logits + grad + fp32 accumulator, output + its grad
+    needed = 2 * (2 * N * C * H * W + 4 * N * G * k * k * s * s * H * W + 2 * N * C * H * s * W * s)
+    free, _ = torch.cuda.mem_get_info()
+    if free < needed * 1.5:
+        pytest.skip(f"needs about {needed * 1.5 / 2**30:.0f} GiB of free GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    features = torch.randn(N, C, H, W, device="cuda", dtype=torch.bfloat16, generator=gen)
+    logits = torch.randn(N, G * k * k * s * s, H, W, device="cuda", dtype=torch.bfloat16, generator=gen)
+    features.requires_grad_(True)
+    logits.requires_grad_(True)
+    out = carafe_fused(features, logits, k, G, s, backend="triton")
+    assert out.numel() > 2 ** 31
+    grad = torch.ones_like(out)
+    out.backward(grad)
+    last = slice(N - 1, N)
+    f_last = features.detach()[last].float().requires_grad_(True)
+    l_last = logits.detach()[last].float().requires_grad_(True)
+    ref = carafe_fused(f_last, l_last, k, G, s, backend="reference")
+    ref.backward(grad[last].float())
+    torch.testing.assert_close(out[last].float(), ref, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(features.grad[last].float(), f_last.grad, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(logits.grad[last].float(), l_last.grad, rtol=5e-2, atol=5e-2)
