@@ -71,7 +71,9 @@ def native_extensions():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if build_cuda:
         sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
+        # --threads: compile the arch list in parallel inside one nvcc call.
         nvcc_flags = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+                            "--threads", os.environ.get("NVCC_THREADS", "4"),
                             "-DCARAFE_HAS_CUDA=1"]
         ext = CUDAExtension(
             "carafe_kernels._C", sources, include_dirs=include_dirs,

@@ -1,0 +1,57 @@
+// Launchers of the CARAFE CUDA kernels (carafe_kernels.cu). They take raw pointers and no torch
+// headers, so nvcc compiles and checks the kernels on any machine, and a host compiler can build the
+// same file as an emulation (CARAFE_CUDA_EMULATION, used by tests/test_cuda_build.py to check the
+// index maths on CPU). The torch glue (carafe_cuda.cpp) validates arguments, makes tensors contiguous,
+// allocates outputs and the backward workspace, and calls these on the current stream.
+//
+// Layouts (contiguous NCHW), k = kernel_size, G = group_size, s = scale_factor, see DESIGN.md §1:
+//   features    (N, C, H, W)
+//   masks       (N, G*k*k, H*s, W*s)      normalised reassembly kernels (carafe)
+//   mask_logits (N, G*k*k*s*s, H, W)      encoder output (carafe_fused); channel (g*k*k + t)*s*s + i*s + j
+//   output      (N, C, H*s, W*s)
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "carafe_common.h"
+
+namespace carafe {
+namespace cuda {
+
+// Largest kernel_size and scale_factor the kernels accept (carafe_kernels/registry.py declares the same).
+constexpr int64_t kMaxKernelSize = 11;
+constexpr int64_t kMaxScaleFactor = 8;
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+struct LaunchParams {
+  cudaStream_t stream = nullptr;
+  int num_sms = 1;                    // multiprocessors of the device: sizes the channel split
+  int64_t max_blocks = 2147483647;    // cap on gridDim.x; the kernels grid-stride over the rest
+};
+
+// nullptr when the kernels can run this shape, else a static message saying why not
+// (even or too large kernel_size, scale_factor out of range, G not dividing C, a plane too large
+// for the 32-bit in-plane offsets). The launchers check it too and return cudaErrorInvalidValue.
+const char* unsupported_reason(const Shape& p);
+
+// output = carafe(features, masks) or, when fused, carafe_fused(features, mask_logits).
+cudaError_t carafe_forward(const Shape& p, DType dtype, bool fused, const void* features, const void* masks,
+                           void* output, const LaunchParams& launch);
+
+// Bytes of device workspace carafe_backward needs (0 when none); pass at least this many.
+size_t carafe_backward_workspace_bytes(const Shape& p, DType dtype, bool fused, const LaunchParams& launch);
+
+// (grad_features, grad_masks) of carafe, or (grad_features, grad_mask_logits) of carafe_fused, from
+// grad_output (N, C, H*s, W*s). Every element of both gradients is written; no atomics, so the
+// result is bitwise deterministic. When N*C*H*W == 0 nothing is launched: the caller zero-fills
+// grad_masks (a sum over no channels) itself.
+cudaError_t carafe_backward(const Shape& p, DType dtype, bool fused, const void* grad_output, const void* features,
+                            const void* masks, void* grad_features, void* grad_masks, void* workspace,
+                            size_t workspace_bytes, const LaunchParams& launch);
+
+}  // namespace cuda
+}  // namespace carafe

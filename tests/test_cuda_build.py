@@ -1,0 +1,398 @@
+"""Checks of the CUDA sources that need no GPU (they run in CI):
+
+* ``nvcc`` compiles the torch-free csrc/cuda/carafe_kernels.cu for sm_80 and sm_90 with the defines
+  torch's build adds, and ptxas reports no register spills and no stack frame in any kernel;
+* the torch glue csrc/cuda/carafe_cuda.cpp passes a syntax-only compile against torch's headers;
+* the same carafe_kernels.cu, built by the host compiler with -DCARAFE_CUDA_EMULATION (every block and
+  thread run one after another on the CPU), matches the float64 reference, forward and backward, for
+  the templated and the generic kernels, split channels, a capped grid, misaligned pointers, tiny and
+  empty shapes, and never reads or writes outside its buffers (guard zones around every buffer).
+
+What this cannot check: timing, occupancy, the real memory system, and anything about concurrency
+(the kernels use no shared state between threads by design, so the emulation covers their maths).
+benchmarks/gpu_check.sh runs the real thing on a GPU.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from carafe_kernels.reference import carafe_fused_reference, carafe_reference
+from conftest import TOLERANCES, shape_id
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+KERNELS_CU = CSRC / "cuda" / "carafe_kernels.cu"
+GLUE_CPP = CSRC / "cuda" / "carafe_cuda.cpp"
+ARCHS = ("80", "90")
+# What torch.utils.cpp_extension adds to every nvcc command line: the kernels must build with them.
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+# The kernel families carafe_kernels.cu must define (a renamed or lost kernel fails the build test).
+KERNEL_FAMILIES = ("carafe_forward_tiled_kernel", "carafe_forward_generic_kernel", "carafe_softmax_kernel",
+                   "carafe_backward_features_tiled_kernel", "carafe_backward_features_generic_kernel",
+                   "carafe_backward_masks_tiled_kernel", "carafe_backward_masks_generic_kernel",
+                   "carafe_backward_finalize_kernel")
+
+
+def _cuda_home() -> Path | None:
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_runtime_api.h").exists():
+            return Path(c)
+    return None
+
+
+def _nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    home = _cuda_home()
+    if home and (home / "bin" / "nvcc").exists():
+        return str(home / "bin" / "nvcc")
+    return None
+
+
+def _cxx() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
+def _run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------------
+# nvcc + ptxas
+# ---------------------------------------------------------------------------------------------------
+def parse_ptxas(log: str) -> dict[str, dict[str, int]]:
+    """{mangled kernel name: {registers, stack, spill_stores, spill_loads}} from `ptxas -v` output."""
+    kernels: dict[str, dict[str, int]] = {}
+    current = None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            current = kernels.setdefault(m.group(1), {"registers": -1, "stack": -1, "spill_stores": -1,
+                                                      "spill_loads": -1})
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current["stack"], current["spill_stores"], current["spill_loads"] = map(int, m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["registers"] = int(m.group(1))
+    return kernels
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    cxxfilt = shutil.which("c++filt")
+    if not cxxfilt or not names:
+        return {n: n for n in names}
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return {n: re.sub(r"carafe::cuda::\(anonymous namespace\)::", "", d) for n, d in zip(names, out)}
+
+
+@pytest.fixture(scope="module")
+def ptxas_reports(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, dict]]:
+    """Compiles carafe_kernels.cu once per arch (the two nvcc runs in parallel)."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    out_dir = tmp_path_factory.mktemp("nvcc")
+
+    def compile_arch(arch: str):
+        cmd = [nvcc, "-std=c++17", "-O3", f"-I{CSRC}", "-DCARAFE_HAS_CUDA=1", *TORCH_NVCC_DEFINES,
+               f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-c", str(KERNELS_CU),
+               "-o", str(out_dir / f"carafe_kernels_sm{arch}.o")]
+        proc = _run(cmd)
+        return arch, proc, parse_ptxas(proc.stdout + proc.stderr)
+
+    with concurrent.futures.ThreadPoolExecutor(len(ARCHS)) as pool:
+        results = list(pool.map(compile_arch, ARCHS))
+    return {arch: (proc, kernels) for arch, proc, kernels in results}
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
+def test_nvcc_compiles(ptxas_reports, arch):
+    proc, kernels = ptxas_reports[arch]
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"nvcc failed for sm_{arch}:\n{log[-6000:]}"
+    warnings = [line for line in log.splitlines() if "warning" in line.lower() and "carafe_kernels.cu" in line]
+    assert not warnings, "nvcc warnings in carafe_kernels.cu:\n" + "\n".join(warnings)
+    for family in KERNEL_FAMILIES:
+        assert any(family in name for name in kernels), f"no {family} in the sm_{arch} object"
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
+def test_no_register_spills(ptxas_reports, arch):
+    proc, kernels = ptxas_reports[arch]
+    assert proc.returncode == 0, "see test_nvcc_compiles"
+    assert kernels, "ptxas printed no per-kernel report (was -Xptxas -v dropped?)"
+    names = _demangle(sorted(kernels))
+    incomplete = [names[n] for n, r in kernels.items() if min(r.values()) < 0]
+    assert not incomplete, "unparsed ptxas entries: " + ", ".join(incomplete)
+    bad = [f"{names[n]}: {r}" for n, r in sorted(kernels.items())
+           if r["spill_stores"] or r["spill_loads"] or r["stack"]]
+    assert not bad, f"sm_{arch} kernels that spill or use a stack frame:\n" + "\n".join(bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch glue: syntax only (a CPU build of torch ships the CUDA headers but cannot link CUDA)
+# ---------------------------------------------------------------------------------------------------
+def test_torch_glue_syntax(tmp_path):
+    from torch.utils import cpp_extension
+
+    cxx, home = _cxx(), _cuda_home()
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    if home is None:
+        pytest.skip("CUDA headers (cuda_runtime_api.h) not found")
+    includes = [Path(p) for p in cpp_extension.include_paths()]
+    if not any((p / "c10" / "cuda" / "CUDAGuard.h").exists() for p in includes):
+        pytest.skip("this torch install has no c10/cuda headers")
+    cmd = [cxx, "-fsyntax-only", "-std=c++17", *(f"-I{p}" for p in includes), f"-I{home / 'include'}",
+           f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}", "-DCARAFE_HAS_CUDA=1", str(GLUE_CPP)]
+    # CPU wheels of torch lack the generated c10/cuda/impl/cuda_cmake_macros.h (CUDA wheels have it).
+    if not any((p / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists() for p in includes):
+        cmd.insert(-1, "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+    proc = _run(cmd)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-6000:]}"
+    own = [line for line in proc.stderr.splitlines() if "carafe_cuda.cpp" in line and "warning" in line]
+    assert not own, "\n".join(own)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host emulation of the kernels
+# ---------------------------------------------------------------------------------------------------
+EMU_SOURCE = r"""
+#include "cuda/carafe_kernels.cu"
+namespace {
+carafe::Shape shape_of(const long long* d) { return carafe::Shape{d[0], d[1], d[2], d[3], d[4], d[5], d[6]}; }
+carafe::cuda::LaunchParams params(int num_sms, long long max_blocks) {
+  carafe::cuda::LaunchParams lp;
+  lp.num_sms = num_sms;
+  lp.max_blocks = max_blocks;
+  return lp;
+}
+}  // namespace
+extern "C" {
+long long emu_misaligned_accesses() { return carafe::cuda::emu::misaligned_accesses(); }
+const char* emu_unsupported_reason(const long long* d) { return carafe::cuda::unsupported_reason(shape_of(d)); }
+int emu_forward(const long long* d, int dtype, int fused, const void* f, const void* m, void* out, int num_sms,
+                long long max_blocks) {
+  return carafe::cuda::carafe_forward(shape_of(d), static_cast<carafe::cuda::DType>(dtype), fused != 0, f, m, out,
+                                      params(num_sms, max_blocks));
+}
+unsigned long long emu_workspace_bytes(const long long* d, int dtype, int fused, int num_sms) {
+  return carafe::cuda::carafe_backward_workspace_bytes(shape_of(d), static_cast<carafe::cuda::DType>(dtype),
+                                                       fused != 0, params(num_sms, 1));
+}
+int emu_backward(const long long* d, int dtype, int fused, const void* go, const void* f, const void* m, void* gf,
+                 void* gm, void* ws, unsigned long long ws_bytes, int num_sms, long long max_blocks) {
+  return carafe::cuda::carafe_backward(shape_of(d), static_cast<carafe::cuda::DType>(dtype), fused != 0, go, f, m,
+                                       gf, gm, ws, ws_bytes, params(num_sms, max_blocks));
+}
+}
+"""
+
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+CUDA_ERROR_INVALID_VALUE = 1
+PAD = 64            # guard elements before and after every buffer (keeps 16-byte alignment)
+SENTINEL = -12288.0  # exactly representable in every dtype, never a plausible result here
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx, home = _cxx(), _cuda_home()
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    if home is None:
+        pytest.skip("CUDA headers (cuda_fp16.h, cuda_runtime_api.h) not found")
+    d = tmp_path_factory.mktemp("emu")
+    (d / "emu.cpp").write_text(EMU_SOURCE)
+    cmd = [cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-DCARAFE_CUDA_EMULATION", "-Wall", "-Wextra",
+           "-Wno-unknown-pragmas", f"-I{CSRC}", f"-I{home / 'include'}", str(d / "emu.cpp"), "-o", str(d / "emu.so")]
+    proc = _run(cmd)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-6000:]}"
+    own = [line for line in proc.stderr.splitlines() if "carafe_kernels" in line and "warning" in line]
+    assert not own, "\n".join(own)
+    lib = ctypes.CDLL(str(d / "emu.so"))
+    lib.emu_unsupported_reason.restype = ctypes.c_char_p
+    lib.emu_forward.restype = ctypes.c_int
+    lib.emu_workspace_bytes.restype = ctypes.c_ulonglong
+    lib.emu_backward.restype = ctypes.c_int
+    lib.emu_misaligned_accesses.restype = ctypes.c_longlong
+    return lib
+
+
+def _dims(N, C, H, W, k, G, s):
+    return (ctypes.c_longlong * 7)(N, C, H, W, k, G, s)
+
+
+class Guarded:
+    """A flat buffer: PAD guard elements, `shift` more, the tensor's elements, PAD guard elements.
+    Inputs are guarded by NaN (an out-of-bounds read that reaches a result makes it NaN), outputs by
+    SENTINEL (an out-of-bounds write changes a guard; an element never written keeps SENTINEL)."""
+
+    def __init__(self, shape, dtype, *, fill=None, guard=float("nan"), shift=0):
+        n = 1
+        for e in shape:
+            n *= e
+        self.shape, self.n, self.lo = tuple(shape), n, PAD + shift
+        self.buf = torch.full((self.lo + n + PAD,), guard, dtype=dtype)
+        if fill is not None:
+            self.buf[self.lo:self.lo + n] = fill.reshape(-1)
+        self.guard = guard
+
+    @property
+    def ptr(self):
+        return ctypes.c_void_p(self.buf.data_ptr() + self.lo * self.buf.element_size())
+
+    def tensor(self):
+        return self.buf[self.lo:self.lo + self.n].view(self.shape)
+
+    def guards_intact(self) -> bool:
+        g = torch.cat([self.buf[:self.lo], self.buf[self.lo + self.n:]]).double()
+        return bool(torch.isnan(g).all()) if self.guard != self.guard else bool((g == self.guard).all())
+
+
+def _inputs(N, C, H, W, k, G, s, dtype, fused, seed):
+    gen = torch.Generator().manual_seed(seed)
+    f = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
+    if fused:
+        m = torch.randn(N, G * k * k * s * s, H, W, generator=gen, dtype=torch.float64) * 2
+    else:
+        m = torch.rand(N, G * k * k, H * s, W * s, generator=gen, dtype=torch.float64)
+    go = torch.randn(N, C, H * s, W * s, generator=gen, dtype=torch.float64)
+    return f.to(dtype), m.to(dtype), go.to(dtype)
+
+
+def emu_run(lib, N, C, H, W, k, G, s, dtype, fused, *, num_sms=1, max_blocks=2**31 - 1, shift=0, seed=0):
+    """Forward and backward through the emulated launchers; returns inputs, outputs, and guard checks."""
+    f, m, go = _inputs(N, C, H, W, k, G, s, dtype, fused, seed)
+    dims, code = _dims(N, C, H, W, k, G, s), DTYPE_CODE[dtype]
+    gf_in, gm_in, ggo = (Guarded(t.shape, dtype, fill=t, shift=shift) for t in (f, m, go))
+    out = Guarded((N, C, H * s, W * s), dtype, guard=SENTINEL, fill=torch.full((N, C, H * s, W * s), SENTINEL),
+                  shift=shift)
+    rc = lib.emu_forward(dims, code, int(fused), gf_in.ptr, gm_in.ptr, out.ptr, num_sms, max_blocks)
+    assert rc == 0, f"carafe_forward returned cudaError {rc}"
+    ws_bytes = lib.emu_workspace_bytes(dims, code, int(fused), num_sms)
+    ws = Guarded((ws_bytes,), torch.uint8, guard=171, fill=torch.zeros(ws_bytes, dtype=torch.uint8))
+    grad_f = Guarded(f.shape, dtype, guard=SENTINEL, fill=torch.full(f.shape, SENTINEL), shift=shift)
+    grad_m = Guarded(m.shape, dtype, guard=SENTINEL, fill=torch.full(m.shape, SENTINEL), shift=shift)
+    rc = lib.emu_backward(dims, code, int(fused), ggo.ptr, gf_in.ptr, gm_in.ptr, grad_f.ptr, grad_m.ptr, ws.ptr,
+                          ws_bytes, num_sms, max_blocks)
+    assert rc == 0, f"carafe_backward returned cudaError {rc}"
+    for name, g in (("output", out), ("grad_features", grad_f), ("grad_masks", grad_m), ("workspace", ws)):
+        assert g.guards_intact(), f"{name}: a write outside the buffer"
+    assert lib.emu_misaligned_accesses() == 0, "a vector access a GPU would fault on (misaligned)"
+    return dict(f=f, m=m, go=go, out=out.tensor(), grad_f=grad_f.tensor(), grad_m=grad_m.tensor())
+
+
+def check_against_reference(r, k, G, s, dtype, fused):
+    f = r["f"].double().requires_grad_()
+    m = r["m"].double().requires_grad_()
+    ref = (carafe_fused_reference if fused else carafe_reference)(f, m, k, G, s)
+    ref.backward(r["go"].double())
+    tol = TOLERANCES[dtype]
+    for name, got, want in (("output", r["out"], ref), ("grad_features", r["grad_f"], f.grad),
+                            ("grad_masks", r["grad_m"], m.grad)):
+        got = got.double()
+        assert not (got == SENTINEL).any(), f"{name}: elements never written"
+        assert torch.isfinite(got).all(), f"{name}: non-finite values (an out-of-bounds read?)"
+        torch.testing.assert_close(got, want.detach(), **tol, msg=lambda msg, n=name: f"{n}: {msg}")
+
+
+# (N, C, H, W, k, G, s): every templated (k, s) and generic ones; borders everywhere (small planes),
+# planes smaller than the window, single pixels, C/G with uneven channel chunks.
+TILED_KS = [(1, 1), (1, 2), (1, 4), (3, 1), (3, 2), (3, 4), (5, 1), (5, 2), (5, 4), (7, 1), (7, 2)]
+GENERIC_KS = [(7, 4), (9, 3), (11, 2), (5, 3), (3, 8)]
+SHAPES = [(2, 6, 5, 7, k, 2, s) for k, s in TILED_KS + GENERIC_KS] + [
+    (1, 4, 1, 1, 5, 1, 2),     # one pixel: every tap but the centre outside
+    (1, 3, 2, 3, 7, 3, 2),     # plane smaller than the window, one channel per group
+    (2, 8, 3, 37, 3, 4, 2),    # a row longer than a warp, G = 4
+    (1, 5, 9, 2, 5, 1, 4),     # tall and narrow
+]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["carafe", "fused"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[shape_id(*s) for s in SHAPES])
+def test_emulated_fp32(emu, shape, fused):
+    r = emu_run(emu, *shape, torch.float32, fused)
+    check_against_reference(r, *shape[4:], torch.float32, fused)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["carafe", "fused"])
+@pytest.mark.parametrize("shape", [(1, 76, 4, 3, 5, 2, 2), (2, 36, 3, 5, 3, 2, 4), (1, 20, 3, 4, 7, 1, 2),
+                                   (1, 70, 4, 3, 9, 2, 3)],
+                         ids=lambda s: shape_id(*s))
+def test_emulated_split_channels_and_capped_grid(emu, shape, fused):
+    # Many multiprocessors: the channels of a group are split across blocks in uneven chunks (at least
+    # 8 channels each, 32 in the fused forward), the mask gradient through partial sums and the finalize
+    # kernel; max_blocks=3: every kernel grid-strides over its blocks.
+    r = emu_run(emu, *shape, torch.float32, fused, num_sms=1000, max_blocks=3)
+    check_against_reference(r, *shape[4:], torch.float32, fused)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["carafe", "fused"])
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7, 5, 2, 2), (1, 4, 3, 3, 3, 1, 4)], ids=lambda s: shape_id(*s))
+def test_emulated_misaligned_pointers(emu, shape, fused):
+    # One element off 16-byte alignment: the launchers must take the scalar (generic) kernels.
+    r = emu_run(emu, *shape, torch.float32, fused, shift=1)
+    check_against_reference(r, *shape[4:], torch.float32, fused)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fused", [False, True], ids=["carafe", "fused"])
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7, 5, 2, 2), (1, 4, 4, 3, 3, 1, 4), (1, 3, 3, 4, 9, 3, 2),
+                                   (1, 40, 3, 4, 5, 1, 2)],
+                         ids=lambda s: shape_id(*s))
+def test_emulated_dtypes(emu, shape, fused, dtype):
+    r = emu_run(emu, *shape, dtype, fused, num_sms=1000)
+    check_against_reference(r, *shape[4:], dtype, fused)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 5, 5, 3, 1, 2), (2, 0, 5, 5, 3, 1, 2), (2, 4, 0, 5, 3, 1, 2)],
+                         ids=lambda s: shape_id(*s))
+def test_emulated_empty_shapes_launch_nothing(emu, shape):
+    dims = _dims(*shape)
+    null = ctypes.c_void_p(0)
+    assert emu.emu_forward(dims, 0, 0, null, null, null, 1, 1) == 0
+    assert emu.emu_workspace_bytes(dims, 0, 1, 1) == 0
+    assert emu.emu_backward(dims, 0, 1, null, null, null, null, null, null, 0, 1, 1) == 0
+
+
+@pytest.mark.parametrize("shape, why", [
+    ((1, 4, 5, 5, 4, 1, 2), "odd"),
+    ((1, 4, 5, 5, 13, 1, 2), "kernel_size <= 11"),
+    ((1, 4, 5, 5, 3, 1, 9), "scale_factor <= 8"),
+    ((1, 4, 5, 5, 3, 3, 2), "divide"),
+    ((1, 4, 2**16, 2**15, 3, 1, 1), "2^31"),
+    ((1, 4, 2**14, 2**14, 3, 1, 4), "2^31"),
+], ids=["even-k", "k13", "s9", "G-not-dividing", "plane-2^31", "output-plane-2^31"])
+def test_unsupported_shapes_are_refused(emu, shape, why):
+    dims = _dims(*shape)
+    reason = emu.emu_unsupported_reason(dims)
+    assert reason is not None and why in reason.decode()
+    null = ctypes.c_void_p(0)
+    assert emu.emu_forward(dims, 0, 0, null, null, null, 1, 1) == CUDA_ERROR_INVALID_VALUE
+    assert emu.emu_backward(dims, 0, 0, null, null, null, null, null, null, 0, 1, 1) == CUDA_ERROR_INVALID_VALUE
+
+
+def test_supported_limits_accepted(emu):
+    for shape in [(1, 4, 5, 5, 11, 1, 8), (1, 4, 5, 5, 1, 4, 1), (1, 1, 2**15 - 1, 2**16, 3, 1, 1)]:
+        assert emu.emu_unsupported_reason(_dims(*shape)) is None, shape
