@@ -7,6 +7,7 @@ Switches (environment variables):
   TORCH_CUDA_ARCH_LIST  the GPU architectures; defaults to "8.0;8.6;8.9;9.0+PTX" when no GPU is visible
   CARAFE_DEBUG=1        -O0 -g instead of -O3
   MAX_JOBS              parallel compile jobs (torch's own switch)
+  NVCC_THREADS          architectures nvcc compiles in parallel in one call (default 4)
 
 No network access happens here: everything comes from the installed torch and toolkit.
 """
