@@ -35,6 +35,24 @@ def _check_tensor(name: str, value) -> torch.Tensor:
     return value
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype when torch.autocast is enabled for this device type, else None. Device types
+    without autocast (meta, ...) give None: ``torch.is_autocast_enabled`` raises for them."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast_inputs(features: torch.Tensor, masks: torch.Tensor):
+    """Under torch.autocast, both inputs in the autocast dtype (like a convolution), whatever the
+    backend: the C++/Triton ops also do this in their Autocast kernels (ops.py), the pure-PyTorch
+    reference would otherwise promote mixed inputs to float32."""
+    dtype = _autocast_dtype(features.device.type)
+    if dtype is None:
+        return features, masks
+    return features.to(dtype), masks.to(dtype)
+
+
 def _validate(features, masks, kernel_size, group_size, scale_factor, *, fused: bool):
     """Checks every argument; returns (kernel_size, group_size, scale_factor) as ints."""
     masks_name = "mask_logits" if fused else "masks"
@@ -64,7 +82,7 @@ def _validate(features, masks, kernel_size, group_size, scale_factor, *, fused: 
     if features.device != masks.device:
         raise ValueError(f"features and {masks_name} must be on the same device, got {features.device} "
                          f"and {masks.device}")
-    if features.dtype != masks.dtype and not torch.is_autocast_enabled(features.device.type):
+    if features.dtype != masks.dtype and _autocast_dtype(features.device.type) is None:
         raise TypeError(f"features and {masks_name} must have the same dtype (outside torch.autocast), "
                         f"got {features.dtype} and {masks.dtype}")
     return k, G, s
@@ -99,6 +117,7 @@ def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_
         torch.Size([2, 64, 16, 16])
     """
     k, G, s = _validate(features, masks, kernel_size, group_size, scale_factor, fused=False)
+    features, masks = _autocast_inputs(features, masks)
     return select_backend(backend, features, k, s).carafe(features, masks, k, G, s)
 
 
@@ -124,4 +143,5 @@ def carafe_fused(features: torch.Tensor, mask_logits: torch.Tensor, kernel_size:
         torch.Size([2, 64, 16, 16])
     """
     k, G, s = _validate(features, mask_logits, kernel_size, group_size, scale_factor, fused=True)
+    features, mask_logits = _autocast_inputs(features, mask_logits)
     return select_backend(backend, features, k, s).carafe_fused(features, mask_logits, k, G, s)

@@ -20,10 +20,14 @@ def normalize_mask_logits(mask_logits: torch.Tensor, kernel_size: int, group_siz
                           scale_factor: int) -> torch.Tensor:
     """(N, G*k*k*s*s, H, W) encoder logits -> (N, G*k*k, H*s, W*s) masks: pixel shuffle, then a softmax
     over the k*k taps of each group (exactly what mmcv's ``CARAFEPack.kernel_normalizer`` does)."""
-    masks = F.pixel_shuffle(mask_logits, scale_factor)
-    n, c, h, w = masks.shape
-    masks = masks.view(n, group_size, kernel_size * kernel_size, h, w).softmax(dim=2)
-    return masks.view(n, c, h, w)
+    n, _, h, w = mask_logits.shape
+    k2, s = kernel_size * kernel_size, scale_factor
+    # pixel_shuffle by view + permute: channel (g*k*k + t)*s*s + i*s + j -> tap t of group g at
+    # sub-pixel (i, j). NB: not F.pixel_shuffle, whose backward returns a wrongly shaped gradient for an
+    # empty batch (torch 2.13: "PixelShuffleBackward0 returned an invalid gradient ... [0, ...]").
+    masks = mask_logits.reshape(n, group_size, k2, s, s, h, w).softmax(dim=2)
+    masks = masks.permute(0, 1, 2, 5, 3, 6, 4)  # (N, G, k*k, H, s, W, s)
+    return masks.reshape(n, group_size * k2, h * s, w * s)
 
 
 def carafe_reference(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,
@@ -36,12 +40,14 @@ def carafe_reference(features: torch.Tensor, masks: torch.Tensor, kernel_size: i
     # Output laid out as (N, G, Cg, H, s, W, s): the s*s sub-pixels of one low-res position side by side,
     # so one low-res feature value broadcasts over its sub-pixels without materialising an upsampled copy.
     padded = F.pad(features, (r, r, r, r)).view(N, G, Cg, H + 2 * r, W + 2 * r)
-    masks6 = masks.reshape(N, G, k * k, H, s, W, s)
+    # NB: unbind, not masks6[:, :, t] per tap: autograd's backward of one unbind is one stack, while
+    # k*k selects would each zero-fill and add a full masks-sized gradient (k**4 memory traffic).
+    taps = masks.reshape(N, G, k * k, H, s, W, s).unbind(2)
     out = None
     for ky in range(k):
         for kx in range(k):
             window = padded[:, :, :, ky:ky + H, kx:kx + W].unsqueeze(4).unsqueeze(6)  # (N, G, Cg, H, 1, W, 1)
-            tap = masks6[:, :, ky * k + kx].unsqueeze(2)                                # (N, G, 1, H, s, W, s)
+            tap = taps[ky * k + kx].unsqueeze(2)                                         # (N, G, 1, H, s, W, s)
             term = window * tap
             out = term if out is None else out + term
     return out.reshape(N, C, H * s, W * s)

@@ -1,0 +1,35 @@
+"""Options of the pytest-benchmark suite (benchmarks/test_bench_carafe.py).
+
+    pytest benchmarks/ --benchmark-only                          # the tiny preset, timed
+    pytest benchmarks/ --benchmark-disable                       # CI: every case runs once, untimed
+    pytest benchmarks/ --benchmark-only --carafe-shapes target,fpn --carafe-dtypes fp32,bf16
+Environment equivalents: CARAFE_BENCH_SHAPES, CARAFE_BENCH_DTYPES, CARAFE_BENCH_MODES, CARAFE_BENCH_OPS,
+CARAFE_BENCH_BACKENDS, CARAFE_BENCH_THREADS.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+try:
+    import carafe_kernels  # noqa: F401
+except ModuleNotFoundError:  # a checkout that is not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+OPTIONS = {
+    "shapes": ("tiny", "shape presets and/or ids (see benchmarks/shapes.py)"),
+    "dtypes": ("fp32", "fp32, bf16, fp16, fp64"),
+    "modes": ("fwd,bwd,fwdbwd", "fwd, bwd, fwdbwd"),
+    "ops": ("fused,plain", "fused, plain"),
+    "backends": ("all", "'all' (every backend usable here) or a comma list"),
+    "threads": ("2", "CPU threads"),
+}
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("carafe", "CARAFE benchmark cases")
+    for name, (default, help_text) in OPTIONS.items():
+        env = f"CARAFE_BENCH_{name.upper()}"
+        group.addoption(f"--carafe-{name}", default=os.environ.get(env, default),
+                        help=f"{help_text} (default: ${env} or {default!r})")

@@ -1,0 +1,174 @@
+"""The dispatcher ops: torch.library.opcheck on every op (schema, autograd registration, fake tensors,
+AOT dispatch with dynamic shapes), their autocast kernels and FLOP formulas.
+
+Two families are checked: the native ``torch.ops.carafe_kernels.*`` (skipped with the reason when the
+extension is not built), and a stand-in family ``carafe_kernels_test.*`` whose CPU kernels are written
+here in Python (the reference forward and an analytic backward) and registered through the same
+``carafe_kernels.ops.register_carafe_op_family``. The stand-in tests the Python registrations without a
+compiler, and its analytic backward is a second, independent oracle for the reference's autograd.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_inputs, shape_id, to_layout
+
+from carafe_kernels import backend_status, carafe_flops
+from carafe_kernels.ops import register_carafe_op_family
+from carafe_kernels.reference import carafe_fused_reference, carafe_reference, normalize_mask_logits
+
+NATIVE_REASON = backend_status()["cpu"]
+needs_native = pytest.mark.skipif(NATIVE_REASON is not None, reason=f"native ops unavailable: {NATIVE_REASON}")
+
+
+# --- the stand-in op family ------------------------------------------------------------------------------
+
+def analytic_carafe_backward(grad_out, features, masks, k, G, s):
+    """(grad_features, grad_masks) of carafe written out, without autograd:
+    grad_masks[n, g*k*k + t, y, x] = sum_{c in g} grad_out[n, c, y, x] * features_padded[n, c, y//s + ky, x//s + kx]
+    grad_features = the adjoint gather: each tap's (grad_out * mask) summed over the s*s sub-pixels,
+    added at the tap's offset into a padded buffer, then cropped."""
+    N, C, H, W = features.shape
+    r, Cg = (k - 1) // 2, C // G
+    grad6 = grad_out.reshape(N, G, Cg, H, s, W, s)
+    padded = F.pad(features, (r, r, r, r)).reshape(N, G, Cg, H + 2 * r, W + 2 * r)
+    taps = masks.reshape(N, G, k * k, H, s, W, s)
+    grad_padded = torch.zeros_like(padded)
+    grad_masks = torch.empty_like(taps)
+    for ky in range(k):
+        for kx in range(k):
+            t = ky * k + kx
+            window = padded[:, :, :, ky:ky + H, kx:kx + W]
+            grad_masks[:, :, t] = (grad6 * window[:, :, :, :, None, :, None]).sum(dim=2)
+            grad_padded[:, :, :, ky:ky + H, kx:kx + W] += (grad6 * taps[:, :, t].unsqueeze(2)).sum(dim=(4, 6))
+    grad_features = grad_padded[:, :, :, r:r + H, r:r + W].reshape(N, C, H, W)
+    return _fresh(grad_features), _fresh(grad_masks.reshape(masks.shape))
+
+
+def _fresh(t):
+    """A new contiguous tensor at storage offset 0 (what a kernel returns; .contiguous() of an empty
+    view keeps the view's offset)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def analytic_carafe_fused_backward(grad_out, features, logits, k, G, s):
+    """Through the softmax (dz = m * (dm - sum_t dm * m)) and the pixel shuffle (its inverse)."""
+    masks = normalize_mask_logits(logits, k, G, s)
+    grad_features, grad_masks = analytic_carafe_backward(grad_out, features, masks, k, G, s)
+    N, _, Ho, Wo = masks.shape
+    m5 = masks.reshape(N, G, k * k, Ho, Wo)
+    g5 = grad_masks.reshape(N, G, k * k, Ho, Wo)
+    grad_z = m5 * (g5 - (g5 * m5).sum(dim=2, keepdim=True))
+    # inverse of normalize's shuffle: (N, G, k*k, H, s, W, s) -> (N, G, k*k, s, s, H, W)
+    H, W = Ho // s, Wo // s
+    grad_logits = grad_z.reshape(N, G, k * k, H, s, W, s).permute(0, 1, 2, 4, 6, 3, 5).reshape(logits.shape)
+    return grad_features, _fresh(grad_logits)
+
+
+_LIB = torch.library.Library("carafe_kernels_test", "DEF")
+_LIB.define("carafe(Tensor features, Tensor masks, int kernel_size, int group_size, int scale_factor) -> Tensor")
+_LIB.define("carafe_backward(Tensor grad_output, Tensor features, Tensor masks, int kernel_size, int group_size, "
+            "int scale_factor) -> (Tensor grad_features, Tensor grad_masks)")
+_LIB.define("carafe_fused(Tensor features, Tensor mask_logits, int kernel_size, int group_size, int scale_factor) "
+            "-> Tensor")
+_LIB.define("carafe_fused_backward(Tensor grad_output, Tensor features, Tensor mask_logits, int kernel_size, "
+            "int group_size, int scale_factor) -> (Tensor grad_features, Tensor grad_mask_logits)")
+_LIB.impl("carafe", lambda f, m, k, g, s: _fresh(carafe_reference(f, m, k, g, s)), "CPU")
+_LIB.impl("carafe_fused", lambda f, m, k, g, s: _fresh(carafe_fused_reference(f, m, k, g, s)), "CPU")
+_LIB.impl("carafe_backward", analytic_carafe_backward, "CPU")
+_LIB.impl("carafe_fused_backward", analytic_carafe_fused_backward, "CPU")
+register_carafe_op_family("carafe_kernels_test::carafe", "carafe_kernels_test::carafe_backward")
+register_carafe_op_family("carafe_kernels_test::carafe_fused", "carafe_kernels_test::carafe_fused_backward")
+
+FAMILIES = [pytest.param("carafe_kernels_test", id="stand-in"),
+            pytest.param("carafe_kernels", id="native", marks=needs_native)]
+OP_NAMES = ["carafe", "carafe_backward", "carafe_fused", "carafe_fused_backward"]
+
+
+def _op(namespace, name):
+    return getattr(getattr(torch.ops, namespace), name).default
+
+
+def _op_args(name, shape, dtype=torch.float32, layout="contiguous"):
+    """Arguments of op `name`; forward ops get inputs that require grad (so opcheck checks autograd)."""
+    N, C, H, W, k, G, s = shape
+    fused = name.startswith("carafe_fused")
+    features, second = make_inputs(*shape, fused=fused, dtype=dtype)
+    features, second = to_layout(features, layout), to_layout(second, layout)
+    if name.endswith("_backward"):
+        grad_out = to_layout(torch.randn(N, C, H * s, W * s, dtype=dtype), layout)
+        return (grad_out, features, second, k, G, s)
+    return (features.requires_grad_(True), second.requires_grad_(True), k, G, s)
+
+
+OPCHECK_CASES = [((2, 4, 5, 3, 3, 2, 2), torch.float32, "contiguous"),
+                 ((1, 6, 4, 4, 5, 3, 3), torch.float64, "channels_last"),
+                 ((0, 4, 3, 3, 3, 1, 2), torch.float32, "contiguous")]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{shape_id(*c[0])}-{str(c[1])[6:]}-{c[2]}")
+@pytest.mark.parametrize("name", OP_NAMES)
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_opcheck(namespace, name, case):
+    shape, dtype, layout = case
+    torch.library.opcheck(_op(namespace, name), _op_args(name, shape, dtype, layout))
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 5, 3, 3, 2, 2), (1, 6, 4, 4, 5, 3, 3), (1, 2, 2, 2, 7, 1, 1)],
+                         ids=lambda p: shape_id(*p))
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_analytic_backward_matches_reference_autograd(fused, shape):
+    """The stand-in's hand-written backward (the gather/reduction the kernels implement) equals
+    PyTorch's autograd through the reference, in float64."""
+    N, C, H, W, k, G, s = shape
+    features, second = make_inputs(*shape, fused=fused, dtype=torch.float64)
+    features.requires_grad_(True)
+    second.requires_grad_(True)
+    ref = carafe_fused_reference if fused else carafe_reference
+    out = ref(features, second, k, G, s)
+    grad_out = torch.randn_like(out)
+    expected = torch.autograd.grad(out, (features, second), grad_out)
+    analytic = analytic_carafe_fused_backward if fused else analytic_carafe_backward
+    got = analytic(grad_out, features.detach(), second.detach(), k, G, s)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["carafe", "carafe_fused"])
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_op_autocast(namespace, name):
+    """The ops' own Autocast kernels (for callers of torch.ops.* that bypass carafe_kernels.functional):
+    mixed fp32/bf16 inputs run in the autocast dtype."""
+    shape = N, C, H, W, k, G, s = (2, 4, 3, 3, 3, 2, 2)
+    features, second = make_inputs(*shape, fused=name == "carafe_fused")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _op(namespace, name)(features, second.to(torch.bfloat16), k, G, s)
+    assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["carafe", "carafe_fused"])
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_op_double_backward_raises(namespace, name):
+    features, second, k, G, s = _op_args(name, (1, 2, 3, 3, 3, 1, 2), torch.float64)
+    out = _op(namespace, name)(features, second, k, G, s)
+    grads = torch.autograd.grad(out.sum(), (features, second), create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward through CARAFE is not supported"):
+        torch.autograd.grad(grads[0].sum() + grads[1].sum(), (features, second))
+
+
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_flop_counter(namespace):
+    """torch.utils.flop_counter sees the ops: 2*N*C*Ho*Wo*k*k forward, twice that backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = N, C, H, W, k, G, s = (2, 8, 4, 5, 5, 2, 2)
+    features, logits = make_inputs(*shape, fused=True)
+    features.requires_grad_(True)
+    logits.requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        out = _op(namespace, "carafe_fused")(features, logits, k, G, s)
+        out.sum().backward()
+    forward = carafe_flops(features.shape, k, s)
+    assert forward == 2 * N * C * H * s * W * s * k * k
+    assert counter.get_total_flops() == 3 * forward
