@@ -1,10 +1,11 @@
 """Pure-PyTorch CARAFE: any device, any float dtype, autograd by PyTorch.
 
 This is the test oracle (run in float64 on CPU) and the fallback backend. It is memory-lean: it never
-builds the ``C*k*k*(H*s)*(W*s)`` unfold tensor. Instead it walks the ``k*k`` taps, and for each tap
-multiplies a shifted view of the zero-padded features (one value per low-res position, broadcast over
-its ``s*s`` sub-pixels) with that tap's masks and accumulates into the output. Peak extra memory is
-about two output-sized tensors.
+builds the ``C*k*k*(H*s)*(W*s)`` unfold tensor. Instead, for each of the ``s*s`` sub-pixel positions
+(i, j) it accumulates, over the ``k*k`` taps, a shifted view of the zero-padded low-res features times
+that tap's masks at (i, j): every term is an elementwise multiply-add over contiguous (H, W) planes,
+which vectorises. The s*s low-res partial outputs are interleaved into the output at the end. Peak
+extra memory is a few output-sized tensors (measured in tests/test_reference.py).
 
 The functions here do no argument checking: ``carafe_kernels.functional`` validates before calling.
 """
@@ -37,19 +38,22 @@ def carafe_reference(features: torch.Tensor, masks: torch.Tensor, kernel_size: i
     N, C, H, W = features.shape
     r = (k - 1) // 2
     Cg = C // G
-    # Output laid out as (N, G, Cg, H, s, W, s): the s*s sub-pixels of one low-res position side by side,
-    # so one low-res feature value broadcasts over its sub-pixels without materialising an upsampled copy.
     padded = F.pad(features, (r, r, r, r)).view(N, G, Cg, H + 2 * r, W + 2 * r)
-    # NB: unbind, not masks6[:, :, t] per tap: autograd's backward of one unbind is one stack, while
-    # k*k selects would each zero-fill and add a full masks-sized gradient (k**4 memory traffic).
-    taps = masks.reshape(N, G, k * k, H, s, W, s).unbind(2)
-    out = None
-    for ky in range(k):
-        for kx in range(k):
-            window = padded[:, :, :, ky:ky + H, kx:kx + W].unsqueeze(4).unsqueeze(6)  # (N, G, Cg, H, 1, W, 1)
-            tap = taps[ky * k + kx].unsqueeze(2)                                         # (N, G, 1, H, s, W, s)
-            term = window * tap
-            out = term if out is None else out + term
+    # One view per tap, taken once: each is used s*s times, and autograd then keeps a single slice node per tap.
+    windows = [padded[:, :, :, ky:ky + H, kx:kx + W] for ky in range(k) for kx in range(k)]  # (N, G, Cg, H, W)
+    # masks (N, G*k*k, H*s, W*s) -> (s, s, k*k, N, G, 1, H, W): each (i, j, tap) slice contiguous over (H, W).
+    # NB: unbind, not indexing per (i, j, tap): autograd's backward of an unbind is one stack, while each
+    # index would zero-fill and add a full masks-sized gradient.
+    sub_pixel_masks = masks.reshape(N, G, k * k, H, s, W, s).permute(4, 6, 2, 0, 1, 3, 5).contiguous().unsqueeze(5)
+    partial_outputs = []  # s*s tensors (N, G, Cg, H, W), in (i, j) order
+    for masks_i in sub_pixel_masks.unbind(0):
+        for masks_ij in masks_i.unbind(0):
+            acc = None
+            for window, tap_mask in zip(windows, masks_ij.unbind(0)):
+                acc = window * tap_mask if acc is None else acc.addcmul(window, tap_mask)
+            partial_outputs.append(acc)
+    # (N, G, Cg, H, W, s*s) -> (N, G, Cg, H, s, W, s): sub-pixel (i, j) of low-res (h, w) is output (h*s+i, w*s+j).
+    out = torch.stack(partial_outputs, dim=-1).view(N, G, Cg, H, W, s, s).permute(0, 1, 2, 3, 5, 4, 6)
     return out.reshape(N, C, H * s, W * s)
 
 
