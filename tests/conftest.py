@@ -171,3 +171,12 @@ def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "transposed":
         return t.transpose(2, 3).contiguous().transpose(2, 3)
     raise ValueError(layout)
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test on one intra-op thread (the test machine is shared), restoring the count after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -18,12 +18,7 @@ from cares.complexity import (DEFAULT_MODELS, complexity_report, count_compute, 
 from cares.models import ABLATION_VARIANTS, MODEL_NAMES
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def carafe_by_unfold_einsum(features: torch.Tensor, masks: torch.Tensor, k: int, s: int) -> torch.Tensor:

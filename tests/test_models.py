@@ -14,12 +14,7 @@ from cares.models.fcn import bilinear_kernel_
 ALL_SPECS = (*MODEL_NAMES, *ABLATION_VARIANTS)
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS)

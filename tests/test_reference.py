@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import OPS, TOLERANCES, backend_cases, make_inputs, run_op, shape_id
 
+from benchmarks.machine import peak_memory_bytes
 from carafe_kernels import carafe
 from carafe_kernels.reference import (
     carafe_fused_reference,
@@ -118,17 +119,8 @@ def test_reference_runs_on_meta_tensors():
 
 
 def _peak_cpu_bytes(fn) -> int:
-    """Peak bytes allocated on the CPU while fn runs (above what was allocated before), from the
-    profiler's allocation events (the same method as benchmarks/machine.py)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
+    """Peak bytes allocated on the CPU while fn runs, measured as the benchmarks measure it."""
+    return peak_memory_bytes(fn, "cpu")
 
 
 def test_reference_is_memory_lean():
