@@ -150,3 +150,39 @@ def test_bad_input_shapes_raise_value_error_naming_the_shape(spec, multiple):
 def test_cares_unet_rejects_non_bool_residual():
     with pytest.raises(TypeError, match="residual must be a bool"):
         CAResUNet(residual="no")
+
+
+@pytest.mark.parametrize("name", ["cares_unet", "ca_unet"])
+def test_base_channels_scales_every_block(name):
+    model = build_model(name, base_channels=8)
+    x = torch.randn(2, 1, 32, 32)
+    assert model(x).shape == (2, 1, 32, 32)
+    narrow = sum(p.numel() for p in model.parameters())
+    # Convolution weights scale with width squared: 8x narrower is far below 1/8 of the paper's 54.42 M.
+    assert narrow < 54.42e6 / 40
+    carafe_packs = [m for m in model.modules() if isinstance(m, CARAFEPack)]
+    assert [m.channels for m in carafe_packs] == [128, 64, 32, 16]
+    # Narrow upsamplers compress to their own width rather than expanding to 64 channels.
+    assert [m.compressed_channels for m in carafe_packs] == [64, 64, 32, 16]
+
+
+@pytest.mark.parametrize("bad", [0, 3, -2, 2.0, True])
+def test_base_channels_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="base_channels"):
+        build_model("cares_unet", base_channels=bad)
+
+
+def test_register_model_adds_and_removes_a_builder():
+    from cares.models import register_model, unregister_model
+
+    register_model("my_test_model", lambda in_channels, num_classes, *, width=4: nn.Conv2d(in_channels, num_classes, 1))
+    try:
+        assert build_model("my_test_model[width=8]").out_channels == 1
+        with pytest.raises(ValueError, match="already registered"):
+            register_model("my_test_model", nn.Identity)
+    finally:
+        unregister_model("my_test_model")
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("my_test_model")
+    with pytest.raises(ValueError, match="built-in"):
+        unregister_model("cares_unet")

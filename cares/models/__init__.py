@@ -5,8 +5,10 @@ probabilities) and subclasses ``SegmentationModel`` (``size_multiple``: what H a
 
 Names (``MODEL_NAMES``):
     cares_unet      CARes-UNet (Xu et al. 2021): residual blocks + CARAFE upsampling.
-                    options: upsampler ("carafe", "deconv", "subpixel", "bilinear"), carafe_backend.
-    ca_unet         CARes-UNet without residual connections. options: upsampler, carafe_backend.
+                    options: upsampler ("carafe", "deconv", "subpixel", "bilinear"), carafe_backend,
+                    base_channels (the paper's 64).
+    ca_unet         CARes-UNet without residual connections. options: upsampler, carafe_backend,
+                    base_channels.
     res_unet        CARes-UNet with 2x2 transposed-conv upsampling (= cares_unet[upsampler=deconv]).
     unet            plain U-Net (transposed-conv upsampling, BatchNorm).
     unet_resnet34   U-Net decoder on a ResNet-34 encoder (written here; no pretrained weights).
@@ -29,19 +31,21 @@ from .resnet import UNetResNet34
 from .segnet import SegNet
 from .unet import UNet
 
-__all__ = ["MODEL_NAMES", "ABLATION_VARIANTS", "UPSAMPLERS", "build_model", "parse_model_spec",
+__all__ = ["MODEL_NAMES", "ABLATION_VARIANTS", "UPSAMPLERS", "build_model", "register_model",
+           "unregister_model", "parse_model_spec",
            "model_options", "SegmentationModel", "CAResUNet", "UNet", "UNetResNet34", "SegNet", "FCN8s"]
 
 
 def _cares_unet(in_channels: int, num_classes: int, *, upsampler: str = "carafe",
-                carafe_backend: str = "auto") -> CAResUNet:
-    return CAResUNet(in_channels, num_classes, upsampler=upsampler, carafe_backend=carafe_backend)
+                carafe_backend: str = "auto", base_channels: int = 64) -> CAResUNet:
+    return CAResUNet(in_channels, num_classes, upsampler=upsampler, carafe_backend=carafe_backend,
+                     base_channels=base_channels)
 
 
 def _ca_unet(in_channels: int, num_classes: int, *, upsampler: str = "carafe",
-             carafe_backend: str = "auto") -> CAResUNet:
+             carafe_backend: str = "auto", base_channels: int = 64) -> CAResUNet:
     return CAResUNet(in_channels, num_classes, residual=False, upsampler=upsampler,
-                     carafe_backend=carafe_backend)
+                     carafe_backend=carafe_backend, base_channels=base_channels)
 
 
 def _res_unet(in_channels: int, num_classes: int) -> CAResUNet:
@@ -62,7 +66,26 @@ _BUILDERS: dict[str, Callable[..., SegmentationModel]] = {
     "fcn": _fcn,
 }
 
-MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)  # the built-in models (register_model adds more)
+
+
+def register_model(name: str, builder: Callable[..., SegmentationModel], *, overwrite: bool = False) -> None:
+    """Make ``build_model(name, in_channels, num_classes, **options)`` call ``builder`` with those
+    arguments (its keyword parameters are the model's options). For models of your own, and tests."""
+    if not isinstance(name, str) or not _SPEC.match(name) or "[" in name:
+        raise ValueError(f"model name must be letters, digits and underscores, got {name!r}")
+    if not callable(builder):
+        raise TypeError(f"builder must be callable, got {type(builder).__name__}")
+    if name in _BUILDERS and not overwrite:
+        raise ValueError(f"model {name!r} is already registered (pass overwrite=True to replace it)")
+    _BUILDERS[name] = builder
+
+
+def unregister_model(name: str) -> None:
+    """Remove a model added with register_model (built-in models cannot be removed)."""
+    if name in MODEL_NAMES:
+        raise ValueError(f"{name!r} is a built-in model")
+    _BUILDERS.pop(name, None)
 
 # The paper's upsampler ablation, as model specs (the carafe row is plain "cares_unet").
 ABLATION_VARIANTS: tuple[str, ...] = tuple(f"cares_unet[upsampler={kind}]" for kind in UPSAMPLERS
@@ -96,7 +119,7 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"model spec must look like 'name' or 'name[key=value,...]', got {spec!r}")
     name = match["name"]
     if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r} (from {spec!r}); choose one of {list(MODEL_NAMES)}")
+        raise ValueError(f"unknown model {name!r} (from {spec!r}); choose one of {list(_BUILDERS)}")
     options: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in (match["options"] or "").split(","))):
         key, sep, value = item.partition("=")

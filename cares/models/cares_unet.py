@@ -44,14 +44,18 @@ from .blocks import ConvResidualBlock, SegmentationModel
 
 __all__ = ["CAResUNet", "UPSAMPLERS", "make_upsampler", "CARAFEUpsampler"]
 
-ENCODER_CHANNELS = (64, 128, 256, 512)
-BOTTLENECK_CHANNELS = 1024
+# Encoder widths are base_channels times these; the bottleneck is 16 x base_channels (the paper: 64 -> 1024).
+ENCODER_WIDTH_MULTIPLIERS = (1, 2, 4, 8)
+BOTTLENECK_WIDTH_MULTIPLIER = 16
+PAPER_BASE_CHANNELS = 64
+CARAFE_COMPRESSED_CHANNELS = 64
 UPSAMPLERS = ("carafe", "deconv", "subpixel", "bilinear")
 
 
 class CARAFEUpsampler(nn.Sequential):
     """CARAFE x2 (CARAFEPack: compress to 64 channels, 3x3 content encoder, k_up 5) then a 1x1 conv
-    halving the channels, as in the released code (the conv runs after upsampling).
+    halving the channels, as in the released code (the conv runs after upsampling). Narrow models
+    (fewer than 64 channels here) compress to their own width rather than expanding.
 
     Shape: (N, C, H, W) -> (N, C // 2, 2H, 2W).
     """
@@ -59,7 +63,8 @@ class CARAFEUpsampler(nn.Sequential):
     def __init__(self, channels: int, backend: str = "auto"):
         super().__init__(OrderedDict(
             carafe=CARAFEPack(channels, scale_factor=2, up_kernel=5, up_group=1, encoder_kernel=3,
-                              encoder_dilation=1, compressed_channels=64, backend=backend),
+                              encoder_dilation=1,
+                              compressed_channels=min(CARAFE_COMPRESSED_CHANNELS, channels), backend=backend),
             reduce=nn.Conv2d(channels, channels // 2, 1),
         ))
 
@@ -98,6 +103,9 @@ class CAResUNet(SegmentationModel):
         residual: False removes the residual connections (CA-UNet).
         upsampler: "carafe" (default), "deconv", "subpixel" or "bilinear" (see make_upsampler).
         carafe_backend: CARAFE backend passed to CARAFEPack ("auto", "reference", "cpu", ...).
+        base_channels: width of the first encoder block (the paper's 64); encoder blocks have
+            base_channels x (1, 2, 4, 8) channels, the bottleneck 16 x base_channels. Narrower models
+            are for quick runs on a CPU (the demo, tests).
 
     Shape: (N, in_channels, H, W) -> (N, num_classes, H, W) logits; H and W divisible by 16.
     """
@@ -105,30 +113,36 @@ class CAResUNet(SegmentationModel):
     size_multiple = 16
 
     def __init__(self, in_channels: int = 1, num_classes: int = 1, *, residual: bool = True,
-                 upsampler: str = "carafe", carafe_backend: str = "auto"):
+                 upsampler: str = "carafe", carafe_backend: str = "auto",
+                 base_channels: int = PAPER_BASE_CHANNELS):
         super().__init__(in_channels, num_classes)
         if upsampler not in UPSAMPLERS:
             raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {upsampler!r}")
         if not isinstance(residual, bool):
             raise TypeError(f"residual must be a bool, got {type(residual).__name__} ({residual!r})")
+        if isinstance(base_channels, bool) or not isinstance(base_channels, int) or base_channels < 2 \
+                or base_channels % 2:
+            raise ValueError(f"base_channels must be an even int >= 2, got {base_channels!r}")
         self.upsampler = upsampler
+        encoder_channels = tuple(base_channels * m for m in ENCODER_WIDTH_MULTIPLIERS)
+        bottleneck_channels = base_channels * BOTTLENECK_WIDTH_MULTIPLIER
 
         self.encoders = nn.ModuleList()
         self.downsamplers = nn.ModuleList()
         previous = in_channels
-        for channels in ENCODER_CHANNELS:
+        for channels in encoder_channels:
             self.encoders.append(ConvResidualBlock(previous, channels, residual=residual))
             self.downsamplers.append(ConvResidualBlock(channels, channels, stride=2, residual=residual))
             previous = channels
-        self.bottleneck = ConvResidualBlock(previous, BOTTLENECK_CHANNELS, residual=residual)
+        self.bottleneck = ConvResidualBlock(previous, bottleneck_channels, residual=residual)
 
         # Decoder, deepest first: upsample C -> C/2, concatenate the skip (C/2), block C -> C/2.
         self.upsamplers = nn.ModuleList()
         self.decoders = nn.ModuleList()
-        for channels in (BOTTLENECK_CHANNELS, *reversed(ENCODER_CHANNELS[1:])):
+        for channels in (bottleneck_channels, *reversed(encoder_channels[1:])):
             self.upsamplers.append(make_upsampler(upsampler, channels, carafe_backend))
             self.decoders.append(ConvResidualBlock(channels, channels // 2, residual=residual))
-        self.head = nn.Conv2d(ENCODER_CHANNELS[0], num_classes, 1)
+        self.head = nn.Conv2d(encoder_channels[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

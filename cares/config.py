@@ -1,0 +1,269 @@
+"""Training configuration: one dataclass, filled from defaults, then a YAML file, then CLI flags.
+
+Precedence (later wins):  TrainConfig defaults  <  the run folder's config.yaml (with --resume)
+                          <  --config FILE.yaml  <  flags given on the command line.
+
+The train command's flags use `default=argparse.SUPPRESS`, so the parsed namespace holds exactly
+the flags the user typed; that is how a CLI flag can override a YAML value without a YAML value
+being overwritten by a flag's default. Help texts show the dataclass defaults instead.
+
+The YAML keys are the field names below (the flag names with '_' for '-'), e.g.
+
+    model: cares_unet
+    model_options: {upsampler: carafe}
+    epochs: 1200
+    lr: 0.0005
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+AMP_CHOICES = ("off", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "synthetic"                   # "synthetic" or a dataset folder (see cares.data.build_dataset)
+    train_split: str = "train"
+    val_split: str | None = None              # a split of `data` to validate on when --folds is 1
+    pseudo: str | None = None                 # folder with Imgs/ + GT/ written by `cares pseudo-label`
+    synthetic_samples: int | None = None      # slices in the synthetic training split (None: cares.data's 64)
+    image_size: int = 256
+    augment: bool = True
+    num_workers: int = 2
+    # model (options go to cares.models.build_model, e.g. {"upsampler": "deconv"})
+    model: str = "cares_unet"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    # optimisation (paper: Ranger, lr 5e-4, weight decay 1e-4, batch 4, Dice + BCE)
+    optimizer: str = "ranger"
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    scheduler: str = "constant"
+    milestones: list[int] | None = None
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    epochs: int = 1200
+    batch_size: int = 4                       # per process
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    # model selection: K-fold cross-validation on the training split (paper: 2-fold)
+    folds: int = 1                            # 1 = no cross-validation
+    fold: int | str = 0                       # which fold is the validation fold, or "all"
+    val_every: int = 1                        # validate every N epochs (and after the last one)
+    # execution
+    device: str = "auto"
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    time_limit: float | None = None           # minutes; stop at the last epoch end that keeps within it
+    out: str = "runs/train"
+    resume: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (str/int/float/bool/None/list/dict only): safe for YAML and for
+        torch.load(weights_only=True)."""
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+DEFAULTS = TrainConfig()
+
+
+def _positive_int(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        return value
+    return parse
+
+
+def _model_option(text: str) -> tuple[str, Any]:
+    """KEY=VALUE with VALUE read as YAML (so 16 is an int, true a bool, carafe a string)."""
+    import yaml
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--model-option expects KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _fold(text: str) -> int | str:
+    if text == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--fold must be an integer or 'all', got {text!r}") from None
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `cares train` flags. Every flag defaults to SUPPRESS (see the module docstring)."""
+    group = parser
+
+    def flag(*names, dest=None, **kw):
+        dest = dest or names[0].lstrip("-").replace("-", "_")
+        if dest in FIELD_NAMES:
+            kw["help"] = f"{kw.get('help', '')} (default: {getattr(DEFAULTS, dest)})".strip()
+        group.add_argument(*names, dest=dest, default=argparse.SUPPRESS, **kw)
+
+    flag("--config", metavar="FILE.yaml", help="read settings from a YAML file; flags given here override it")
+
+    group = parser.add_argument_group("data")
+    flag("--data", metavar="SOURCE", help="'synthetic' or a dataset folder (COVID-SemiSeg layout, "
+                                          "image/mask folders, NIfTI volumes)")
+    flag("--train-split", metavar="NAME", help="split of --data to train on")
+    flag("--val-split", metavar="NAME", help="split of --data to validate on when --folds is 1 "
+                                             "(without it and without folds there is no best.pt)")
+    flag("--pseudo", metavar="DIR", help="pseudo-labelled folder (Imgs/, GT/) from `cares pseudo-label`: each "
+                                         "epoch adds as many pseudo-labelled samples as labelled ones")
+    flag("--synthetic-samples", type=_positive_int("--synthetic-samples"), metavar="N",
+         help="slices in the training split when --data is synthetic (None: cares.data's default, 64)")
+    flag("--image-size", type=_positive_int("--image-size"), metavar="S", help="train at S x S")
+    flag("--augment", action=argparse.BooleanOptionalAction, help="random training augmentation")
+    flag("--num-workers", type=int, metavar="N", help="DataLoader worker processes")
+
+    group = parser.add_argument_group("model")
+    flag("--model", metavar="NAME", help="architecture from cares.models.MODEL_NAMES")
+    flag("--model-option", dest="model_options", action="append", type=_model_option, metavar="KEY=VALUE",
+         help="option for build_model, repeatable, e.g. upsampler=deconv")
+
+    group = parser.add_argument_group("optimisation")
+    flag("--optimizer", metavar="NAME", help="ranger, adam or sgd")
+    flag("--lr", type=float, help="learning rate")
+    flag("--weight-decay", type=float, help="weight decay")
+    flag("--scheduler", metavar="NAME", help="constant, multistep or cosine (stepped once per epoch)")
+    flag("--milestones", type=int, nargs="+", metavar="EPOCH", help="epochs at which multistep decays")
+    flag("--gamma", type=float, help="multistep decay factor")
+    flag("--warmup-epochs", type=int, metavar="N", help="linear learning-rate warm-up epochs")
+    flag("--epochs", type=_positive_int("--epochs"), metavar="N", help="total epochs (paper: 1200)")
+    flag("--batch-size", type=_positive_int("--batch-size"), metavar="N", help="images per step and process")
+    flag("--dice-weight", type=float, help="weight of the Dice term of the loss")
+    flag("--bce-weight", type=float, help="weight of the BCE term of the loss")
+
+    group = parser.add_argument_group("model selection")
+    flag("--folds", type=_positive_int("--folds"), metavar="K",
+         help="K-fold cross-validation on the training split (paper: 2); 1 = off")
+    flag("--fold", type=_fold, metavar="I|all", help="validation fold, or 'all' to run every fold "
+                                                     "and report the mean validation Dice")
+    flag("--val-every", type=_positive_int("--val-every"), metavar="N", help="validate every N epochs")
+
+    group = parser.add_argument_group("execution")
+    flag("--device", choices=DEVICE_CHOICES, help="auto = cuda when available")
+    flag("--amp", choices=AMP_CHOICES, help="mixed precision (fp16 uses a GradScaler)")
+    flag("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last memory format")
+    flag("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    flag("--seed", type=int, help="seed for weights, data order and augmentation")
+    flag("--deterministic", action=argparse.BooleanOptionalAction,
+         help="torch.use_deterministic_algorithms (slower on GPU)")
+    flag("--time-limit", type=float, metavar="MINUTES",
+         help="stop at an epoch end when one more epoch (as long as the last) would pass this time; "
+              "--resume continues")
+    flag("--out", metavar="DIR", help="run folder (checkpoints, log.csv, config.yaml)")
+    flag("--resume", action=argparse.BooleanOptionalAction,
+         help="continue the run in --out from its last.pt (starts fresh when there is none)")
+
+
+def load_yaml(path) -> dict[str, Any]:
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config file {str(path)!r} does not exist")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config file {str(path)!r} must hold a mapping of settings, "
+                         f"got {type(values).__name__}")
+    unknown = sorted(set(values) - set(FIELD_NAMES))
+    if unknown:
+        raise ValueError(f"--config file {str(path)!r}: unknown setting(s) {unknown}; "
+                         f"known: {sorted(FIELD_NAMES)}")
+    return values
+
+
+def save_yaml(path, config: TrainConfig) -> None:
+    """Write config.yaml atomically (a run folder never holds a half-written config)."""
+    import yaml
+    from cares.checkpoint import atomic_write_bytes
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    atomic_write_bytes(path, text.encode())
+
+
+def resolve_config(args: argparse.Namespace | dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults < run folder's config.yaml (when resuming) < --config file < given flags."""
+    given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
+    for internal in ("command", "_run"):
+        given.pop(internal, None)
+    if "model_options" in given and isinstance(given["model_options"], list):
+        given["model_options"] = dict(given["model_options"])
+    config_file = given.pop("config", None)
+
+    values: dict[str, Any] = {}
+    file_values = load_yaml(config_file) if config_file else {}
+    out = given.get("out", file_values.get("out", DEFAULTS.out))
+    resume = given.get("resume", file_values.get("resume", DEFAULTS.resume))
+    saved = Path(out) / "config.yaml"
+    if resume and saved.is_file():
+        values.update(load_yaml(saved))
+    values.update(file_values)
+    # Model options merge key by key, so `--model-option carafe_backend=cpu` keeps a YAML upsampler.
+    if "model_options" in given:
+        given["model_options"] = {**(values.get("model_options") or {}), **given["model_options"]}
+    values.update(given)
+    unknown = sorted(set(values) - set(FIELD_NAMES))
+    if unknown:
+        raise ValueError(f"unknown training setting(s) {unknown}")
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise ValueError naming the flag for settings that cannot work (checked before any work)."""
+    def need(ok, message):
+        if not ok:
+            raise ValueError(message)
+
+    need(isinstance(config.image_size, int) and config.image_size >= 8,
+         f"--image-size must be an integer >= 8, got {config.image_size!r}")
+    need(isinstance(config.epochs, int) and config.epochs >= 1, f"--epochs must be >= 1, got {config.epochs!r}")
+    need(isinstance(config.batch_size, int) and config.batch_size >= 1,
+         f"--batch-size must be >= 1, got {config.batch_size!r}")
+    need(isinstance(config.num_workers, int) and config.num_workers >= 0,
+         f"--num-workers must be >= 0, got {config.num_workers!r}")
+    need(config.synthetic_samples is None or (isinstance(config.synthetic_samples, int)
+                                               and config.synthetic_samples >= 1),
+         f"--synthetic-samples must be >= 1, got {config.synthetic_samples!r}")
+    need(config.lr > 0, f"--lr must be > 0, got {config.lr!r}")
+    need(config.weight_decay >= 0, f"--weight-decay must be >= 0, got {config.weight_decay!r}")
+    need(config.dice_weight >= 0 and config.bce_weight >= 0 and config.dice_weight + config.bce_weight > 0,
+         "--dice-weight and --bce-weight must be >= 0 and not both 0")
+    need(config.device in DEVICE_CHOICES, f"--device must be one of {DEVICE_CHOICES}, got {config.device!r}")
+    need(config.amp in AMP_CHOICES, f"--amp must be one of {AMP_CHOICES}, got {config.amp!r}")
+    need(isinstance(config.folds, int) and config.folds >= 1, f"--folds must be >= 1, got {config.folds!r}")
+    if config.fold == "all":
+        need(config.folds >= 2, "--fold all needs --folds K with K >= 2")
+    else:
+        need(isinstance(config.fold, int) and 0 <= config.fold < max(config.folds, 1),
+             f"--fold must be 'all' or an integer in [0, {config.folds - 1}] for --folds {config.folds}, "
+             f"got {config.fold!r}")
+    need(config.folds == 1 or config.val_split is None,
+         "--val-split and --folds K > 1 both choose the validation set; give only one")
+    need(isinstance(config.val_every, int) and config.val_every >= 1,
+         f"--val-every must be >= 1, got {config.val_every!r}")
+    need(config.time_limit is None or config.time_limit > 0,
+         f"--time-limit must be > 0 minutes, got {config.time_limit!r}")
+    need(isinstance(config.model_options, dict), f"model_options must be a mapping, got {config.model_options!r}")
+    if config.pseudo is not None:
+        need(os.path.isdir(config.pseudo), f"--pseudo folder {config.pseudo!r} does not exist")

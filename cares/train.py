@@ -1,0 +1,495 @@
+"""`cares train`: supervised (and, with --pseudo, semi-supervised) training of a segmentation model.
+
+One epoch:  set the epoch's data order and augmentation  ->  train steps (AMP, DDP)  ->  validate
+            (threshold-0.5 Dice, see `validation_dice`)  ->  step the LR schedule  ->  write
+            last.pt (and best.pt when the validation Dice improved), log.csv, TensorBoard.
+
+Run folder (--out):
+    config.yaml     every setting of the run (the resolved TrainConfig)
+    last.pt         everything --resume needs: model, optimizer (incl. Ranger's Lookahead slow
+                    weights), LR scheduler, GradScaler, RNG states of every process, epoch, history
+    best.pt         the model with the best validation Dice so far (no optimizer state)
+    log.csv         one row per epoch: loss, validation Dice, learning rate, time, throughput
+    loss_curve.png  training loss and validation Dice per epoch
+    nan_state.pt    only when the loss became NaN/inf: the state just before that step
+    folds.json      with --fold all: the best validation Dice of each fold and their mean
+
+Exact resume: checkpoints are written at epoch ends. The data order and augmentation of epoch e
+are functions of (seed, e) (see cares.sampling and cares.data's set_epoch), the DataLoader's worker
+seeds come from a generator seeded the same way, and every other RNG is restored from last.pt, so a
+run killed and resumed ends with the same tensors, bit for bit, as one that was never interrupted
+(on the same hardware and software; GPU runs need --deterministic for that).
+
+Distributed: launch with torchrun; each process trains on its share of every epoch's samples
+(cares.sampling.EpochSampler plays DistributedSampler's part) and rank 0 writes all files.
+--batch-size is per process.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Subset
+from tqdm import tqdm
+
+from cares.checkpoint import (DEFAULT_WINDOW, FORMAT, INTENSITY, VERSION, atomic_write_bytes,
+                              capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
+                              unwrap_model)
+from cares.config import TrainConfig, add_train_arguments, resolve_config, save_yaml
+from cares.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, barrier,
+                               broadcast_object, init_distributed, shutdown)
+from cares.inference import autocast_context, predict_probabilities
+from cares.sampling import EpochSampler, kfold_split, set_dataset_epoch
+
+HELP = ("Train a segmentation model (CARes-UNet by default, with the paper's settings: 256x256, Ranger "
+        "lr 5e-4, weight decay 1e-4, batch 4, Dice + BCE). Settings come from flags or --config FILE.yaml "
+        "(flags win) and are saved to <out>/config.yaml. Writes last.pt every epoch and best.pt when the "
+        "validation Dice (threshold 0.5, training resolution) improves; --resume continues a killed run "
+        "exactly. --folds K --fold I|all for cross-validation, --pseudo DIR for semi-supervised training, "
+        "torchrun for multi-GPU/multi-node.")
+
+LOG_COLUMNS = ("epoch", "train_loss", "val_dice", "lr", "images", "seconds", "images_per_second")
+VALIDATION_THRESHOLD = 0.5
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the state before the step is in nan_state.pt."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs_done: int
+    best_val_dice: float | None
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    history: list[dict[str, Any]]
+    stopped_early: bool = False
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    add_train_arguments(parser)
+
+
+def run(args) -> int:
+    try:
+        config = resolve_config(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"cares train: error: {err}", file=sys.stderr)
+        return 2
+    context = init_distributed(config.device)
+    try:
+        if config.fold == "all":
+            train_all_folds(config, context)
+        else:
+            train(config, context)
+    except NonFiniteLossError as err:
+        if context.is_main:
+            print(f"cares train: error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as err:
+        if context.is_main:
+            print(f"cares train: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown(context)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up
+# --------------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _derived_seed(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def build_datasets(config: TrainConfig) -> tuple[torch.utils.data.Dataset, int, int, Any]:
+    """(training dataset, number of labelled items, number of pseudo-labelled items, validation
+    dataset or None). The training dataset is ConcatDataset([labelled, pseudo]) when --pseudo is set."""
+    from cares.data import build_dataset
+
+    def dataset(source, split, augment):
+        options = {}
+        if source == "synthetic" and split == config.train_split and config.synthetic_samples is not None:
+            options["num_samples"] = config.synthetic_samples
+        return build_dataset(source, split=split, image_size=config.image_size, augment=augment,
+                             seed=config.seed, **options)
+
+    labelled = dataset(config.data, config.train_split, config.augment)
+    validation = None
+    if config.folds > 1:
+        train_indices, val_indices = kfold_split(len(labelled), config.folds, config.fold, config.seed)
+        validation = Subset(dataset(config.data, config.train_split, False), val_indices)
+        labelled = Subset(labelled, train_indices)
+    elif config.val_split is not None:
+        validation = dataset(config.data, config.val_split, False)
+
+    num_labelled, num_pseudo = len(labelled), 0
+    training: torch.utils.data.Dataset = labelled
+    if config.pseudo is not None:
+        # The pseudo-label folder holds Imgs/ + GT/ directly; build_dataset reads such a folder
+        # when it has no <split> sub-folder.
+        pseudo = dataset(config.pseudo, "train", config.augment)
+        num_pseudo = len(pseudo)
+        training = ConcatDataset([labelled, pseudo])
+    return training, num_labelled, num_pseudo, validation
+
+
+def build_model_for(config: TrainConfig) -> torch.nn.Module:
+    from cares.models import build_model
+    return build_model(config.model, in_channels=1, num_classes=1, **config.model_options)
+
+
+def _amp_scaler(config: TrainConfig, device: torch.device):
+    # fp16 has a narrow exponent range: small gradients underflow unless the loss is scaled up.
+    # bf16 has float32's range and needs no scaler.
+    if config.amp != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+@dataclass
+class _Deterministic:
+    """Turns deterministic algorithms on for a run and restores the previous settings after."""
+    enabled: bool
+
+    def __enter__(self):
+        self._previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+        if self.enabled:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        else:
+            torch.backends.cudnn.benchmark = True  # fastest conv algorithms for fixed input sizes
+        return self
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self._previous[0])
+        torch.backends.cudnn.benchmark = self._previous[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint contents
+# --------------------------------------------------------------------------------------------------
+
+def model_record(config: TrainConfig, model: torch.nn.Module) -> dict[str, Any]:
+    return {"name": config.model, "options": dict(config.model_options), "in_channels": 1,
+            "num_classes": 1, "state_dict": unwrap_model(model).state_dict()}
+
+
+def input_record(config: TrainConfig) -> dict[str, Any]:
+    return {"image_size": config.image_size, "intensity": INTENSITY, **DEFAULT_WINDOW}
+
+
+def _history_row(epoch, train_loss, val_dice, lr, images, seconds) -> dict[str, Any]:
+    """One log.csv row; `images` counts the training images of the epoch over all processes."""
+    return {"epoch": epoch, "train_loss": train_loss, "val_dice": val_dice, "lr": lr, "images": images,
+            "seconds": seconds, "images_per_second": images / seconds}
+
+
+def write_log_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite log.csv from the history (so a resumed run's log has each epoch exactly once)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=LOG_COLUMNS)
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row[k] is None else row[k]) for k in LOG_COLUMNS})
+    atomic_write_bytes(path, text.getvalue().encode())
+
+
+def _tensorboard_writer(run_dir: Path, purge_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # TensorBoard is optional: log.csv has the same numbers
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+def validation_dice(model: torch.nn.Module, dataset, config: TrainConfig, context: DistributedContext) -> float:
+    """Mean per-image Dice of (probability > 0.5) against the mask, at the training resolution.
+
+    The cheap protocol, chosen for model selection during training; `cares evaluate` reports both
+    the thresholded and the Inf-Net (256 thresholds) protocols at each ground truth's own size.
+    An image with an empty mask and an empty prediction scores 1. Each process validates every
+    world_size-th image; the sums are all-reduced.
+    """
+    from cares.metrics import image_metrics
+    shard = Subset(dataset, list(range(context.rank, len(dataset), context.world_size)))
+    total = torch.zeros(2, dtype=torch.float64)
+    for item, probability in predict_probabilities(unwrap_model(model), shard, image_size=config.image_size,
+                                                   device=context.device, batch_size=config.batch_size,
+                                                   amp=config.amp, channels_last=config.channels_last):
+        truth = item["mask"][0].numpy() > 0.5
+        total[0] += image_metrics(probability, truth, protocol="threshold")["dice"]
+        total[1] += 1
+    total = all_reduce_sum(context, total.to(context.device)).cpu()
+    return float(total[0] / total[1])
+
+
+def train(config: TrainConfig, context: DistributedContext | None = None, *,
+          stop_after_epoch: int | None = None) -> TrainResult:
+    """Train as `config` says, writing into config.out; returns what was done.
+
+    stop_after_epoch: end the run after that many epochs as if it had been killed (tests use it to
+        simulate an interruption; the checkpoint is written first, exactly as in a real kill).
+    Raises NonFiniteLossError when the loss becomes NaN/inf (after writing nan_state.pt).
+    """
+    context = context or init_distributed(config.device)
+    with _Deterministic(config.deterministic):
+        return _train(config, context, stop_after_epoch)
+
+
+def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: int | None) -> TrainResult:
+    from cares.losses import DiceBCELoss
+    from cares.optim import build_optimizer, build_scheduler
+
+    started = time.monotonic()   # --time-limit counts from here
+    run_dir = Path(config.out)
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    device = context.device
+    if not config.resume and last_path.exists():
+        raise ValueError(f"--out {str(run_dir)!r} already holds a run (last.pt); pass --resume to continue "
+                         "it or choose another --out")
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(run_dir / "config.yaml", config)
+
+    seed_everything(config.seed)
+    training_set, num_labelled, num_pseudo, validation_set = build_datasets(config)
+    model = build_model_for(config).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config.optimizer, model.parameters(), lr=config.lr,
+                                weight_decay=config.weight_decay)
+    scheduler = build_scheduler(config.scheduler, optimizer, epochs=config.epochs, milestones=config.milestones,
+                                gamma=config.gamma, warmup_epochs=config.warmup_epochs)
+    scaler = _amp_scaler(config, device)
+    loss_function = DiceBCELoss(dice_weight=config.dice_weight, bce_weight=config.bce_weight)
+
+    start_epoch, best_val_dice, history, rng_states = 0, None, [], None
+    if config.resume and last_path.is_file():
+        state = load_checkpoint(last_path)
+        if state["model"]["name"] != config.model or state["model"]["options"] != config.model_options:
+            raise ValueError(f"{last_path} holds model {state['model']['name']} {state['model']['options']}, "
+                             f"but the config asks for {config.model} {config.model_options}")
+        model.load_state_dict(state["model"]["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, best_val_dice, history = state["epoch"], state["best_val_dice"], state["history"]
+        rng_states = state["rng_states"]
+        if context.is_main:
+            print(f"resuming {run_dir} after epoch {start_epoch}", file=sys.stderr)
+    elif config.resume and context.is_main:
+        print(f"no checkpoint in {run_dir} yet: starting a new run", file=sys.stderr)
+
+    train_model: torch.nn.Module = model
+    if context.is_distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        train_model = torch.compile(train_model)
+
+    sampler = EpochSampler(num_labelled, num_pseudo, seed=config.seed, rank=context.rank,
+                           world_size=context.world_size)
+    writer = _tensorboard_writer(run_dir, start_epoch + 1) if context.is_main else None
+    if context.is_main:
+        print(f"training {config.model} on {config.data} ({num_labelled} labelled"
+              + (f" + {num_pseudo} pseudo-labelled, {num_labelled} drawn per epoch" if num_pseudo else "")
+              + f" slices, {len(validation_set) if validation_set is not None else 0} for validation) on "
+              + f"{device} x {context.world_size}, epochs {start_epoch + 1}..{config.epochs}", file=sys.stderr)
+
+    if rng_states is not None:
+        # Restored last, after everything above has drawn from the RNGs while being built.
+        if len(rng_states) == context.world_size:
+            restore_rng_state(rng_states[context.rank])
+        else:
+            warnings.warn(f"last.pt was written by {len(rng_states)} processes, this run has "
+                          f"{context.world_size}: RNG states are re-seeded, so the run will not be "
+                          "bitwise identical to an uninterrupted one", stacklevel=2)
+            seed_everything(_derived_seed(config.seed, start_epoch, context.rank))
+
+    epoch, stopped_early = start_epoch, False
+    for epoch in range(start_epoch, config.epochs):
+        sampler.set_epoch(epoch)
+        set_dataset_epoch(training_set, epoch)
+        loader = DataLoader(training_set, batch_size=config.batch_size, sampler=sampler,
+                            num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(_derived_seed(config.seed, epoch)))
+        lr = optimizer.param_groups[0]["lr"]
+        epoch_started = time.monotonic()
+        train_loss, images = _train_one_epoch(train_model, model, loader, loss_function, optimizer, scaler, config,
+                                      context, epoch, run_dir, scheduler, history, best_val_dice)
+        seconds = time.monotonic() - epoch_started
+
+        val_dice = None
+        is_last_epoch = epoch + 1 == config.epochs
+        if validation_set is not None and ((epoch + 1) % config.val_every == 0 or is_last_epoch):
+            val_dice = validation_dice(model, validation_set, config, context)
+        scheduler.step()
+
+        improved = val_dice is not None and (best_val_dice is None or val_dice > best_val_dice)
+        if improved:
+            best_val_dice = val_dice
+        history.append(_history_row(epoch + 1, train_loss, val_dice, lr, images, seconds))
+        rng = all_gather_objects(context, capture_rng_state())
+        if context.is_main:
+            save_checkpoint(last_path, _full_state(config, model, optimizer, scheduler, scaler, epoch + 1,
+                                                   best_val_dice, history, rng))
+            if improved:
+                save_checkpoint(best_path, weights_state(config, model, epoch + 1, best_val_dice, history))
+            write_log_csv(run_dir / "log.csv", history)
+            if writer is not None:
+                writer.add_scalar("train/loss", train_loss, epoch + 1)
+                writer.add_scalar("train/lr", lr, epoch + 1)
+                if val_dice is not None:
+                    writer.add_scalar("val/dice", val_dice, epoch + 1)
+                writer.flush()
+            tqdm.write(f"epoch {epoch + 1}/{config.epochs}  loss {train_loss:.4f}"
+                       + (f"  val Dice {val_dice:.4f} (best {best_val_dice:.4f})" if val_dice is not None else "")
+                       + f"  lr {lr:.3g}  {history[-1]['images_per_second']:.1f} img/s", file=sys.stderr)
+
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not is_last_epoch:
+            stopped_early = True
+            break
+        # Stop when another epoch as long as this one would end past the limit, so the run ends
+        # within it (rank 0 decides: the processes' clocks differ slightly).
+        now = time.monotonic()
+        out_of_time = (config.time_limit is not None
+                       and (now - started) + (now - epoch_started) > 60 * config.time_limit)
+        if broadcast_object(context, out_of_time) and not is_last_epoch:
+            if context.is_main:
+                tqdm.write(f"stopping after epoch {epoch + 1}: another epoch would pass --time-limit "
+                           f"{config.time_limit} min; continue with --resume", file=sys.stderr)
+            stopped_early = True
+            break
+
+    if writer is not None:
+        writer.close()
+    if context.is_main and history:
+        from cares.figures import training_curves
+        training_curves(run_dir / "loss_curve.png", history)
+    barrier(context)  # the files are complete before any process returns
+    return TrainResult(run_dir=run_dir, epochs_done=len(history), best_val_dice=best_val_dice,
+                       last_checkpoint=last_path, best_checkpoint=best_path if best_path.is_file() else None,
+                       history=history, stopped_early=stopped_early)
+
+
+def weights_state(config, model, epoch, best_val_dice, history) -> dict[str, Any]:
+    """What evaluate/predict need: the model and how to feed it (best.pt, and the head of last.pt)."""
+    return {"format": FORMAT, "version": VERSION, "model": model_record(config, model),
+            "input": input_record(config), "config": config.to_dict(), "epoch": epoch,
+            "best_val_dice": best_val_dice, "history": list(history)}
+
+
+def _full_state(config, model, optimizer, scheduler, scaler, epoch, best_val_dice, history, rng) -> dict[str, Any]:
+    """weights_state plus everything --resume needs."""
+    state = weights_state(config, model, epoch, best_val_dice, history)
+    state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                 scaler=scaler.state_dict() if scaler is not None else None, rng_states=rng)
+    return state
+
+
+def _train_one_epoch(train_model, model, loader, loss_function, optimizer, scaler, config, context,
+                     epoch, run_dir, scheduler, history, best_val_dice) -> float:
+    """One pass over the epoch's samples; returns (mean loss, number of images), both over all processes."""
+    device = context.device
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    train_model.train()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)   # sum of loss * images, images
+    progress = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
+                    disable=not context.is_main or None, file=sys.stderr)
+    started = time.monotonic()
+    for step, batch in enumerate(progress):
+        images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        masks = batch["mask"].to(device, non_blocking=True)
+        with autocast_context(device, config.amp):
+            logits = train_model(images)
+        loss = loss_function(logits, masks)
+
+        # Every process must see the same verdict, or the healthy ones would wait forever in the
+        # next all-reduce; so the check uses the all-reduced loss.
+        step_totals = all_reduce_sum(context, torch.stack([loss.detach().double() * len(images),
+                                                           torch.tensor(len(images), dtype=torch.float64,
+                                                                        device=device)]))
+        if not torch.isfinite(step_totals[0]):
+            path = run_dir / "nan_state.pt"
+            if context.is_main:
+                state = _full_state(config, model, optimizer, scheduler, scaler, epoch, best_val_dice, history,
+                                    None)
+                state["nan"] = {"epoch": epoch + 1, "step": step + 1, "names": list(batch["name"])}
+                save_checkpoint(path, state)
+            barrier(context)
+            raise NonFiniteLossError(
+                f"the loss became {step_totals[0].item()} at epoch {epoch + 1}, step {step + 1} (batch "
+                f"{list(batch['name'])} on rank {context.rank}); the model and optimizer state before "
+                f"this step are in {path}, the last good epoch in {run_dir / 'last.pt'}. Try a lower --lr, "
+                "--amp off or bf16, or check the data.")
+        totals += step_totals
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if progress.disable is False:
+            elapsed = time.monotonic() - started
+            progress.set_postfix(loss=f"{step_totals[0].item() / step_totals[1].item():.4f}",
+                                 img_s=f"{totals[1].item() / max(elapsed, 1e-9):.1f}")
+    return float(totals[0] / totals[1]), int(totals[1])
+
+
+def train_all_folds(config: TrainConfig, context: DistributedContext | None = None) -> dict[str, Any]:
+    """Train every fold of --folds K into <out>/fold_<i> and write <out>/folds.json with the best
+    validation Dice of each fold and their mean +- std (the model-selection score)."""
+    context = context or init_distributed(config.device)
+    run_dir = Path(config.out)
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(run_dir / "config.yaml", config)
+    results = []
+    for fold in range(config.folds):
+        fold_config = dataclasses.replace(config, fold=fold, out=str(run_dir / f"fold_{fold}"))
+        results.append(train(fold_config, context))
+    scores = [r.best_val_dice for r in results]
+    summary = {"folds": config.folds, "best_val_dice": scores,
+               "mean_val_dice": float(np.mean(scores)), "std_val_dice": float(np.std(scores)),
+               "validation": "mean per-image Dice of probability > 0.5 at the training resolution",
+               "runs": [str(r.run_dir) for r in results]}
+    if context.is_main:
+        atomic_write_bytes(run_dir / "folds.json", json.dumps(summary, indent=2).encode())
+        print(f"{config.folds}-fold cross-validation: validation Dice "
+              + ", ".join(f"{s:.4f}" for s in scores)
+              + f"; mean {summary['mean_val_dice']:.4f} +- {summary['std_val_dice']:.4f}", file=sys.stderr)
+    return summary

@@ -1,0 +1,95 @@
+"""Semi-supervised step: the entropy filter on hand-made maps, `cares pseudo-label` end to end
+(counts, layout, summary.json), and `cares train --pseudo DIR` (balanced epochs)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cares.cli import main
+from cares.data import build_dataset, load_mask
+from cares.pseudo_label import is_confident, mean_binary_entropy
+from test_train import tiny_config, tiny_models, write_checkpoint  # noqa: F401  (fixture)
+
+
+def uniform_map(p: float, size: int = 16) -> np.ndarray:
+    return np.full((size, size), p, np.float32)
+
+
+def test_entropy_extremes_and_log_base():
+    assert mean_binary_entropy(uniform_map(0.5)) == pytest.approx(1.0)                    # base 2: max is 1
+    assert mean_binary_entropy(uniform_map(0.5), math.e) == pytest.approx(math.log(2))
+    assert mean_binary_entropy(uniform_map(0.0)) == pytest.approx(0.0, abs=1e-9)
+    half_certain = np.concatenate([uniform_map(1.0), uniform_map(0.5)])                  # mean over pixels
+    assert mean_binary_entropy(half_certain) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="log_base"):
+        mean_binary_entropy(uniform_map(0.5), 1.0)
+
+
+def test_entropy_threshold_keeps_confident_maps_and_rejects_uncertain_ones():
+    confident = np.where(np.arange(256).reshape(16, 16) % 3 == 0, 0.98, 0.02).astype(np.float32)  # H = 0.141
+    uncertain = np.where(np.arange(256).reshape(16, 16) % 2 == 0, 0.6, 0.4).astype(np.float32)    # H = 0.971
+    borderline = uniform_map(0.15)                                                               # H = 0.610 bits
+    assert is_confident(confident)[0] and not is_confident(uncertain)[0]
+    assert is_confident(confident)[1] == pytest.approx(0.1414, abs=1e-3)
+    assert not is_confident(borderline, 0.6, 2.0)[0]                # 0.610 bits >= 0.6
+    assert is_confident(borderline, 0.6, math.e)[0]                 # 0.423 nats < 0.6: the base matters
+    assert is_confident(borderline, 0.62, 2.0)[0]
+
+
+def write_unlabeled_folder(folder):
+    """Slices whose pointwise-model maps are confident (dark/bright) or not (gray near 0.5)."""
+    folder.mkdir(parents=True)
+    slices = {
+        "confident_lesion": np.where(np.arange(40 * 36).reshape(40, 36) % 36 < 12, 240, 10),
+        "confident_clear": np.full((30, 30), 5),
+        "uncertain_gray": np.full((32, 40), 128),                 # p = sigmoid(20 * 0.002) ~ 0.51
+    }
+    for name, pixels in slices.items():
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{name}.png")
+    return slices
+
+
+def test_pseudo_label_writes_kept_slices_and_counts(tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "best.pt")
+    slices = write_unlabeled_folder(tmp_path / "unlabeled")
+    out = tmp_path / "pseudo"
+    assert main(["pseudo-label", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "unlabeled"),
+                 "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (printed["total"], printed["kept"], printed["rejected"]) == (3, 2, 1)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kept"] == 2 and summary["log_base"] == 2.0 and summary["max_entropy"] == pytest.approx(1.0)
+    by_name = {row["name"]: row for row in summary["images"]}
+    assert not by_name["uncertain_gray"]["kept"] and by_name["uncertain_gray"]["entropy"] > 0.99
+    assert sorted(p.name for p in (out / "Imgs").iterdir()) == ["confident_clear.png", "confident_lesion.png"]
+    assert sorted(p.name for p in (out / "GT").iterdir()) == ["confident_clear.png", "confident_lesion.png"]
+    mask = load_mask(out / "GT" / "confident_lesion.png")
+    assert mask.shape == (40, 36) and (mask == (slices["confident_lesion"] > 128)).mean() > 0.95
+    copied = np.asarray(Image.open(out / "Imgs" / "confident_lesion.png"))
+    np.testing.assert_array_equal(copied, slices["confident_lesion"])       # the slice itself, unchanged
+    # The folder is a dataset build_dataset (and so `train --pseudo`) reads.
+    assert len(build_dataset(out, split="train", image_size=32)) == 2
+
+    # A second run refuses to mix with the first unless told to overwrite.
+    args = ["pseudo-label", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "unlabeled"), "--out", str(out)]
+    assert main(args) == 2
+    assert main(args + ["--overwrite", "--entropy-threshold", "0.01", "--log-base", "e"]) == 0
+    assert json.loads((out / "summary.json").read_text())["kept"] == 1                    # only the flat dark slice
+
+
+def test_train_with_pseudo_labels_draws_as_many_pseudo_as_labelled(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "best.pt")
+    assert main(["pseudo-label", "--checkpoint", str(checkpoint), "--input", "synthetic",
+                 "--out", str(tmp_path / "pseudo"), "--entropy-threshold", "1.0"]) == 0      # keep all 32
+    from cares.train import train
+    result = train(tiny_config(tmp_path / "semi", pseudo=str(tmp_path / "pseudo"), epochs=2))
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "semi" / "log.csv").read_text())))
+    assert [int(r["images"]) for r in rows] == [8, 8]                    # 4 labelled + 4 pseudo per epoch
+    assert result.epochs_done == 2

@@ -1,0 +1,421 @@
+"""Training: config precedence, a 2-step run, bitwise-exact resume (in process and after a real
+SIGKILL), NaN handling, k-fold selection, the epoch sampler, atomic checkpoints, 2-process DDP (gloo).
+
+The training mechanics are tested with a tiny registered model (`tiny_test_net`, 8 channels) so
+that every run takes seconds on 2 CPU cores; CARes-UNet itself runs in the demo test and in
+test_two_step_training_run when cares.models offers a width option.
+Subprocess tests start `python <launcher> ...`: a launcher script that registers the same tiny
+model and then calls cares.cli.main.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import cares.models
+from cares.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint)
+from cares.config import TrainConfig, resolve_config
+from cares.sampling import EpochSampler, kfold_split
+from cares.train import NonFiniteLossError, train, train_all_folds
+
+TINY_MODEL = "tiny_test_net"
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+
+
+class TinyTestNet(cares.models.SegmentationModel):
+    """conv-BN-ReLU, conv-BN-ReLU at half resolution, upsample, 1x1 head: BatchNorm, a skip and a
+    stride like the real models, ~1k parameters."""
+    size_multiple = 2
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 1, width: int = 8):
+        super().__init__(in_channels, num_classes)
+        self.encode = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+                                    nn.BatchNorm2d(width), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.head = nn.Conv2d(2 * width, num_classes, 1)
+
+    def forward(self, x):
+        self.check_input(x)
+        skip = self.encode(x)
+        return self.head(torch.cat([skip, self.up(self.down(skip))], dim=1))
+
+
+POINTWISE_MODEL = "pointwise_test_net"
+
+
+class PointwiseTestNet(cares.models.SegmentationModel):
+    """logits = gain * (x - 0.5): probability > 0.5 exactly where the image is brighter than 0.5.
+    Its output is known in advance and it commutes with flips (inference, TTA and pseudo-label tests)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 1, gain: float = 20.0):
+        super().__init__(in_channels, num_classes)
+        self.conv = nn.Conv2d(in_channels, num_classes, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(gain)
+            self.conv.bias.fill_(-gain / 2)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def register_tiny_model() -> None:
+    """Make build_model("tiny_test_net") and ("pointwise_test_net") work."""
+    cares.models.register_model(TINY_MODEL, TinyTestNet, overwrite=True)
+    cares.models.register_model(POINTWISE_MODEL, PointwiseTestNet, overwrite=True)
+
+
+def write_checkpoint(path: Path, model_name: str = POINTWISE_MODEL, image_size: int = 32) -> Path:
+    """A checkpoint as `cares train` writes best.pt, for an untrained model (inference tests)."""
+    from cares.train import build_model_for, weights_state
+    config = resolve_config(dict(model=model_name, image_size=image_size))
+    return save_checkpoint(path, weights_state(config, build_model_for(config), 1, None, []))
+
+
+LAUNCHER = f"""
+import sys
+sys.path.insert(0, {str(TESTS_DIR)!r})
+sys.path.insert(0, {str(REPO_ROOT)!r})
+from test_train import register_tiny_model
+register_tiny_model()
+from cares.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.fixture(autouse=True)
+def tiny_models():
+    """Register the test models for one test (other test files import this fixture)."""
+    register_tiny_model()
+    yield
+    cares.models.unregister_model(TINY_MODEL)
+    cares.models.unregister_model(POINTWISE_MODEL)
+
+
+def write_launcher(folder: Path) -> Path:
+    path = folder / "launch_cares.py"
+    path.write_text(LAUNCHER)
+    return path
+
+
+def subprocess_env() -> dict[str, str]:
+    # One thread per process: the runs stay comparable and do not oversubscribe 2 cores.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+
+def tiny_config(out, **overrides) -> TrainConfig:
+    settings = dict(data="synthetic", synthetic_samples=4, image_size=32, model=TINY_MODEL, batch_size=2,
+                    epochs=1, val_split="val", num_workers=0, out=str(out))
+    settings.update(overrides)
+    return resolve_config(settings)
+
+
+def tensors_and_values(state, path=""):
+    """Flatten a checkpoint into {path: tensor or value}, leaving out wall-clock fields and paths."""
+    flat = {}
+    if isinstance(state, dict):
+        for key, value in state.items():
+            flat.update(tensors_and_values(value, f"{path}/{key}"))
+    elif isinstance(state, (list, tuple)):
+        for index, value in enumerate(state):
+            flat.update(tensors_and_values(value, f"{path}[{index}]"))
+    elif not path.endswith(("/seconds", "/images_per_second", "/config/out", "/config/resume")):
+        flat[path] = state
+    return flat
+
+
+def assert_checkpoints_equal(first: Path, second: Path) -> int:
+    a, b = tensors_and_values(load_checkpoint(first)), tensors_and_values(load_checkpoint(second))
+    assert a.keys() == b.keys()
+    tensors = 0
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), f"tensor {key} differs"
+            tensors += 1
+        else:
+            assert a[key] == b[key], f"{key}: {a[key]!r} != {b[key]!r}"
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+def test_config_defaults_follow_the_paper():
+    config = TrainConfig()
+    assert (config.model, config.image_size, config.optimizer, config.lr, config.weight_decay,
+            config.batch_size) == ("cares_unet", 256, "ranger", 5e-4, 1e-4, 4)
+    assert (config.dice_weight, config.bce_weight) == (1.0, 1.0)
+
+
+def test_yaml_then_cli_flags_override(tmp_path):
+    from cares.cli import build_parser
+    (tmp_path / "run.yaml").write_text("lr: 0.01\nepochs: 7\nmodel_options: {upsampler: deconv}\n")
+    argv = ["train", "--config", str(tmp_path / "run.yaml"), "--epochs", "3",
+            "--model-option", "carafe_backend=reference"]
+    args = build_parser(argv).parse_args(argv)
+    config = resolve_config(args)
+    assert config.lr == 0.01                                  # from the file
+    assert config.epochs == 3                                 # the flag wins over the file
+    assert config.batch_size == 4                             # default
+    assert config.model_options == {"upsampler": "deconv", "carafe_backend": "reference"}
+
+
+@pytest.mark.parametrize("settings, flag", [
+    (dict(epochs=0), "--epochs"), (dict(lr=-1.0), "--lr"), (dict(folds=2, fold=2), "--fold"),
+    (dict(amp="fp8"), "--amp"), (dict(fold="all"), "--fold all"), (dict(device="tpu"), "--device"),
+    (dict(folds=2, val_split="val"), "--val-split"), (dict(pseudo="/no/such/folder"), "--pseudo"),
+])
+def test_bad_settings_name_the_flag(settings, flag):
+    with pytest.raises(ValueError, match=flag):
+        resolve_config(settings)
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    (tmp_path / "bad.yaml").write_text("learning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        resolve_config({"config": str(tmp_path / "bad.yaml")})
+
+
+# --------------------------------------------------------------------------------------------------
+# Training runs
+# --------------------------------------------------------------------------------------------------
+
+def _small_cares_unet_options():
+    from cares.demo import WIDTH_OPTION
+    return {WIDTH_OPTION: 4}
+
+
+@pytest.mark.parametrize("model", [TINY_MODEL, "cares_unet"])
+def test_two_step_training_run(tmp_path, model):
+    options = {} if model == TINY_MODEL else _small_cares_unet_options()
+    result = train(tiny_config(tmp_path / "run", model=model, model_options=options))  # 4 samples / batch 2
+    run = tmp_path / "run"
+    for name in ("config.yaml", "last.pt", "best.pt", "log.csv", "loss_curve.png"):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader(io.StringIO((run / "log.csv").read_text())))
+    assert len(rows) == 1 and int(rows[0]["images"]) == 4
+    assert np.isfinite(float(rows[0]["train_loss"])) and 0.0 <= float(rows[0]["val_dice"]) <= 1.0
+
+    state = load_checkpoint(run / "last.pt")                 # weights_only=True inside
+    assert state["epoch"] == 1 and result.epochs_done == 1
+    assert state["model"]["name"] == model and state["input"]["image_size"] == 32
+    assert len(state["rng_states"]) == 1
+    assert state["config"] == yaml.safe_load((run / "config.yaml").read_text())
+    best = load_checkpoint(run / "best.pt")
+    assert "optimizer" not in best and best["best_val_dice"] == result.best_val_dice
+
+
+def test_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    # Cosine schedule, Ranger (Lookahead every 6 steps), augmentation and DataLoader workers: all of
+    # them carry state across epochs that resume must restore.
+    settings = dict(epochs=4, synthetic_samples=8, num_workers=1, scheduler="cosine")
+    train(tiny_config(tmp_path / "straight", **settings))
+    interrupted = train(tiny_config(tmp_path / "resumed", **settings), stop_after_epoch=2)
+    assert interrupted.stopped_early and interrupted.epochs_done == 2
+    resumed = train(tiny_config(tmp_path / "resumed", resume=True, **settings))
+    assert resumed.epochs_done == 4
+    compared = assert_checkpoints_equal(tmp_path / "straight" / "last.pt", tmp_path / "resumed" / "last.pt")
+    assert compared > 20                                      # weights, Ranger state incl. slow_buffer, RNG
+    state = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert any("slow_buffer" in s for s in state["optimizer"]["state"].values())
+    assert [row["epoch"] for row in state["history"]] == [1, 2, 3, 4]
+    assert len(list(csv.DictReader(io.StringIO((tmp_path / "resumed" / "log.csv").read_text())))) == 4
+
+
+@pytest.mark.parametrize("settings", [
+    pytest.param(dict(amp="bf16"), id="bf16"),
+    pytest.param(dict(amp="fp16", channels_last=True), id="fp16-channels_last"),
+    pytest.param(dict(deterministic=True), id="deterministic"),
+    pytest.param(dict(compile=True), id="compile", marks=pytest.mark.slow),
+])
+def test_execution_options(tmp_path, settings):
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    result = train(tiny_config(tmp_path / "run", **settings))
+    assert np.isfinite(result.history[-1]["train_loss"])
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert (state["scaler"] is not None) == (settings.get("amp") == "fp16")          # GradScaler for fp16 only
+    assert not any(key.startswith("_orig_mod") for key in state["model"]["state_dict"])  # plain module saved
+    assert torch.are_deterministic_algorithms_enabled() == deterministic_before      # settings restored
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    train(tiny_config(tmp_path / "run"))
+    with pytest.raises(ValueError, match="--resume"):
+        train(tiny_config(tmp_path / "run"))
+
+
+def test_nan_loss_stops_with_a_clear_error_and_saved_state(tmp_path, monkeypatch):
+    import cares.losses
+
+    def nan_loss(self, logits, target):
+        return logits.sum() * float("nan")
+
+    monkeypatch.setattr(cares.losses.DiceBCELoss, "forward", nan_loss)
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 1, step 1.*nan_state\.pt"):
+        train(tiny_config(tmp_path / "run"))
+    state = load_checkpoint(tmp_path / "run" / "nan_state.pt")
+    assert state["nan"]["epoch"] == 1 and len(state["nan"]["names"]) == 2
+    assert all(torch.isfinite(t).all() for t in state["model"]["state_dict"].values() if t.is_floating_point())
+
+
+def test_time_limit_stops_after_an_epoch_and_resume_finishes(tmp_path):
+    result = train(tiny_config(tmp_path / "run", epochs=3, time_limit=1e-6))
+    assert result.stopped_early and result.epochs_done == 1
+    assert train(tiny_config(tmp_path / "run", epochs=3, resume=True, time_limit=None)).epochs_done == 3
+
+
+def test_all_folds_report_the_mean_validation_dice(tmp_path):
+    summary = train_all_folds(tiny_config(tmp_path / "cv", val_split=None, folds=2, fold="all"))
+    assert summary["folds"] == 2 and len(summary["best_val_dice"]) == 2
+    assert summary["mean_val_dice"] == pytest.approx(np.mean(summary["best_val_dice"]))
+    assert json.loads((tmp_path / "cv" / "folds.json").read_text())["mean_val_dice"] == summary["mean_val_dice"]
+    for fold in (0, 1):
+        assert load_checkpoint(tmp_path / "cv" / f"fold_{fold}" / "best.pt")["config"]["fold"] == fold
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------------
+
+def test_kfold_split_partitions_the_samples():
+    folds = [kfold_split(11, 3, i, seed=5) for i in range(3)]
+    validation = [set(v) for _, v in folds]
+    assert set().union(*validation) == set(range(11)) and sum(map(len, validation)) == 11
+    for train_indices, val_indices in folds:
+        assert not set(train_indices) & set(val_indices) and len(train_indices) + len(val_indices) == 11
+    assert kfold_split(11, 3, 0, seed=5) == folds[0] and kfold_split(11, 3, 0, seed=6) != folds[0]
+    with pytest.raises(ValueError, match="fold"):
+        kfold_split(11, 3, 3)
+
+
+def test_epoch_sampler_balances_pseudo_labels_and_shards_like_distributed_sampler():
+    sampler = EpochSampler(5, 20, seed=1)
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        indices = list(sampler)
+        assert len(indices) == len(sampler) == 10
+        assert sorted(i for i in indices if i < 5) == list(range(5))          # every labelled sample once
+        pseudo = [i for i in indices if i >= 5]
+        assert len(pseudo) == 5 == len(set(pseudo))                          # as many pseudo, no repeats
+        epochs.append(indices)
+    assert epochs[0] != epochs[1]                                            # redrawn every epoch
+    again = EpochSampler(5, 20, seed=1)
+    again.set_epoch(1)
+    assert list(again) == epochs[1]                                          # a function of (seed, epoch)
+
+    shards = [EpochSampler(5, 2, seed=1, rank=r, world_size=3) for r in range(3)]
+    for shard in shards:
+        shard.set_epoch(0)
+    parts = [list(s) for s in shards]
+    assert all(len(p) == len(shards[0]) == 4 for p in parts)                 # 10 padded to 12, 4 each
+    whole = shards[0].epoch_indices()
+    assert sorted(sum(parts, [])) == sorted(whole + whole[:2])
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    save_checkpoint(tmp_path / "rng.pt", {"rng": capture_rng_state()})
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"format": "cares-checkpoint", "epoch": 1})
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # killed while writing
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"format": "cares-checkpoint", "epoch": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]               # no temp file left
+
+
+def test_load_checkpoint_rejects_other_files(tmp_path):
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a cares checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-process (slow): DDP on gloo, and a real kill -9 followed by --resume
+# --------------------------------------------------------------------------------------------------
+
+def _train_args(out: Path, epochs: int, *extra: str) -> list[str]:
+    return ["train", "--data", "synthetic", "--synthetic-samples", "8", "--image-size", "32", "--model", TINY_MODEL,
+            "--batch-size", "2", "--epochs", str(epochs), "--val-split", "val", "--num-workers", "0",
+            "--out", str(out), *extra]
+
+
+@pytest.mark.slow
+def test_distributed_data_parallel_two_processes_gloo(tmp_path):
+    launcher = write_launcher(tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(launcher), *_train_args(tmp_path / "ddp", 2), "--device", "cpu"]
+    done = subprocess.run(command, env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cpu x 2" in done.stderr                                          # both processes joined
+    state = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert state["epoch"] == 2 and len(state["rng_states"]) == 2             # one RNG state per rank
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "ddp" / "log.csv").read_text())))
+    assert [int(r["images"]) for r in rows] == [8, 8]                        # the 8 samples split over 2 ranks
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "ddp").iterdir())
+
+    # Resume under DDP continues from the per-rank RNG states.
+    done = subprocess.run(command + ["--epochs", "3", "--resume"], env=subprocess_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "ddp" / "last.pt")["epoch"] == 3
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_bitwise_equal(tmp_path):
+    launcher = write_launcher(tmp_path)
+    env = subprocess_env()
+    epochs = 6
+    straight = subprocess.run([sys.executable, str(launcher), *_train_args(tmp_path / "straight", epochs)],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    log = tmp_path / "killed" / "log.csv"
+    process = subprocess.Popen([sys.executable, str(launcher), *_train_args(tmp_path / "killed", epochs)],
+                               env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:        # header + 2 epochs
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = load_checkpoint(tmp_path / "killed" / "last.pt")["epoch"]
+    assert 2 <= killed_at < epochs, "the run finished before it could be killed"
+
+    resumed = subprocess.run([sys.executable, str(launcher), *_train_args(tmp_path / "killed", epochs), "--resume"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {tmp_path / 'killed'} after epoch {killed_at}" in resumed.stderr
+    assert assert_checkpoints_equal(tmp_path / "straight" / "last.pt", tmp_path / "killed" / "last.pt") > 20
