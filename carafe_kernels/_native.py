@@ -29,7 +29,23 @@ else:
                             "rebuild it against the installed torch with `pip install --no-build-isolation .`")
         else:
             HAS_NATIVE = True
-        HAS_NATIVE_CUDA = torch._C._dispatch_has_kernel_for_dispatch_key("carafe_kernels::carafe", "CUDA")
+
+
+def _has_kernel(device_key: str) -> bool:
+    return HAS_NATIVE and torch._C._dispatch_has_kernel_for_dispatch_key("carafe_kernels::carafe", device_key)
+
+
+HAS_NATIVE_CPU = _has_kernel("CPU")
+HAS_NATIVE_CUDA = _has_kernel("CUDA")
+
+
+def cpu_unavailable_reason() -> str | None:
+    """Why the native CPU kernels cannot run here, or None."""
+    if not HAS_NATIVE:
+        return NATIVE_ERROR
+    if not HAS_NATIVE_CPU:
+        return "the extension was built without CPU kernels (csrc/cpu/ missing from the build)"
+    return None
 
 
 def cuda_unavailable_reason() -> str | None:

@@ -100,16 +100,12 @@ def _always_available() -> str | None:
     return None
 
 
-def _cpu_reason() -> str | None:
-    return _native.NATIVE_ERROR
-
-
 BACKENDS: dict[str, Backend] = {
     b.name: b for b in (
         Backend("reference", lambda: ("cpu", "cuda", "mps", "xpu", "meta"), _always_available,
                 carafe_reference, carafe_fused_reference,
                 notes="pure PyTorch; any device and float dtype; the float64 test oracle"),
-        Backend("cpu", lambda: ("cpu",), _cpu_reason, _native_op("carafe"), _native_op("carafe_fused"),
+        Backend("cpu", lambda: ("cpu",), _native.cpu_unavailable_reason, _native_op("carafe"), _native_op("carafe_fused"),
                 notes="C++ kernels, at::parallel_for + at::vec"),
         Backend("cuda", lambda: ("cuda",), _native.cuda_unavailable_reason, _native_op("carafe"),
                 _native_op("carafe_fused"), max_kernel_size=11, max_scale_factor=8,
