@@ -106,7 +106,7 @@ BACKENDS: dict[str, Backend] = {
                 carafe_reference, carafe_fused_reference,
                 notes="pure PyTorch; any device and float dtype; the float64 test oracle"),
         Backend("cpu", lambda: ("cpu",), _native.cpu_unavailable_reason, _native_op("carafe"), _native_op("carafe_fused"),
-                notes="C++ kernels, at::parallel_for + at::vec"),
+                notes="C++ kernels: at::parallel_for, vector code built per ISA (AVX-512/AVX2/baseline)"),
         Backend("cuda", lambda: ("cuda",), _native.cuda_unavailable_reason, _native_op("carafe"),
                 _native_op("carafe_fused"), max_kernel_size=11, max_scale_factor=8,
                 notes="CUDA C++ kernels"),

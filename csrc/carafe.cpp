@@ -2,6 +2,9 @@
 // cpu/carafe_cpu.cpp (CPU) and cuda/carafe_cuda.cpp (CUDA); autograd, fake tensors and autocast
 // are registered from Python (carafe_kernels/ops.py), so every caller of the dispatcher gets them.
 //
+// (cpu/carafe_cpu.cpp adds one introspection op, _cpu_kernel_isa() -> str, the instruction set its
+// kernels were dispatched to; it belongs to the CPU library and is not part of the CARAFE contract.)
+//
 // Contract (see DESIGN.md §1), k = kernel_size, G = group_size, s = scale_factor:
 //   features    (N, C, H, W)
 //   masks       (N, G*k*k, H*s, W*s)        normalised reassembly kernels (mmcv semantics)

@@ -1,0 +1,258 @@
+// CPU kernels of the carafe_kernels ops (schemas in csrc/carafe.cpp):
+//   carafe(features, masks, k, G, s) -> out
+//   carafe_backward(grad_output, features, masks, k, G, s) -> (grad_features, grad_masks)
+//   carafe_fused(features, mask_logits, k, G, s) -> out
+//   carafe_fused_backward(grad_output, features, mask_logits, k, G, s) -> (grad_features, grad_mask_logits)
+//
+// This file holds the torch glue: argument checks (direct torch.ops calls skip the Python
+// validation, so every shape that the kernels index with is checked here), .contiguous() on the
+// inputs, allocation of the contiguous NCHW outputs, the task partition over at::parallel_for and the
+// registration. The kernels themselves are in carafe_cpu_kernel.h, compiled once per instruction set
+// (carafe_cpu_isa_{avx512,avx2,default}.cpp); the widest one that both the machine and ATen's CPU
+// capability (ATEN_CPU_CAPABILITY) allow runs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <c10/util/safe_numerics.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "carafe_common.h"
+#include "cpu/carafe_cpu.h"
+
+namespace carafe {
+namespace cpu {
+namespace {
+
+const KernelTable& kernels() {
+  static const KernelTable* const table = [] {
+    const std::string capability = at::get_cpu_capability();
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                            __builtin_cpu_supports("fma");
+    const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (capability == "AVX512" && has_avx512 && kernels_avx512() != nullptr) return kernels_avx512();
+    if ((capability == "AVX512" || capability == "AVX2") && has_avx2 && kernels_avx2() != nullptr)
+      return kernels_avx2();
+#endif
+    (void)capability;
+    return kernels_default();
+  }();
+  return *table;
+}
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat;
+    case at::kDouble: return DType::kDouble;
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "carafe_kernels: unsupported dtype ", t);
+  }
+  return DType::kFloat;
+}
+
+int64_t checked_mul(const char* op, std::initializer_list<int64_t> factors) {
+  int64_t product = 1;
+  for (int64_t f : factors)
+    TORCH_CHECK_VALUE(!c10::mul_overflows(product, f, &product), op, ": shape arithmetic overflows int64");
+  return product;
+}
+
+// Checks features and masks / mask_logits of one call and returns the call's Shape.
+Shape check_inputs(const char* op, const at::Tensor& features, const at::Tensor& masks, bool fused,
+                   int64_t kernel_size, int64_t group_size, int64_t scale_factor) {
+  const char* masks_name = fused ? "mask_logits" : "masks";
+  TORCH_CHECK_VALUE(features.dim() == 4, op, ": features must be 4-D (N, C, H, W), got shape ", features.sizes());
+  TORCH_CHECK_VALUE(masks.dim() == 4, op, ": ", masks_name, " must be 4-D, got shape ", masks.sizes());
+  TORCH_CHECK_VALUE(features.device().is_cpu() && masks.device().is_cpu(), op,
+                    ": the CPU kernel needs CPU tensors, got features on ", features.device(), " and ",
+                    masks_name, " on ", masks.device());
+  const auto dtype = features.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                   op, ": features must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_TYPE(masks.scalar_type() == dtype, op, ": features and ", masks_name,
+                   " must have the same dtype, got ", dtype, " and ", masks.scalar_type());
+  TORCH_CHECK_VALUE(kernel_size >= 1 && kernel_size % 2 == 1, op, ": kernel_size must be odd and >= 1, got ",
+                    kernel_size);
+  TORCH_CHECK_VALUE(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);
+  TORCH_CHECK_VALUE(scale_factor >= 1, op, ": scale_factor must be >= 1, got ", scale_factor);
+  const int64_t N = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+  TORCH_CHECK_VALUE(C % group_size == 0, op, ": group_size=", group_size, " must divide the channels of features ",
+                    features.sizes());
+  const int64_t k = kernel_size, G = group_size, s = scale_factor;
+  std::vector<int64_t> expected;
+  if (fused) {
+    expected = {N, checked_mul(op, {G, k, k, s, s}), H, W};
+  } else {
+    expected = {N, checked_mul(op, {G, k, k}), checked_mul(op, {H, s}), checked_mul(op, {W, s})};
+  }
+  TORCH_CHECK_VALUE(masks.sizes() == at::IntArrayRef(expected), op, ": ", masks_name, " must have shape ",
+                    at::IntArrayRef(expected), " for features ", features.sizes(), ", kernel_size=", k,
+                    ", group_size=", G, ", scale_factor=", s, " (", fused ? "G*k*k*s*s" : "G*k*k",
+                    " channels), got ", masks.sizes());
+  checked_mul(op, {N, C, H, s, W, s});  // the output's element count
+  return Shape{N, C, H, W, k, G, s};
+}
+
+void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& features, const Shape& p) {
+  TORCH_CHECK_VALUE(grad_output.device().is_cpu(), op, ": grad_output must be a CPU tensor, got ",
+                    grad_output.device());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == features.scalar_type(), op,
+                   ": grad_output must have the dtype of features (", features.scalar_type(), "), got ",
+                   grad_output.scalar_type());
+  const std::vector<int64_t> expected{p.N, p.C, p.Ho(), p.Wo()};
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(expected), op, ": grad_output must have shape ",
+                    at::IntArrayRef(expected), " (the output's), got ", grad_output.sizes());
+}
+
+// NB: a large output is fresh memory from the allocator (glibc maps it anew on every call above
+// ~32 MiB), and with 4 KiB pages the kernel's first writes into it fault once per page: for a 134 MB
+// output that costs more than the whole computation (57 ms vs 25 ms on the 2-core test machine).
+// Asking for transparent huge pages on it (what ATen does for every allocation under
+// THP_MEM_ALLOC_ENABLE=1) cuts the faults 512-fold. It changes no content and is ignored where THP is
+// unavailable or disabled.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = uintptr_t{2} << 20;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(t.data_ptr());
+  if (t.nbytes() < (size_t{8} << 20)) return;
+  const uintptr_t begin = (first + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (first + t.nbytes()) & ~(huge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+// Parallel over tasks; a task costs about `work` multiply-adds. Small calls run inline.
+void run_tasks(RangeFn fn, const Args& args, int64_t tasks, int64_t work) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(work, 1));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+}
+
+Args make_args(const Shape& p, const at::Tensor& features, const at::Tensor& masks) {
+  Args a{};
+  a.p = p;
+  a.dtype = to_dtype(features.scalar_type());
+  a.features = features.const_data_ptr();
+  a.masks = masks.const_data_ptr();
+  a.rows_per_task = 1;
+  return a;
+}
+
+// Rows per task: up to `most` (a task stages the halo of r rows on either side of its rows once, so
+// more rows re-read less), fewer when the per-thread mask scratch (about s*s*k*k*W floats per row)
+// would pass ~1 MiB or when there would be fewer than 4 tasks per thread. Any choice gives the same bits.
+int64_t rows_per_task(const Shape& p, int64_t most) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t row_bytes = 4 * p.ss() * p.kk() * (p.W + 2 * p.r() + 16);
+  int64_t rows = most;
+  while (rows > 1 && (rows + 2 * p.r()) * row_bytes > (int64_t{1} << 20)) rows /= 2;
+  while (rows > 1 && p.N * p.G * ((p.H + rows - 1) / rows) < 4 * threads) rows /= 2;
+  return std::max<int64_t>(1, std::min(rows, p.H));
+}
+
+at::Tensor forward_cpu(const char* op, bool fused, const at::Tensor& features_in, const at::Tensor& masks_in,
+                       int64_t kernel_size, int64_t group_size, int64_t scale_factor) {
+  const Shape p = check_inputs(op, features_in, masks_in, fused, kernel_size, group_size, scale_factor);
+  at::Tensor out = at::empty({p.N, p.C, p.Ho(), p.Wo()}, features_in.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  advise_huge_pages(out);
+  const at::Tensor features = features_in.contiguous();
+  const at::Tensor masks = masks_in.contiguous();
+  Args a = make_args(p, features, masks);
+  a.out = out.mutable_data_ptr();
+  a.rows_per_task = rows_per_task(p, 4);
+  const KernelTable& t = kernels();
+  run_tasks(fused ? t.forward_fused : t.forward, a, num_tasks(a),
+            p.channels_per_group() * p.ss() * p.kk() * p.W * a.rows_per_task);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cpu(const char* op, bool fused, const at::Tensor& grad_output_in,
+                                                const at::Tensor& features_in, const at::Tensor& masks_in,
+                                                int64_t kernel_size, int64_t group_size, int64_t scale_factor) {
+  const Shape p = check_inputs(op, features_in, masks_in, fused, kernel_size, group_size, scale_factor);
+  check_grad_output(op, grad_output_in, features_in, p);
+  const auto contiguous = at::MemoryFormat::Contiguous;
+  at::Tensor grad_features = at::empty(features_in.sizes(), features_in.options().memory_format(contiguous));
+  at::Tensor grad_masks = at::empty(masks_in.sizes(), masks_in.options().memory_format(contiguous));
+  if (p.N * p.H * p.W == 0) return {grad_features, grad_masks};  // both empty
+  advise_huge_pages(grad_features);
+  advise_huge_pages(grad_masks);
+  const at::Tensor features = features_in.contiguous();
+  const at::Tensor masks = masks_in.contiguous();
+  const at::Tensor grad_output = grad_output_in.contiguous();
+  Args a = make_args(p, features, masks);
+  a.grad_output = grad_output.const_data_ptr();
+  a.out = grad_features.mutable_data_ptr();
+  a.out2 = grad_masks.mutable_data_ptr();
+  a.rows_per_task = rows_per_task(p, 8);
+  const KernelTable& t = kernels();
+  run_tasks(fused ? t.backward_fused : t.backward, a, num_tasks(a),
+            2 * std::max<int64_t>(p.channels_per_group(), 1) * p.ss() * p.kk() * p.W * a.rows_per_task);
+  return {grad_features, grad_masks};
+}
+
+// The registered kernels. Arguments (any strides; outputs are contiguous NCHW in the input dtype):
+//   features     (N, C, H, W)
+//   masks        (N, G*k*k, H*s, W*s)       carafe / carafe_backward
+//   mask_logits  (N, G*k*k*s*s, H, W)       carafe_fused / carafe_fused_backward
+//   grad_output  (N, C, H*s, W*s)
+//   kernel_size k (odd, >= 1), group_size G (divides C), scale_factor s (>= 1)
+// Returns out (N, C, H*s, W*s), or (grad_features like features, grad_masks / grad_mask_logits like
+// masks / mask_logits).
+at::Tensor carafe_cpu(const at::Tensor& features, const at::Tensor& masks, int64_t kernel_size, int64_t group_size,
+                      int64_t scale_factor) {
+  return forward_cpu("carafe_kernels::carafe", false, features, masks, kernel_size, group_size, scale_factor);
+}
+
+at::Tensor carafe_fused_cpu(const at::Tensor& features, const at::Tensor& mask_logits, int64_t kernel_size,
+                            int64_t group_size, int64_t scale_factor) {
+  return forward_cpu("carafe_kernels::carafe_fused", true, features, mask_logits, kernel_size, group_size,
+                     scale_factor);
+}
+
+std::tuple<at::Tensor, at::Tensor> carafe_backward_cpu(const at::Tensor& grad_output, const at::Tensor& features,
+                                                       const at::Tensor& masks, int64_t kernel_size,
+                                                       int64_t group_size, int64_t scale_factor) {
+  return backward_cpu("carafe_kernels::carafe_backward", false, grad_output, features, masks, kernel_size,
+                      group_size, scale_factor);
+}
+
+std::tuple<at::Tensor, at::Tensor> carafe_fused_backward_cpu(const at::Tensor& grad_output,
+                                                             const at::Tensor& features,
+                                                             const at::Tensor& mask_logits, int64_t kernel_size,
+                                                             int64_t group_size, int64_t scale_factor) {
+  return backward_cpu("carafe_kernels::carafe_fused_backward", true, grad_output, features, mask_logits,
+                      kernel_size, group_size, scale_factor);
+}
+
+// Which compiled instruction set the CPU kernels run ("avx512", "avx2" or "default"), for benchmark
+// reports and tests.
+std::string cpu_kernel_isa() { return kernels().isa; }
+
+}  // namespace
+}  // namespace cpu
+}  // namespace carafe
+
+TORCH_LIBRARY_FRAGMENT(carafe_kernels, m) {
+  m.def("_cpu_kernel_isa() -> str", &carafe::cpu::cpu_kernel_isa);
+}
+
+TORCH_LIBRARY_IMPL(carafe_kernels, CPU, m) {
+  m.impl("carafe", &carafe::cpu::carafe_cpu);
+  m.impl("carafe_backward", &carafe::cpu::carafe_backward_cpu);
+  m.impl("carafe_fused", &carafe::cpu::carafe_fused_cpu);
+  m.impl("carafe_fused_backward", &carafe::cpu::carafe_fused_backward_cpu);
+}

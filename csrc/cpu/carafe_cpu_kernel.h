@@ -1,0 +1,784 @@
+// CPU CARAFE kernels, written once and compiled once per instruction set: each carafe_cpu_isa_*.cpp
+// defines the macros below and includes this file, which puts everything in the namespace
+// carafe::cpu::<CARAFE_CPU_ISA> and marks every function with CARAFE_CPU_TARGET (a GCC/Clang
+// target attribute). Nothing here is shared between instruction sets, so no inline function
+// compiled for AVX-512 can be picked by the linker for a machine without it; c10 and std code is
+// compiled with the default flags and only inlined into these functions.
+//
+//   CARAFE_CPU_ISA         namespace: avx512, avx2, default_isa
+//   CARAFE_CPU_ISA_NAME    its name as a string literal: "avx512", "avx2", "default"
+//   CARAFE_CPU_TARGET      e.g. __attribute__((target("avx2,fma"))), or empty
+//   CARAFE_CPU_VEC_BYTES   vector width in bytes (64, 32, 16)
+//   CARAFE_CPU_VEC_REGS    architectural vector registers (32 or 16): sizes the register blocking
+//
+// Notation (DESIGN.md §1): features (N, C, H, W); masks (N, G*k*k, H*s, W*s); mask_logits
+// (N, G*k*k*s*s, H, W); output (N, C, H*s, W*s); r = (k-1)/2, kk = k*k, ss = s*s, Cg = C/G.
+// An output pixel (h*s + i, w*s + j) is "sub-pixel ij = i*s + j of the low-res position (h, w)".
+//
+// The kernels never work on full-resolution rows. Every full-resolution plane is viewed as
+// (H, s, W, s) and split into the s*s "sub-pixel planes" D[ij][h][w] = X[h*s + i][w*s + j]
+// (de-interleaved). In that view every operand of CARAFE is contiguous along the low-res w:
+//   out[c][ij][h][w] = sum_{ky,kx} F[c][h+ky-r][w+kx-r] * M[g][ij][t][h][w],    t = ky*k + kx
+// so a vector of L consecutive w covers L low-res positions, the feature vector loaded for one tap
+// serves all s*s sub-pixels (the (C x kk) @ (kk x ss) product per position of DESIGN §2), the mask
+// logits are already in this layout (channel (g*kk + t)*ss + ij), and only masks, grad_output and
+// the outputs of full resolution are (de-)interleaved, once per row, in per-thread scratch.
+//
+// Scratch rows are zero-padded to Wp = Wv + 2r (Wv = W rounded up to the vector length, data at
+// offset r), so a tap's shifted vector load never leaves the row and the zero padding of CARAFE is
+// real zeros in the row: no per-lane branches, and NaN in a feature pixel reaches exactly the
+// outputs whose window holds it. Lanes w >= W are computed and never stored.
+//
+// Determinism: each output element is produced by one task with a fixed summation order (taps in
+// ky, kx order; grad_masks over channels in ascending order; grad_features over ky, ij, kx), which
+// does not depend on the task partition, so results are bitwise identical for any thread count.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "carafe_common.h"
+#include "cpu/carafe_cpu.h"
+
+#if !defined(CARAFE_CPU_ISA) || !defined(CARAFE_CPU_ISA_NAME) || !defined(CARAFE_CPU_TARGET) || \
+    !defined(CARAFE_CPU_VEC_BYTES) || !defined(CARAFE_CPU_VEC_REGS)
+#error "define CARAFE_CPU_ISA, CARAFE_CPU_ISA_NAME, CARAFE_CPU_TARGET, CARAFE_CPU_VEC_BYTES, CARAFE_CPU_VEC_REGS first"
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+// 64-byte vectors in a translation unit compiled for SSE2: every use is inlined into a function that
+// has the matching target attribute, so the ABI note GCC prints does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#define CARAFE_INLINE CARAFE_CPU_TARGET inline __attribute__((always_inline))
+#define CARAFE_KERNEL CARAFE_CPU_TARGET __attribute__((noinline))
+
+namespace carafe {
+namespace cpu {
+namespace CARAFE_CPU_ISA {
+
+constexpr int kVecBytes = CARAFE_CPU_VEC_BYTES;
+constexpr int kVecRegs = CARAFE_CPU_VEC_REGS;
+
+// ---------------------------------------------------------------------------------------------
+// Vectors: GCC/Clang vector extensions, lowered to the instruction set of the enclosing function.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(kVecBytes)));
+  static constexpr int64_t size = kVecBytes / static_cast<int64_t>(sizeof(T));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+
+template <typename T>
+CARAFE_INLINE Vec<T> vload(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));  // an unaligned vector load
+  return v;
+}
+template <typename T>
+CARAFE_INLINE void vstore(T* p, const Vec<T>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+CARAFE_INLINE Vec<T> vsplat(T x) {
+  return Vec<T>{} + x;
+}
+template <typename V>
+CARAFE_INLINE V vmax(const V& a, const V& b) {
+  return a > b ? a : b;
+}
+
+// {0, 1, ..., L-1}
+template <typename T>
+CARAFE_INLINE Vec<T> lane_index() {
+  Vec<T> v;
+  for (int64_t l = 0; l < VecOf<T>::size; ++l) v[l] = static_cast<T>(l);
+  return v;
+}
+
+// exp on float lanes (Cephes expf: range reduction by ln 2 split in two, degree-6 polynomial),
+// relative error about 2 ulp on [-87.3, 88].
+// NB: inputs are clamped to [-87.3, 88] so that 2^n stays a normal float: exp(-87.3) = 1.2e-38 stands
+// in for smaller values, which changes a softmax (whose largest term is exp(0) = 1) by < 1e-37.
+// NaN stays NaN (the comparisons are false for NaN, and NaN flows through the polynomial).
+CARAFE_INLINE Vec<float> vexp(Vec<float> x) {
+  using VF = Vec<float>;
+  using VI = Vec<int32_t>;
+  const VF lo = vsplat(-87.3365478515625f), hi = vsplat(88.0f);
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const VF fx = x * 1.44269504088896341f + 0.5f;
+  VF n = __builtin_convertvector(__builtin_convertvector(fx, VI), VF);  // truncation ...
+  n = n > fx ? n - 1.0f : n;                                            // ... to floor
+  x = x - n * 0.693359375f;
+  x = x - n * -2.12194440e-4f;
+  const VF z = x * x;
+  VF y = vsplat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;  // 2^n
+  VF scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+// Double lanes: libm, one lane at a time (float64 is the accuracy path, not the fast one).
+CARAFE_INLINE Vec<double> vexp(Vec<double> x) {
+  for (int64_t l = 0; l < VecOf<double>::size; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Register blocking, sized to the register file (accumulators + operands <= registers).
+// PB: sub-pixels per block (s=1: 1, s=3: 3, others: 4, the s*s sub-pixels padded to a multiple of 4).
+// ---------------------------------------------------------------------------------------------
+inline int64_t pick_pb(int64_t s) { return s == 1 ? 1 : (s == 3 ? 3 : 4); }
+
+template <int PB>
+struct Blocking {
+  static constexpr bool kWide = kVecRegs >= 32;
+  // forward: CB channels x PB sub-pixels accumulators, CB feature vectors, 1 mask vector
+  static constexpr int fwd_channels = kWide ? (PB == 1 ? 8 : (PB == 3 ? 6 : 4)) : (PB == 1 ? 6 : (PB == 3 ? 3 : 2));
+  // grad_masks: TB taps x PB sub-pixels accumulators, PB grad_output vectors, 1 feature vector
+  static constexpr int gm_taps = kWide ? (PB == 1 ? 8 : (PB == 3 ? 6 : 5)) : (PB == 1 ? 8 : (PB == 3 ? 3 : 2));
+};
+// grad_features: channels per register block (accumulators + operands)
+constexpr int kGfChannels = kVecRegs >= 32 ? 8 : 4;
+// backward: channels whose grad_output / feature rows are staged in scratch together (a multiple of
+// kGfChannels); the grad_masks accumulators are read and written once per block.
+constexpr int64_t kBwdChannelBlock = 16;
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Per-call geometry, in elements.
+struct Geo {
+  int64_t N, C, H, W, k, G, s;
+  int64_t r, kk, ss, Cg, Ho, Wo;
+  int64_t L;    // vector lanes
+  int64_t Wv;   // W rounded up to L: the w range the vector loops cover
+  int64_t Wp;   // padded scratch row: [0, r) zeros, [r, r+W) data, [r+W, Wv+2r) zeros
+  int64_t pb;   // sub-pixels per register block
+  int64_t ssp;  // ss rounded up to pb (sub-pixel slots in scratch; the extra ones are zero)
+  Geo(const Shape& p, int64_t lanes)
+      : N(p.N), C(p.C), H(p.H), W(p.W), k(p.k), G(p.G), s(p.s), r(p.r()), kk(p.kk()), ss(p.ss()),
+        Cg(p.channels_per_group()), Ho(p.Ho()), Wo(p.Wo()), L(lanes), Wv(round_up(p.W, lanes)),
+        Wp(Wv + 2 * r), pb(pick_pb(p.s)), ssp(round_up(ss, pb)) {}
+};
+
+// 64-byte aligned per-thread scratch, released when the task range is done.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n)
+      : ptr_(static_cast<T*>(::operator new(sizeof(T) * static_cast<size_t>(std::max<int64_t>(n, 1)),
+                                            std::align_val_t(64)))) {}
+  ~Scratch() { ::operator delete(ptr_, std::align_val_t(64)); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* get() const { return ptr_; }
+
+ private:
+  T* ptr_;
+};
+
+// Hint the caches to fetch src[0, n) (Write = 1: for writing, a prefetchw on x86).
+template <typename T, int Write = 0>
+CARAFE_INLINE void prefetch_range(const T* src, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(src);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, Write, 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row staging: dtype conversion, zero padding, (de-)interleaving of full-resolution rows.
+// ---------------------------------------------------------------------------------------------
+// The row helpers write whole vectors (the last one overlapping the previous) wherever a row holds at
+// least one vector: GCC would otherwise turn these short loops into memset/memcpy calls, whose call
+// overhead costs more than the copy itself on rows of 50-300 elements.
+
+// An empty volatile asm in a loop body keeps GCC's loop distribution from replacing the loop with a
+// memset/memcpy call (it did, for the vector loops below too); it emits no instruction.
+#define CARAFE_NO_LIBCALL() __asm__ volatile("")
+
+// dst[0, n) = 0
+template <typename T>
+CARAFE_INLINE void zero_row(T* __restrict dst, int64_t n) {
+  constexpr int64_t L = VecOf<T>::size;
+  if (n >= L) {
+    int64_t i = 0;
+    for (; i + L <= n; i += L) {
+      vstore(dst + i, Vec<T>{});
+      CARAFE_NO_LIBCALL();
+    }
+    if (i < n) vstore(dst + n - L, Vec<T>{});
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      dst[i] = T(0);
+      CARAFE_NO_LIBCALL();
+    }
+  }
+}
+
+// dst[0, n) = src[0, n), converted to the destination type
+template <typename D, typename S>
+CARAFE_INLINE void convert_row(D* __restrict dst, const S* __restrict src, int64_t n) {
+  if constexpr (std::is_same<D, S>::value && std::is_floating_point<D>::value) {
+    constexpr int64_t L = VecOf<D>::size;
+    if (n >= L) {
+      int64_t i = 0;
+      for (; i + L <= n; i += L) {
+        vstore(dst + i, vload(src + i));
+        CARAFE_NO_LIBCALL();
+      }
+      if (i < n) vstore(dst + n - L, vload(src + n - L));
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      dst[i] = src[i];
+      CARAFE_NO_LIBCALL();
+    }
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(src[i]);
+}
+
+// dst[0, Wp) = [0]*r ++ src[0, W) ++ zeros
+template <typename acc_t, typename scalar_t>
+CARAFE_INLINE void load_row(acc_t* __restrict dst, const scalar_t* __restrict src, const Geo& q) {
+  constexpr int64_t L = VecOf<acc_t>::size;
+  // Zero the pads with whole vectors first (they may overlap the data, which is written next):
+  // Wp = Wv + 2r >= L + 2r, so every store stays inside the row.
+  for (int64_t i = 0; i < q.r; i += L) vstore(dst + i, Vec<acc_t>{});
+  for (int64_t i = q.r + q.W; i < q.Wp; i += L) vstore(dst + std::min(i, q.Wp - L), Vec<acc_t>{});
+  convert_row(dst + q.r, src, q.W);
+}
+
+// A full-resolution row src[0, W*s) into s padded scratch rows: dst[j*dstride + r + w] = src[w*s + j].
+// S > 0: s known at compile time (the loop then vectorises as an interleaved load group).
+template <int S, typename acc_t, typename scalar_t>
+CARAFE_INLINE void deinterleave_row(acc_t* __restrict dst, int64_t dstride, const scalar_t* __restrict src,
+                                    const Geo& q) {
+  const int64_t s = S > 0 ? S : q.s;
+  if (S == 1) {
+    load_row(dst, src, q);
+    return;
+  }
+  for (int64_t j = 0; j < s; ++j) zero_row(dst + j * dstride, q.Wp);
+  acc_t* __restrict d = dst + q.r;
+  if (S > 0) {
+    for (int64_t w = 0; w < q.W; ++w)
+      for (int64_t j = 0; j < S; ++j) d[j * dstride + w] = static_cast<acc_t>(src[w * S + j]);
+  } else {
+    for (int64_t j = 0; j < s; ++j)
+      for (int64_t w = 0; w < q.W; ++w) d[j * dstride + w] = static_cast<acc_t>(src[w * s + j]);
+  }
+}
+
+// s scratch rows into one full-resolution row: dst[w*s + j] = src[j*sstride + w], w < W.
+template <int S, typename scalar_t, typename acc_t>
+CARAFE_INLINE void interleave_row(scalar_t* __restrict dst, const acc_t* __restrict src, int64_t sstride,
+                                  const Geo& q) {
+  if (S == 1) {
+    convert_row(dst, src, q.W);
+  } else if (S > 0) {
+    for (int64_t w = 0; w < q.W; ++w)
+      for (int64_t j = 0; j < S; ++j) dst[w * S + j] = static_cast<scalar_t>(src[j * sstride + w]);
+  } else {
+    const int64_t s = q.s;
+    for (int64_t j = 0; j < s; ++j)
+      for (int64_t w = 0; w < q.W; ++w) dst[w * s + j] = static_cast<scalar_t>(src[j * sstride + w]);
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+CARAFE_INLINE void deinterleave_row_any(acc_t* dst, int64_t dstride, const scalar_t* src, const Geo& q) {
+  switch (q.s) {
+    case 1: deinterleave_row<1>(dst, dstride, src, q); break;
+    case 2: deinterleave_row<2>(dst, dstride, src, q); break;
+    case 3: deinterleave_row<3>(dst, dstride, src, q); break;
+    case 4: deinterleave_row<4>(dst, dstride, src, q); break;
+    default: deinterleave_row<0>(dst, dstride, src, q); break;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+CARAFE_INLINE void interleave_row_any(scalar_t* dst, const acc_t* src, int64_t sstride, const Geo& q) {
+  switch (q.s) {
+    case 1: interleave_row<1>(dst, src, sstride, q); break;
+    case 2: interleave_row<2>(dst, src, sstride, q); break;
+    case 3: interleave_row<3>(dst, src, sstride, q); break;
+    case 4: interleave_row<4>(dst, src, sstride, q); break;
+    default: interleave_row<0>(dst, src, sstride, q); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mask staging: one low-res row h of group g into Ms[ij][t][Wp] (ij < ssp, t < kk).
+// ---------------------------------------------------------------------------------------------
+
+// Fused: Ms[ij][t][r + w] = softmax_t(mask_logits[n, (g*kk + t)*ss + ij, h, w]).
+// NB: max-subtracted softmax in acc_t (fp32 for fp16/bf16/fp32), sum over t in ascending order,
+// then one division: the probabilities are never rounded to the input dtype.
+template <typename scalar_t, typename acc_t>
+CARAFE_INLINE void stage_softmax_row(acc_t* __restrict Ms, const scalar_t* __restrict logits, const Geo& q,
+                                     int64_t n, int64_t g, int64_t h) {
+  constexpr int64_t L = VecOf<acc_t>::size;
+  const int64_t HW = q.H * q.W;
+  for (int64_t ij = 0; ij < q.ss; ++ij) {
+    acc_t* base = Ms + ij * q.kk * q.Wp;
+    for (int64_t t = 0; t < q.kk; ++t) {
+      const int64_t channel = (g * q.kk + t) * q.ss + ij;
+      load_row(base + t * q.Wp, logits + (n * q.G * q.kk * q.ss + channel) * HW + h * q.W, q);
+    }
+    acc_t* data = base + q.r;
+    for (int64_t w = 0; w < q.Wv; w += L) {
+      Vec<acc_t> m = vload(data + w);
+      for (int64_t t = 1; t < q.kk; ++t) m = vmax(m, vload(data + t * q.Wp + w));
+      Vec<acc_t> sum = Vec<acc_t>{};
+      for (int64_t t = 0; t < q.kk; ++t) {
+        const Vec<acc_t> e = vexp(vload(data + t * q.Wp + w) - m);
+        vstore(data + t * q.Wp + w, e);
+        sum += e;
+      }
+      if (w + L <= q.W) {
+        for (int64_t t = 0; t < q.kk; ++t) vstore(data + t * q.Wp + w, vload(data + t * q.Wp + w) / sum);
+      } else {
+        // lanes w >= W hold softmax(0, ..., 0) = 1/kk: make them the zeros the padding promises
+        const Vec<acc_t> keep = vsplat(static_cast<acc_t>(q.W - w));
+        for (int64_t t = 0; t < q.kk; ++t) {
+          const Vec<acc_t> p = vload(data + t * q.Wp + w) / sum;
+          vstore(data + t * q.Wp + w, lane_index<acc_t>() < keep ? p : Vec<acc_t>{});
+        }
+      }
+    }
+  }
+  zero_row(Ms + q.ss * q.kk * q.Wp, (q.ssp - q.ss) * q.kk * q.Wp);
+}
+
+// Plain: Ms[ij][t][r + w] = masks[n, g*kk + t, h*s + i, w*s + j] (de-interleaved).
+// zero_padded_taps: zero the entries of taps that fall in the zero padding, so that a non-finite
+// mask value there contributes nothing (as the contract says), instead of 0 * inf = NaN.
+template <typename scalar_t, typename acc_t>
+CARAFE_INLINE void stage_masks_row(acc_t* __restrict Ms, const scalar_t* __restrict masks, const Geo& q,
+                                   int64_t n, int64_t g, int64_t h, bool zero_padded_taps) {
+  for (int64_t t = 0; t < q.kk; ++t) {
+    for (int64_t i = 0; i < q.s; ++i) {
+      const scalar_t* src = masks + ((n * q.G * q.kk + g * q.kk + t) * q.Ho + h * q.s + i) * q.Wo;
+      deinterleave_row_any(Ms + (i * q.s * q.kk + t) * q.Wp, q.kk * q.Wp, src, q);
+    }
+  }
+  zero_row(Ms + q.ss * q.kk * q.Wp, (q.ssp - q.ss) * q.kk * q.Wp);
+  if (zero_padded_taps) {
+    for (int64_t ij = 0; ij < q.ss; ++ij) {
+      for (int64_t t = 0; t < q.kk; ++t) {
+        const int64_t ky = t / q.k, kx = t % q.k;
+        acc_t* row = Ms + (ij * q.kk + t) * q.Wp + q.r;
+        const int64_t hh = h + ky - q.r;
+        if (hh < 0 || hh >= q.H) {
+          zero_row(row, q.W);
+          continue;
+        }
+        // columns w whose tap w + kx - r falls outside [0, W)
+        const int64_t left = std::min<int64_t>(q.W, std::max<int64_t>(0, q.r - kx));
+        const int64_t right = std::max<int64_t>(left, std::min<int64_t>(q.W, q.W + q.r - kx));
+        zero_row(row, left);
+        zero_row(row + right, q.W - right);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: task = (n, g, rows [h0, h1)), B = h1 - h0 (rows_per_task). Index layout:
+//   Ms     [B][ssp][kk][Wp]      masks of the task's rows (softmax of the logits, or de-interleaved masks)
+//   Fp     [B+2r][FC][Wp]        feature rows h0-r .. h1+r-1 of a chunk of FC channels (rows outside the
+//                                image: not staged, their taps are skipped)
+//   rowbuf [CB][ssp][Wv]         one row's results for CB channels, de-interleaved, before the store
+//   out[n, c, h*s + i, w*s + j] = sum_{ky, kx} Fp[h - h0 + ky][c][w + kx] * Ms[h - h0][ij][ky*k + kx][r + w]
+// Loop order: channel chunk, row h, block of CB channels: one row's masks (ssp*kk*Wp) stay in L1 while
+// every channel block of the chunk uses them; the chunk's feature rows sit in L2.
+// ---------------------------------------------------------------------------------------------
+template <typename acc_t, int CB, int PB>
+CARAFE_INLINE void forward_block(const acc_t* __restrict Ms,  // [ssp][kk][Wp], row h
+                                 const acc_t* __restrict Fp,  // [k][..][Wp], rows h-r .. h+r, row stride fr
+                                 acc_t* __restrict rowbuf,    // [CB][ssp][Wv]
+                                 const Geo& q, int64_t fr, int64_t ky0, int64_t ky1) {
+  constexpr int64_t L = VecOf<acc_t>::size;
+  const int64_t k = q.k, kk = q.kk, Wp = q.Wp;
+  for (int64_t ij0 = 0; ij0 < q.ssp; ij0 += PB) {
+    for (int64_t w = 0; w < q.Wv; w += L) {
+      Vec<acc_t> acc[CB][PB];
+      for (int cb = 0; cb < CB; ++cb)
+        for (int p = 0; p < PB; ++p) acc[cb][p] = Vec<acc_t>{};
+      for (int64_t ky = ky0; ky < ky1; ++ky) {
+        const acc_t* f0 = Fp + ky * fr + w;
+        const acc_t* m0 = Ms + (ij0 * kk + ky * k) * Wp + q.r + w;
+        for (int64_t kx = 0; kx < k; ++kx) {
+          Vec<acc_t> f[CB];
+          for (int cb = 0; cb < CB; ++cb) f[cb] = vload(f0 + cb * Wp + kx);
+          for (int p = 0; p < PB; ++p) {
+            const Vec<acc_t> m = vload(m0 + p * kk * Wp + kx * Wp);
+            for (int cb = 0; cb < CB; ++cb) acc[cb][p] += f[cb] * m;
+          }
+        }
+      }
+      for (int cb = 0; cb < CB; ++cb)
+        for (int p = 0; p < PB; ++p) vstore(rowbuf + (cb * q.ssp + ij0 + p) * q.Wv + w, acc[cb][p]);
+    }
+  }
+}
+
+template <typename scalar_t, bool Fused, int PB>
+CARAFE_INLINE void forward_tasks_impl(const Args& a, int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int CB = Blocking<PB>::fwd_channels;
+  const Geo q(a.p, VecOf<acc_t>::size);
+  const int64_t B = a.rows_per_task;
+  const int64_t rows = B + 2 * q.r;
+  const int64_t nblocks = (q.H + B - 1) / B;
+  const auto* features = static_cast<const scalar_t*>(a.features);
+  const auto* masks = static_cast<const scalar_t*>(a.masks);
+  auto* out = static_cast<scalar_t*>(a.out);
+
+  const int64_t ms_row = q.ssp * q.kk * q.Wp;
+  // channels per chunk: a multiple of CB, about 128 KiB of staged feature rows
+  const int64_t fc_budget = (int64_t{128} << 10) / static_cast<int64_t>(sizeof(acc_t) * rows * q.Wp);
+  const int64_t FC = std::min(round_up(std::max<int64_t>(q.Cg, 1), CB), std::max<int64_t>(CB, fc_budget / CB * CB));
+  const int64_t fp_row = FC * q.Wp;
+  Scratch<acc_t> ms_buf(B * ms_row), fp_buf(rows * fp_row), row_buf(CB * q.ssp * q.Wv);
+  acc_t* Ms = ms_buf.get();
+  acc_t* Fp = fp_buf.get();
+  acc_t* rowbuf = row_buf.get();
+
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t hb = task % nblocks;
+    const int64_t g = (task / nblocks) % q.G;
+    const int64_t n = task / (nblocks * q.G);
+    const int64_t h0 = hb * B, h1 = std::min(q.H, h0 + B);
+    const int64_t lr_lo = std::max<int64_t>(0, q.r - h0);          // first local row inside the image
+    const int64_t lr_hi = std::min<int64_t>(rows, q.H - h0 + q.r);  // one past the last
+    const int64_t hh_lo = h0 - q.r + lr_lo, hh_hi = h0 - q.r + lr_hi;
+    for (int64_t h = h0; h < h1; ++h) {
+      if (Fused) {
+        stage_softmax_row(Ms + (h - h0) * ms_row, masks, q, n, g, h);
+      } else {
+        stage_masks_row(Ms + (h - h0) * ms_row, masks, q, n, g, h, /*zero_padded_taps=*/true);
+      }
+    }
+    for (int64_t f0 = 0; f0 < q.Cg; f0 += FC) {
+      const int64_t nf = std::min<int64_t>(FC, q.Cg - f0);  // channels of this chunk
+      const int64_t nfb = round_up(nf, CB);                 // ... staged (the rest are zero rows)
+      // Channel-major staging: the rows [h0-r, h1+r) of one channel are one contiguous stretch;
+      // the next channel's stretch is prefetched while this one is converted.
+      for (int64_t c = 0; c < nfb; ++c) {
+        const int64_t channel = n * q.C + g * q.Cg + f0 + c;
+        if (c + 1 < nf) prefetch_range(features + ((channel + 1) * q.H + hh_lo) * q.W, (hh_hi - hh_lo) * q.W);
+        for (int64_t lr = lr_lo; lr < lr_hi; ++lr) {
+          acc_t* dst = Fp + lr * fp_row + c * q.Wp;
+          if (c < nf) {
+            load_row(dst, features + (channel * q.H + h0 - q.r + lr) * q.W, q);
+          } else {
+            zero_row(dst, q.Wp);  // a channel past the group's end: computed, never stored
+          }
+        }
+      }
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t b = h - h0;
+        // taps ky whose feature row h + ky - r lies in the image; the others contribute nothing
+        const int64_t ky0 = std::max<int64_t>(0, q.r - h);
+        const int64_t ky1 = std::min<int64_t>(q.k, q.H - h + q.r);
+        for (int64_t c0 = 0; c0 < nf; c0 += CB) {
+          const int64_t nc = std::min<int64_t>(CB, nf - c0);
+          const int64_t cbase = g * q.Cg + f0 + c0;  // first channel of this block
+          // the output rows are written after the block's arithmetic: ask for them (for writing) now
+          for (int64_t cb = 0; cb < nc; ++cb)
+            prefetch_range<scalar_t, 1>(out + ((n * q.C + cbase + cb) * q.Ho + h * q.s) * q.Wo, q.s * q.Wo);
+          forward_block<acc_t, CB, PB>(Ms + b * ms_row, Fp + b * fp_row + c0 * q.Wp, rowbuf, q, fp_row, ky0, ky1);
+          for (int64_t cb = 0; cb < nc; ++cb) {
+            for (int64_t i = 0; i < q.s; ++i) {
+              scalar_t* dst = out + ((n * q.C + cbase + cb) * q.Ho + h * q.s + i) * q.Wo;
+              interleave_row_any(dst, rowbuf + (cb * q.ssp + i * q.s) * q.Wv, q.Wv, q);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t, bool Fused>
+CARAFE_KERNEL void forward_tasks(const Args& a, int64_t begin, int64_t end) {
+  switch (pick_pb(a.p.s)) {
+    case 1: forward_tasks_impl<scalar_t, Fused, 1>(a, begin, end); break;
+    case 3: forward_tasks_impl<scalar_t, Fused, 3>(a, begin, end); break;
+    default: forward_tasks_impl<scalar_t, Fused, 4>(a, begin, end); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: task = (n, g, rows [h0, h1)), B = h1 - h0. Scratch rows cover the halo [h0-r, h1+r):
+// local row lr holds low-res row h0 - r + lr (zeros where that row is outside the image).
+//   Ms     [B+2r][ssp][kk][Wp]       masks (softmax probabilities for the fused op)
+//   God    [B+2r][CBLK][ssp][Wp]     grad_output, de-interleaved, for a block of CBLK channels
+//   Fp     [B+2r][CBLK][Wp]          features of the same channels
+//   gmacc  [B][ssp][kkp][Wv]         grad_masks accumulators (kkp = kk rounded up to TB)
+// grad_features (a gather: each low-res pixel collects from the outputs whose window covers it):
+//   gf[c, h, w] = sum_{ky, ij, kx} God[h - ky + r][c][ij][w - kx + r] * Ms[h - ky + r][ij][ky*k + kx][w - kx + r]
+// grad_masks (a reduction over the group's channels, in ascending channel order):
+//   gm[ij][t][h][w] = sum_c God[h][c][ij][w] * Fp[h + ky - r][c][w + kx - r]
+// Each task owns its rows of both outputs: no atomics, no races.
+// ---------------------------------------------------------------------------------------------
+template <typename acc_t, int CB>
+CARAFE_INLINE void grad_features_block(const acc_t* __restrict Ms,   // [B+2r][ssp][kk][Wp]
+                                       const acc_t* __restrict God,  // [B+2r][CBLK][ssp][Wp], at channel c0
+                                       acc_t* __restrict rowbuf,     // [CB][Wv]
+                                       const Geo& q, int64_t b, int64_t h, int64_t cblk) {
+  constexpr int64_t L = VecOf<acc_t>::size;
+  const int64_t k = q.k, kk = q.kk, Wp = q.Wp, r = q.r, ssp = q.ssp;
+  // ky such that the source row h' = h - ky + r is in the image
+  const int64_t ky0 = std::max<int64_t>(0, h + r - (q.H - 1));
+  const int64_t ky1 = std::min<int64_t>(k, h + r + 1);
+  for (int64_t w = 0; w < q.Wv; w += L) {
+    Vec<acc_t> acc[CB];
+    for (int cb = 0; cb < CB; ++cb) acc[cb] = Vec<acc_t>{};
+    for (int64_t ky = ky0; ky < ky1; ++ky) {
+      const int64_t lr = b + 2 * r - ky;  // local row of h' = h - ky + r
+      for (int64_t ij = 0; ij < q.ss; ++ij) {
+        // element w - kx + r of a padded row sits at index w - kx + 2r
+        const acc_t* m0 = Ms + ((lr * ssp + ij) * kk + ky * k) * Wp + 2 * r + w;
+        const acc_t* g0 = God + (lr * cblk * ssp + ij) * Wp + 2 * r + w;
+        for (int64_t kx = 0; kx < k; ++kx) {
+          const Vec<acc_t> m = vload(m0 + kx * (Wp - 1));
+          for (int cb = 0; cb < CB; ++cb) acc[cb] += vload(g0 + cb * ssp * Wp - kx) * m;
+        }
+      }
+    }
+    for (int cb = 0; cb < CB; ++cb) vstore(rowbuf + cb * q.Wv + w, acc[cb]);
+  }
+}
+
+template <typename acc_t, int TB, int PB>
+CARAFE_INLINE void grad_masks_block(acc_t* __restrict gmacc,        // [B][ssp][kkp][Wv]
+                                    const acc_t* __restrict God,    // [B+2r][CBLK][ssp][Wp]
+                                    const acc_t* __restrict Fp,     // [B+2r][CBLK][Wp]
+                                    const Geo& q, int64_t b, int64_t nch, int64_t cblk, int64_t kkp) {
+  constexpr int64_t L = VecOf<acc_t>::size;
+  const int64_t Wp = q.Wp, Wv = q.Wv, ssp = q.ssp;
+  const acc_t* g_row = God + (b + q.r) * cblk * ssp * Wp + q.r;  // grad_output of row h = h0 + b
+  for (int64_t t0 = 0; t0 < kkp; t0 += TB) {
+    const acc_t* f_tap[TB];  // feature row of tap t, shifted by kx (channel stride Wp)
+    for (int tb = 0; tb < TB; ++tb) {
+      const int64_t t = t0 + tb < q.kk ? t0 + tb : 0;  // taps past kk: computed, never stored
+      const int64_t ky = t / q.k, kx = t % q.k;
+      f_tap[tb] = Fp + (b + ky) * cblk * Wp + kx;
+    }
+    for (int64_t ij0 = 0; ij0 < ssp; ij0 += PB) {
+      for (int64_t w = 0; w < Wv; w += L) {
+        Vec<acc_t> acc[TB][PB];
+        acc_t* a0 = gmacc + ((b * ssp + ij0) * kkp + t0) * Wv + w;
+        for (int tb = 0; tb < TB; ++tb)
+          for (int p = 0; p < PB; ++p) acc[tb][p] = vload(a0 + (p * kkp + tb) * Wv);
+        for (int64_t c = 0; c < nch; ++c) {
+          Vec<acc_t> go[PB];
+          for (int p = 0; p < PB; ++p) go[p] = vload(g_row + (c * ssp + ij0 + p) * Wp + w);
+          for (int tb = 0; tb < TB; ++tb) {
+            const Vec<acc_t> f = vload(f_tap[tb] + c * Wp + w);
+            for (int p = 0; p < PB; ++p) acc[tb][p] += go[p] * f;
+          }
+        }
+        for (int tb = 0; tb < TB; ++tb)
+          for (int p = 0; p < PB; ++p) vstore(a0 + (p * kkp + tb) * Wv, acc[tb][p]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, bool Fused, int PB>
+CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int TB = Blocking<PB>::gm_taps;
+  constexpr int CBG = kGfChannels;
+  constexpr int64_t CBLK = kBwdChannelBlock;
+  static_assert(CBLK % CBG == 0, "the channel block must hold whole grad_features register blocks");
+  constexpr int64_t L = VecOf<acc_t>::size;
+  const Geo q(a.p, L);
+  const int64_t B = a.rows_per_task;
+  const int64_t rows = B + 2 * q.r;
+  const int64_t kkp = round_up(q.kk, TB);
+  const int64_t nblocks = (q.H + B - 1) / B;
+  const auto* features = static_cast<const scalar_t*>(a.features);
+  const auto* masks = static_cast<const scalar_t*>(a.masks);
+  const auto* grad_out = static_cast<const scalar_t*>(a.grad_output);
+  auto* grad_features = static_cast<scalar_t*>(a.out);
+  auto* grad_masks = static_cast<scalar_t*>(a.out2);
+
+  const int64_t ms_row = q.ssp * q.kk * q.Wp;
+  const int64_t god_row = CBLK * q.ssp * q.Wp;
+  const int64_t fp_row = CBLK * q.Wp;
+  const int64_t gm_row = q.ssp * kkp * q.Wv;
+  Scratch<acc_t> ms_buf(rows * ms_row), god_buf(rows * god_row), fp_buf(rows * fp_row), gm_buf(B * gm_row),
+      row_buf(CBG * q.Wv);
+  acc_t* Ms = ms_buf.get();
+  acc_t* God = god_buf.get();
+  acc_t* Fp = fp_buf.get();
+  acc_t* gmacc = gm_buf.get();
+  acc_t* rowbuf = row_buf.get();
+
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t hb = task % nblocks;
+    const int64_t g = (task / nblocks) % q.G;
+    const int64_t n = task / (nblocks * q.G);
+    const int64_t h0 = hb * B, h1 = std::min(q.H, h0 + B);
+    const int64_t lr_lo = std::max<int64_t>(0, q.r - h0);          // first local row inside the image
+    const int64_t lr_hi = std::min<int64_t>(rows, q.H - h0 + q.r);  // one past the last
+
+    for (int64_t lr = lr_lo; lr < lr_hi; ++lr) {
+      const int64_t hh = h0 - q.r + lr;
+      if (Fused) {
+        stage_softmax_row(Ms + lr * ms_row, masks, q, n, g, hh);
+      } else {
+        stage_masks_row(Ms + lr * ms_row, masks, q, n, g, hh, /*zero_padded_taps=*/false);
+      }
+    }
+    zero_row(gmacc, (h1 - h0) * gm_row);
+
+    for (int64_t c0 = 0; c0 < q.Cg; c0 += CBLK) {
+      const int64_t nch = std::min<int64_t>(CBLK, q.Cg - c0);
+      const int64_t cbase = g * q.Cg + c0;
+      const int64_t ncg = round_up(nch, CBG);  // channels the grad_features blocks read
+      // Channel-major: the rows [h0-r, h1+r) of one channel are one contiguous stretch of grad_output
+      // (and of features). Staging is bound by memory latency, so the next channel's stretch is
+      // prefetched while this one is de-interleaved.
+      const int64_t hh_lo = h0 - q.r + lr_lo, hh_hi = h0 - q.r + lr_hi;  // rows inside the image
+      for (int64_t c = 0; c < ncg; ++c) {
+        if (c + 1 < nch || (c + 1 == nch && c0 + CBLK < q.Cg)) {
+          const int64_t next = n * q.C + cbase + c + 1;
+          prefetch_range(grad_out + (next * q.Ho + hh_lo * q.s) * q.Wo, (hh_hi - hh_lo) * q.s * q.Wo);
+          prefetch_range(features + (next * q.H + hh_lo) * q.W, (hh_hi - hh_lo) * q.W);
+        }
+        for (int64_t lr = 0; lr < rows; ++lr) {
+          const int64_t hh = h0 - q.r + lr;
+          const bool inside = lr >= lr_lo && lr < lr_hi;
+          acc_t* god = God + lr * god_row + c * q.ssp * q.Wp;
+          acc_t* fp = Fp + lr * fp_row + c * q.Wp;
+          if (inside && c < nch) {
+            const int64_t channel = n * q.C + cbase + c;
+            for (int64_t i = 0; i < q.s; ++i)
+              deinterleave_row_any(god + i * q.s * q.Wp, q.Wp, grad_out + (channel * q.Ho + hh * q.s + i) * q.Wo, q);
+            zero_row(god + q.ss * q.Wp, (q.ssp - q.ss) * q.Wp);
+            load_row(fp, features + (channel * q.H + hh) * q.W, q);
+          } else {
+            zero_row(god, q.ssp * q.Wp);
+            zero_row(fp, q.Wp);
+          }
+        }
+      }
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t b = h - h0;
+        for (int64_t cg = 0; cg < nch; cg += CBG) {
+          grad_features_block<acc_t, CBG>(Ms, God + cg * q.ssp * q.Wp, rowbuf, q, b, h, CBLK);
+          for (int64_t cb = 0; cb < std::min<int64_t>(CBG, nch - cg); ++cb) {
+            scalar_t* dst = grad_features + ((n * q.C + cbase + cg + cb) * q.H + h) * q.W;
+            convert_row(dst, rowbuf + cb * q.Wv, q.W);
+          }
+        }
+        grad_masks_block<acc_t, TB, PB>(gmacc, God, Fp, q, b, nch, CBLK, kkp);
+      }
+    }
+
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t b = h - h0;
+      acc_t* gm = gmacc + b * gm_row;  // [ssp][kkp][Wv]: dL/dmask per (sub-pixel, tap, w)
+      if (Fused) {
+        // NB: softmax backward with the recomputed fp32 probabilities:
+        //   dL/dlogit_t = p_t * (dL/dp_t - sum_t' p_t' dL/dp_t'), sum in ascending t.
+        const acc_t* P = Ms + (b + q.r) * ms_row + q.r;  // [ssp][kk][Wp] at offset r
+        for (int64_t ij = 0; ij < q.ss; ++ij) {
+          for (int64_t w = 0; w < q.Wv; w += L) {
+            Vec<acc_t> dot = Vec<acc_t>{};
+            for (int64_t t = 0; t < q.kk; ++t)
+              dot += vload(P + (ij * q.kk + t) * q.Wp + w) * vload(gm + (ij * kkp + t) * q.Wv + w);
+            for (int64_t t = 0; t < q.kk; ++t) {
+              acc_t* d = gm + (ij * kkp + t) * q.Wv + w;
+              vstore(d, vload(P + (ij * q.kk + t) * q.Wp + w) * (vload(d) - dot));
+            }
+          }
+          for (int64_t t = 0; t < q.kk; ++t) {
+            const int64_t channel = (g * q.kk + t) * q.ss + ij;
+            scalar_t* dst = grad_masks + ((n * q.G * q.kk * q.ss + channel) * q.H + h) * q.W;
+            convert_row(dst, gm + (ij * kkp + t) * q.Wv, q.W);
+          }
+        }
+      } else {
+        for (int64_t t = 0; t < q.kk; ++t) {
+          for (int64_t i = 0; i < q.s; ++i) {
+            scalar_t* dst = grad_masks + ((n * q.G * q.kk + g * q.kk + t) * q.Ho + h * q.s + i) * q.Wo;
+            interleave_row_any(dst, gm + (i * q.s * kkp + t) * q.Wv, kkp * q.Wv, q);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t, bool Fused>
+CARAFE_KERNEL void backward_tasks(const Args& a, int64_t begin, int64_t end) {
+  switch (pick_pb(a.p.s)) {
+    case 1: backward_tasks_impl<scalar_t, Fused, 1>(a, begin, end); break;
+    case 3: backward_tasks_impl<scalar_t, Fused, 3>(a, begin, end); break;
+    default: backward_tasks_impl<scalar_t, Fused, 4>(a, begin, end); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dtype dispatch (compiled without the target attribute: it only calls the kernels)
+// ---------------------------------------------------------------------------------------------
+template <bool Fused>
+void forward_range(const Args& a, int64_t begin, int64_t end) {
+  switch (a.dtype) {
+    case DType::kFloat: forward_tasks<float, Fused>(a, begin, end); break;
+    case DType::kDouble: forward_tasks<double, Fused>(a, begin, end); break;
+    case DType::kHalf: forward_tasks<c10::Half, Fused>(a, begin, end); break;
+    case DType::kBFloat16: forward_tasks<c10::BFloat16, Fused>(a, begin, end); break;
+  }
+}
+
+template <bool Fused>
+void backward_range(const Args& a, int64_t begin, int64_t end) {
+  switch (a.dtype) {
+    case DType::kFloat: backward_tasks<float, Fused>(a, begin, end); break;
+    case DType::kDouble: backward_tasks<double, Fused>(a, begin, end); break;
+    case DType::kHalf: backward_tasks<c10::Half, Fused>(a, begin, end); break;
+    case DType::kBFloat16: backward_tasks<c10::BFloat16, Fused>(a, begin, end); break;
+  }
+}
+
+inline const KernelTable& kernel_table() {
+  static const KernelTable table{CARAFE_CPU_ISA_NAME, &forward_range<false>,
+                                 &forward_range<true>, &backward_range<false>, &backward_range<true>};
+  return table;
+}
+
+}  // namespace CARAFE_CPU_ISA
+}  // namespace cpu
+}  // namespace carafe
+
+#undef CARAFE_INLINE
+#undef CARAFE_KERNEL
+#undef CARAFE_NO_LIBCALL
