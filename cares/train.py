@@ -152,6 +152,12 @@ def build_datasets(config: TrainConfig) -> tuple[torch.utils.data.Dataset, int, 
     if config.pseudo is not None:
         # The pseudo-label folder holds Imgs/ + GT/ directly; build_dataset reads such a folder
         # when it has no <split> sub-folder.
+        pseudo_dir = Path(config.pseudo)
+        if pseudo_dir.is_dir() and not any((pseudo_dir / "Imgs").glob("*")):
+            # `cares pseudo-label` writes an empty Imgs/ when no prediction passed the entropy filter.
+            raise ValueError(f"--pseudo {str(pseudo_dir)!r} holds no pseudo-labelled slices (Imgs/ is empty or "
+                             "missing): pseudo-label kept none, see its summary.json; use a better supervised "
+                             "model or a higher --entropy-threshold")
         pseudo = dataset(config.pseudo, "train", config.augment)
         num_pseudo = len(pseudo)
         training = ConcatDataset([labelled, pseudo])

@@ -93,3 +93,12 @@ def test_train_with_pseudo_labels_draws_as_many_pseudo_as_labelled(tmp_path):
     rows = list(csv.DictReader(io.StringIO((tmp_path / "semi" / "log.csv").read_text())))
     assert [int(r["images"]) for r in rows] == [8, 8]                    # 4 labelled + 4 pseudo per epoch
     assert result.epochs_done == 2
+
+
+def test_train_with_an_empty_pseudo_folder_says_none_were_kept(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "best.pt")
+    assert main(["pseudo-label", "--checkpoint", str(checkpoint), "--input", "synthetic",
+                 "--out", str(tmp_path / "pseudo"), "--entropy-threshold", "1e-9"]) == 0     # keeps none
+    from cares.train import train
+    with pytest.raises(ValueError, match="holds no pseudo-labelled slices"):
+        train(tiny_config(tmp_path / "semi", pseudo=str(tmp_path / "pseudo"), epochs=1))
