@@ -51,6 +51,70 @@ def next_pow2(x: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# Index maths shared by the three kernels. Written once so that the forward and both backward kernels
+# cannot disagree on a layout; @triton.jit helpers are inlined, so the kernels compile as before.
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _program_block(n_pb, n_cb):
+    """This program's (position block, channel block, n*G + g) for pid = ((n*G + g)*n_cb + cb)*n_pb + pb
+    (position blocks fastest). n_cb = 1 where a program owns all channels of its group (cb is then 0)."""
+    pid = tl.program_id(0)
+    pb = pid % n_pb
+    cb = (pid // n_pb) % n_cb
+    ng = (pid // n_pb // n_cb).to(tl.int64)  # NB: int64, it scales the per-(n, channel) bases
+    return pb, cb, ng
+
+
+@triton.jit
+def _channel_block(cb, ng, Cg, BLOCK_C: tl.constexpr):
+    """(c_ok, chan) [BLOCK_C] of channel block cb of group g: chan = n*C + g*Cg + c, int64."""
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)               # channel inside the group
+    return c < Cg, ng * Cg + c
+
+
+@triton.jit
+def _position_block(pb, H, W, S: tl.constexpr, SS_PAD: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The low-res positions p [BLOCK_P] of block pb, their (h, w), the sub-pixel axis sub [SS_PAD]
+    and the in-plane offsets opix [BLOCK_P, SS_PAD] of output pixels (h*S + i, w*S + j), sub = i*S + j;
+    p_ok / sub_ok mask the padding of both axes."""
+    HW = H * W
+    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    h = p // W
+    w = p % W
+    sub = tl.arange(0, SS_PAD)
+    i = sub // S
+    j = sub % S
+    opix = (h[:, None] * S + i[None, :]) * (W * S) + (w[:, None] * S + j[None, :])
+    return p, p < HW, h, w, sub, sub < S * S, opix
+
+
+@triton.jit
+def _mask_layout(ng, p, sub, opix, HW, KK: tl.constexpr, SS: tl.constexpr, FUSED: tl.constexpr):
+    """Where the mask of tap t for (p, sub) of group ng lives: base + t * tap_stride + mpix [BLOCK_P, SS_PAD].
+    FUSED: mask_logits (or grad logits), channel (g*KK + t)*SS + sub at low-res position p;
+    else:  masks (or grad masks), channel g*KK + t at output pixel opix."""
+    if FUSED:
+        base = ng * (KK * SS) * HW
+        mpix = sub[None, :] * HW + p[:, None]
+        tap_stride = tl.cast(SS * HW, tl.int64)  # NB: int64: t * stride overflows int32 on big images
+    else:
+        base = ng * KK * (HW * SS)
+        mpix = opix
+        tap_stride = tl.cast(HW * SS, tl.int64)
+    return base, mpix, tap_stride
+
+
+@triton.jit
+def _tap_features(feat_rows, p, w, row_ok, c_ok, dy, dx, W):
+    """Features [BLOCK_C, BLOCK_P] (fp32) at p + (dy, dx), 0 outside the image (the zero padding):
+    row_ok says whether row h + dy is inside, the column is checked here."""
+    ww = w + dx
+    ok = row_ok & (ww >= 0) & (ww < W)
+    return tl.load(feat_rows + (p + dy * W + dx)[None, :], mask=c_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
+
+
+# --------------------------------------------------------------------------------------------------
 # Kernels (raw @triton.jit; the autotuned launchers are built below)
 # --------------------------------------------------------------------------------------------------
 
@@ -78,36 +142,17 @@ def _carafe_fwd(
     KK: tl.constexpr = K * K
     SS: tl.constexpr = S * S
     HW = H * W
-    Ws = W * S
     HWs = HW * SS
     Cg = C // G
-    n_pb = tl.cdiv(HW, BLOCK_P)
-    n_cb = tl.cdiv(Cg, BLOCK_C)
-    pid = tl.program_id(0)
-    pb = pid % n_pb
-    cb = (pid // n_pb) % n_cb
-    ng = (pid // n_pb // n_cb).to(tl.int64)  # n*G + g
-
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)              # channel inside the group
-    c_ok = c < Cg
-    chan = ng * Cg + c                                     # n*C + g*Cg + c, int64
-    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < HW
-    h = p // W
-    w = p % W
-    sub = tl.arange(0, SS_PAD)
-    sub_ok = sub < SS
-    i = sub // S
-    j = sub % S
-    opix = (h[:, None] * S + i[None, :]) * Ws + (w[:, None] * S + j[None, :])  # [BLOCK_P, SS_PAD]
+    pb, cb, ng = _program_block(tl.cdiv(HW, BLOCK_P), tl.cdiv(Cg, BLOCK_C))
+    c_ok, chan = _channel_block(cb, ng, Cg, BLOCK_C)
+    p, p_ok, h, w, sub, sub_ok, opix = _position_block(pb, H, W, S, SS_PAD, BLOCK_P)
     pix_ok = p_ok[:, None] & sub_ok[None, :]
+    mbase, mpix, tap_stride = _mask_layout(ng, p, sub, opix, HW, KK, SS, FUSED)
+    mask_base = mask_ptr + mbase
 
     feat_rows = feat_ptr + chan[:, None] * HW              # [BLOCK_C, 1] pointers
     if FUSED:
-        # logit of tap t for (p, sub): channel (g*KK + t)*SS + sub at low-res position p
-        mask_base = mask_ptr + ng * (KK * SS) * HW
-        mpix = sub[None, :] * HW + p[:, None]              # [BLOCK_P, SS_PAD]
-        tap_stride = tl.cast(SS * HW, tl.int64)  # NB: int64: t * stride overflows int32 on big images
         # Pass 1: max over the K*K taps [BLOCK_P, SS_PAD] (loads only, no exp).
         m_max = tl.full([BLOCK_P, SS_PAD], float("-inf"), tl.float32)
         for t in range(KK):
@@ -115,20 +160,13 @@ def _carafe_fwd(
             m_max = tl.maximum(m_max, logit)
         m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)  # NB: -inf logits give weight 0, not NaN
         denom = tl.zeros([BLOCK_P, SS_PAD], tl.float32)
-    else:
-        mask_base = mask_ptr + ng * KK * HWs
-        mpix = opix
-        tap_stride = tl.cast(HWs, tl.int64)
 
     acc = tl.zeros([BLOCK_C, BLOCK_P, SS_PAD], tl.float32)
     for ky in range(K):
         hh = h + (ky - R)
         row_ok = p_ok & (hh >= 0) & (hh < H)
         for kx in range(K):
-            ww = w + (kx - R)
-            ok = row_ok & (ww >= 0) & (ww < W)
-            f = tl.load(feat_rows + (p + (ky - R) * W + (kx - R))[None, :],
-                        mask=c_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)     # [BLOCK_C, BLOCK_P]
+            f = _tap_features(feat_rows, p, w, row_ok, c_ok, ky - R, kx - R, W)  # [BLOCK_C, BLOCK_P]
             t = ky * K + kx
             m = tl.load(mask_base + t * tap_stride + mpix, mask=pix_ok, other=0.0).to(tl.float32)
             if FUSED:
@@ -174,33 +212,13 @@ def _carafe_bwd_mask(
     KK: tl.constexpr = K * K
     SS: tl.constexpr = S * S
     HW = H * W
-    Ws = W * S
     HWs = HW * SS
     Cg = C // G
-    n_pb = tl.cdiv(HW, BLOCK_P)
     n_cb = tl.cdiv(Cg, BLOCK_C)
-    pid = tl.program_id(0)
-    pb = pid % n_pb
-    ng = (pid // n_pb).to(tl.int64)
-
-    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < HW
-    h = p // W
-    w = p % W
-    sub = tl.arange(0, SS_PAD)
-    sub_ok = sub < SS
-    i = sub // S
-    j = sub % S
-    opix = (h[:, None] * S + i[None, :]) * Ws + (w[:, None] * S + j[None, :])  # [BLOCK_P, SS_PAD]
+    pb, _, ng = _program_block(tl.cdiv(HW, BLOCK_P), 1)
+    p, p_ok, h, w, sub, sub_ok, opix = _position_block(pb, H, W, S, SS_PAD, BLOCK_P)
     pix_ok = p_ok[:, None] & sub_ok[None, :]
-    if FUSED:
-        mbase = ng * (KK * SS) * HW
-        mpix = sub[None, :] * HW + p[:, None]
-        tap_stride = tl.cast(SS * HW, tl.int64)  # NB: int64, as in _carafe_fwd
-    else:
-        mbase = ng * KK * HWs
-        mpix = opix
-        tap_stride = tl.cast(HWs, tl.int64)
+    mbase, mpix, tap_stride = _mask_layout(ng, p, sub, opix, HW, KK, SS, FUSED)
 
     if FUSED:
         logit_base = logit_ptr + mbase
@@ -223,9 +241,7 @@ def _carafe_bwd_mask(
         dp_base = dp_ptr + mbase
     for cb in range(n_cb):
         tl.debug_barrier()  # NB: last block's stores visible before this block's read-modify-write
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = c < Cg
-        chan = ng * Cg + c
+        c_ok, chan = _channel_block(cb, ng, Cg, BLOCK_C)
         go = tl.load(gout_ptr + chan[:, None, None] * HWs + opix[None, :, :],
                      mask=c_ok[:, None, None] & pix_ok[None, :, :], other=0.0).to(tl.float32)
         feat_rows = feat_ptr + chan[:, None] * HW
@@ -233,10 +249,7 @@ def _carafe_bwd_mask(
             hh = h + (ky - R)
             row_ok = p_ok & (hh >= 0) & (hh < H)
             for kx in range(K):
-                ww = w + (kx - R)
-                ok = row_ok & (ww >= 0) & (ww < W)
-                f = tl.load(feat_rows + (p + (ky - R) * W + (kx - R))[None, :],
-                            mask=c_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
+                f = _tap_features(feat_rows, p, w, row_ok, c_ok, ky - R, kx - R, W)
                 contrib = tl.sum(go * f[:, :, None], axis=0)                    # [BLOCK_P, SS_PAD]
                 ptrs = dp_base + (ky * K + kx) * tap_stride + mpix
                 prev = tl.load(ptrs, mask=pix_ok & (cb > 0), other=0.0)
@@ -292,35 +305,16 @@ def _carafe_bwd_feat(
     Ws = W * S
     HWs = HW * SS
     Cg = C // G
-    n_pb = tl.cdiv(HW, BLOCK_P)
-    n_cb = tl.cdiv(Cg, BLOCK_C)
-    pid = tl.program_id(0)
-    pb = pid % n_pb
-    cb = (pid // n_pb) % n_cb
-    ng = (pid // n_pb // n_cb).to(tl.int64)
-
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < Cg
-    chan = ng * Cg + c
-    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < HW
-    h = p // W
-    w = p % W
-    sub = tl.arange(0, SS_PAD)
-    sub_ok = sub < SS
-    i = sub // S
-    j = sub % S
-    opix = (h[:, None] * S + i[None, :]) * Ws + (w[:, None] * S + j[None, :])  # output pixels of p
-    lpix = sub[None, :] * HW + p[:, None]                                        # logit-layout pixels of p
+    pb, cb, ng = _program_block(tl.cdiv(HW, BLOCK_P), tl.cdiv(Cg, BLOCK_C))
+    c_ok, chan = _channel_block(cb, ng, Cg, BLOCK_C)
+    p, p_ok, h, w, sub, sub_ok, opix = _position_block(pb, H, W, S, SS_PAD, BLOCK_P)
+    # masks of tap t at p: mask_base + t * tap_stride + mpix (logit-layout pixels of p when FUSED, else opix)
+    mbase, mpix, tap_stride = _mask_layout(ng, p, sub, opix, HW, KK, SS, FUSED)
+    mask_base = mask_ptr + mbase
 
     gout_rows = gout_ptr + chan[:, None, None] * HWs                             # [BLOCK_C, 1, 1]
     if FUSED:
-        mask_base = mask_ptr + ng * (KK * SS) * HW
         lse_base = lse_ptr + ng * SS * HW
-        tap_stride = tl.cast(SS * HW, tl.int64)  # NB: int64, as in _carafe_fwd
-    else:
-        mask_base = mask_ptr + ng * KK * HWs
-        tap_stride = tl.cast(HWs, tl.int64)
 
     acc = tl.zeros([BLOCK_C, BLOCK_P, SS_PAD], tl.float32)
     for ky in range(K):
@@ -338,11 +332,11 @@ def _carafe_bwd_feat(
                          mask=c_ok[:, None, None] & qpix_ok[None, :, :], other=0.0).to(tl.float32)
             if FUSED:
                 qoff = dy * W + dx
-                logit = tl.load(mask_base + t * tap_stride + lpix + qoff, mask=qpix_ok, other=0.0).to(tl.float32)
-                q_lse = tl.load(lse_base + lpix + qoff, mask=qpix_ok, other=0.0)
+                logit = tl.load(mask_base + t * tap_stride + mpix + qoff, mask=qpix_ok, other=0.0).to(tl.float32)
+                q_lse = tl.load(lse_base + mpix + qoff, mask=qpix_ok, other=0.0)
                 m = tl.exp(logit - q_lse)
             else:
-                m = tl.load(mask_base + t * tap_stride + opix + (dy * S * Ws + dx * S), mask=qpix_ok,
+                m = tl.load(mask_base + t * tap_stride + mpix + (dy * S * Ws + dx * S), mask=qpix_ok,
                             other=0.0).to(tl.float32)
             acc += go * m[None, :, :]
 

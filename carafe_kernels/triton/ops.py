@@ -77,7 +77,11 @@ def _check(op: str, features: Tensor, masks: Tensor, k: int, G: int, s: int, *, 
                          f"{tuple(grad_output.shape)} of {grad_output.dtype}")
 
 
-def _forward(features: Tensor, masks: Tensor, k: int, G: int, s: int, fused: bool) -> Tensor:
+# The four op bodies differ only in their names and the fused flag, so the checks and the launches
+# live in _forward / _backward; the op functions stay separate because their signatures are the
+# schemas (argument names included: masks vs mask_logits), which must match the C++ ops'.
+def _forward(op: str, features: Tensor, masks: Tensor, k: int, G: int, s: int, fused: bool) -> Tensor:
+    _check(op, features, masks, k, G, s, fused=fused)
     features = features.contiguous()
     masks = masks.contiguous()
     N, C, H, W = features.shape
@@ -94,8 +98,9 @@ def _forward(features: Tensor, masks: Tensor, k: int, G: int, s: int, fused: boo
     return out
 
 
-def _backward(grad_output: Tensor, features: Tensor, masks: Tensor, k: int, G: int, s: int,
+def _backward(op: str, grad_output: Tensor, features: Tensor, masks: Tensor, k: int, G: int, s: int,
               fused: bool) -> tuple[Tensor, Tensor]:
+    _check(op, features, masks, k, G, s, fused=fused, grad_output=grad_output)
     grad_output = grad_output.contiguous()
     features = features.contiguous()
     masks = masks.contiguous()
@@ -132,31 +137,27 @@ def _backward(grad_output: Tensor, features: Tensor, masks: Tensor, k: int, G: i
 @_define("triton_carafe")
 def triton_carafe(features: Tensor, masks: Tensor, kernel_size: int, group_size: int,
                   scale_factor: int) -> Tensor:
-    _check("triton_carafe", features, masks, kernel_size, group_size, scale_factor, fused=False)
-    return _forward(features, masks, kernel_size, group_size, scale_factor, False)
+    return _forward("triton_carafe", features, masks, kernel_size, group_size, scale_factor, False)
 
 
 @_define("triton_carafe_backward")
 def triton_carafe_backward(grad_output: Tensor, features: Tensor, masks: Tensor, kernel_size: int,
                            group_size: int, scale_factor: int) -> tuple[Tensor, Tensor]:
-    _check("triton_carafe_backward", features, masks, kernel_size, group_size, scale_factor, fused=False,
-           grad_output=grad_output)
-    return _backward(grad_output, features, masks, kernel_size, group_size, scale_factor, False)
+    return _backward("triton_carafe_backward", grad_output, features, masks, kernel_size, group_size, scale_factor,
+                     False)
 
 
 @_define("triton_carafe_fused")
 def triton_carafe_fused(features: Tensor, mask_logits: Tensor, kernel_size: int, group_size: int,
                         scale_factor: int) -> Tensor:
-    _check("triton_carafe_fused", features, mask_logits, kernel_size, group_size, scale_factor, fused=True)
-    return _forward(features, mask_logits, kernel_size, group_size, scale_factor, True)
+    return _forward("triton_carafe_fused", features, mask_logits, kernel_size, group_size, scale_factor, True)
 
 
 @_define("triton_carafe_fused_backward")
 def triton_carafe_fused_backward(grad_output: Tensor, features: Tensor, mask_logits: Tensor, kernel_size: int,
                                  group_size: int, scale_factor: int) -> tuple[Tensor, Tensor]:
-    _check("triton_carafe_fused_backward", features, mask_logits, kernel_size, group_size, scale_factor,
-           fused=True, grad_output=grad_output)
-    return _backward(grad_output, features, mask_logits, kernel_size, group_size, scale_factor, True)
+    return _backward("triton_carafe_fused_backward", grad_output, features, mask_logits, kernel_size, group_size,
+                     scale_factor, True)
 
 
 register_carafe_op_family(f"{_NS}::triton_carafe", f"{_NS}::triton_carafe_backward")

@@ -181,6 +181,29 @@ struct Geo {
         Wp(Wv + 2 * r), pb(pick_pb(p.s)), ssp(round_up(ss, pb)) {}
 };
 
+// A task of the forward and the backward: image n, group g, low-res rows [h0, h1) (B = rows_per_task
+// rows, fewer in the last block). Its scratch rows cover the halo [h0 - r, h1 + r): local row lr holds
+// low-res row h0 - r + lr, and [lr_lo, lr_hi) are the local rows inside the image. Task numbering:
+// row blocks fastest, then g, then n. One decoder for both, so that their task partitions agree.
+struct TaskRows {
+  int64_t n, g, h0, h1;
+  int64_t lr_lo;  // first local row inside the image
+  int64_t lr_hi;  // one past the last
+};
+
+CARAFE_INLINE TaskRows task_rows(int64_t task, const Geo& q, int64_t B) {
+  const int64_t nblocks = (q.H + B - 1) / B;
+  const int64_t rows = B + 2 * q.r;
+  TaskRows t;
+  t.n = task / (nblocks * q.G);
+  t.g = (task / nblocks) % q.G;
+  t.h0 = (task % nblocks) * B;
+  t.h1 = std::min(q.H, t.h0 + B);
+  t.lr_lo = std::max<int64_t>(0, q.r - t.h0);
+  t.lr_hi = std::min<int64_t>(rows, q.H - t.h0 + q.r);
+  return t;
+}
+
 // 64-byte aligned per-thread scratch, released when the task range is done.
 template <typename T>
 class Scratch {
@@ -451,7 +474,6 @@ CARAFE_INLINE void forward_tasks_impl(const Args& a, int64_t begin, int64_t end)
   const Geo q(a.p, VecOf<acc_t>::size);
   const int64_t B = a.rows_per_task;
   const int64_t rows = B + 2 * q.r;
-  const int64_t nblocks = (q.H + B - 1) / B;
   const auto* features = static_cast<const scalar_t*>(a.features);
   const auto* masks = static_cast<const scalar_t*>(a.masks);
   auto* out = static_cast<scalar_t*>(a.out);
@@ -467,12 +489,7 @@ CARAFE_INLINE void forward_tasks_impl(const Args& a, int64_t begin, int64_t end)
   acc_t* rowbuf = row_buf.get();
 
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t hb = task % nblocks;
-    const int64_t g = (task / nblocks) % q.G;
-    const int64_t n = task / (nblocks * q.G);
-    const int64_t h0 = hb * B, h1 = std::min(q.H, h0 + B);
-    const int64_t lr_lo = std::max<int64_t>(0, q.r - h0);          // first local row inside the image
-    const int64_t lr_hi = std::min<int64_t>(rows, q.H - h0 + q.r);  // one past the last
+    const auto [n, g, h0, h1, lr_lo, lr_hi] = task_rows(task, q, B);
     const int64_t hh_lo = h0 - q.r + lr_lo, hh_hi = h0 - q.r + lr_hi;
     for (int64_t h = h0; h < h1; ++h) {
       if (Fused) {
@@ -621,7 +638,6 @@ CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end
   const int64_t B = a.rows_per_task;
   const int64_t rows = B + 2 * q.r;
   const int64_t kkp = round_up(q.kk, TB);
-  const int64_t nblocks = (q.H + B - 1) / B;
   const auto* features = static_cast<const scalar_t*>(a.features);
   const auto* masks = static_cast<const scalar_t*>(a.masks);
   const auto* grad_out = static_cast<const scalar_t*>(a.grad_output);
@@ -641,12 +657,7 @@ CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end
   acc_t* rowbuf = row_buf.get();
 
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t hb = task % nblocks;
-    const int64_t g = (task / nblocks) % q.G;
-    const int64_t n = task / (nblocks * q.G);
-    const int64_t h0 = hb * B, h1 = std::min(q.H, h0 + B);
-    const int64_t lr_lo = std::max<int64_t>(0, q.r - h0);          // first local row inside the image
-    const int64_t lr_hi = std::min<int64_t>(rows, q.H - h0 + q.r);  // one past the last
+    const auto [n, g, h0, h1, lr_lo, lr_hi] = task_rows(task, q, B);
 
     for (int64_t lr = lr_lo; lr < lr_hi; ++lr) {
       const int64_t hh = h0 - q.r + lr;

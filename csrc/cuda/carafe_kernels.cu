@@ -225,6 +225,23 @@ template <int K> CK_DEVICE bool tap_inside(int t, int h, int w, int H, int W) {
   return y >= 0 && y < H && x >= 0 && x < W;
 }
 
+// v[t][..][..] = 0 for the taps t of position (h, w) that lie outside the image: the tiled forward
+// zeroes their masks (their clamped feature loads then contribute nothing), the tiled mask gradient
+// their accumulators (which collected products with a clamped pixel).
+template <int K, int SR, int S, typename A>
+CK_DEVICE void zero_taps_outside(A (&v)[K * K][SR][S], int h, int w, int H, int W) {
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) {
+    if (!tap_inside<K>(t, h, w, H, W)) {
+#pragma unroll
+      for (int ii = 0; ii < SR; ++ii) {
+#pragma unroll
+        for (int j = 0; j < S; ++j) v[t][ii][j] = 0;
+      }
+    }
+  }
+}
+
 // The channel split of one launch: chunk `c` covers channels [c*cpc, min(Cg, (c+1)*cpc)) of its group.
 struct Chunks {
   int cpc;     // channels per chunk
@@ -244,6 +261,70 @@ Chunks choose_chunks(int64_t items, int64_t Cg, int num_sms, int64_t max_chunks,
   return Chunks{static_cast<int>(cpc), static_cast<int>(ceil_div(Cg, cpc))};
 }
 
+// ---- Block decoding, shared by the six chunked kernels (tiled and generic) ----------------------------
+// Each of them numbers its blocks the same way: chunk fastest, then sub-row block (tiled forward and
+// mask gradient; nsub = 1 elsewhere), then item block, then n*G + g, so that the blocks reusing one
+// tile's masks and features run side by side and hit L2. It grid-strides over the blocks, and thread x
+// of item block pb owns item q = pb*bd + x of plane (n, g), at (q / width, q % width): a low-res
+// position (h, w) (tiled kernels and both gathers, width W) or an output pixel (y, x) (generic forward
+// and mask gradient, width W*s). One decoder serves them all, so the templated and the generic kernels
+// cannot drift apart in this index maths.
+// NB: it is force-inlined, every field is a launch constant (nsub and bd compile-time ones in the
+// tiled kernels), and it does the arithmetic in the order the kernels used to do it inline (G and Cg
+// before npb; row and column before n and g; cbase() where the channel loop starts): ptxas' register
+// allocation of the big unrolled kernels depends on instruction order, and in this order the kernels
+// keep their register counts (no spills).
+struct ChunkGrid {
+  int G;       // groups
+  int Cg;      // channels per group
+  int npb;     // item blocks per plane
+  int nchunk;  // channel chunks per group
+  int nsub;    // sub-row blocks per item (1: none)
+  int bd;      // items per block (threads per block)
+  int items;   // items per plane (threads past it have nothing to do)
+  int width;   // items per plane row
+  int cpc;     // channels per chunk
+  int64_t C;   // channels
+};
+
+CK_DEVICE ChunkGrid chunk_grid(const Shape& p, int items, int width, int bd, int nsub, int cpc, int nchunk) {
+  return ChunkGrid{static_cast<int>(p.G), static_cast<int>(p.C / p.G), static_cast<int>(ceil_div(items, bd)),
+                   nchunk, nsub, bd, items, width, cpc, p.C};
+}
+
+// What block b gives this thread.
+struct BlockItem {
+  int chunk;      // channel chunk
+  int sr;         // sub-row block (0 when nsub == 1)
+  int q;          // item in plane (n, g) ...
+  int row, col;   // ... at (q / width, q % width)
+  int64_t ng;     // n*G + g
+  int64_t n;
+  int g;
+  int c0, c1;     // the chunk's channels [c0, c1) of the group
+  // n*C + g*Cg + c0: the plane of the chunk's first channel
+  CK_DEVICE int64_t cbase(const ChunkGrid& grid) const { return n * grid.C + static_cast<int64_t>(g) * grid.Cg + c0; }
+};
+
+// Decodes block b for this thread; false when its item lies past the end of the plane (the kernel
+// moves on to its next block).
+CK_DEVICE bool decode_block(int64_t b, const ChunkGrid& grid, BlockItem& it) {
+  int64_t rest = b;
+  it.chunk = static_cast<int>(rest % grid.nchunk); rest /= grid.nchunk;
+  it.sr = static_cast<int>(rest % grid.nsub); rest /= grid.nsub;
+  const int pb = static_cast<int>(rest % grid.npb); rest /= grid.npb;
+  it.ng = rest;
+  it.q = pb * grid.bd + static_cast<int>(CK_THREAD_X);
+  if (it.q >= grid.items) return false;
+  it.row = it.q / grid.width;
+  it.col = it.q % grid.width;
+  it.n = it.ng / grid.G;
+  it.g = static_cast<int>(it.ng % grid.G);
+  it.c0 = it.chunk * grid.cpc;
+  it.c1 = imin(grid.Cg, it.c0 + grid.cpc);
+  return true;
+}
+
 // ====================================================================================================
 // Forward, tiled: K, S known at compile time.
 //
@@ -261,25 +342,17 @@ CK_GLOBAL void CK_LAUNCH_BOUNDS(kThreads) carafe_forward_tiled_kernel(
     T* __restrict__ out,             // (N, C, H*S, W*S)
     const Shape p, const int cpc, const int nchunk, const int64_t total_blocks) {
   using A = acc_t<T>;
-  constexpr int KK = K * K, SS = S * S, NSUB = S / SR;
+  constexpr int KK = K * K, SS = S * S;
   const int H = static_cast<int>(p.H), W = static_cast<int>(p.W);
   const int HW = H * W, Wo = W * S;
   const int64_t HoWo = static_cast<int64_t>(HW) * SS;
-  const int G = static_cast<int>(p.G), Cg = static_cast<int>(p.C / p.G);
-  const int npb = static_cast<int>(ceil_div(HW, kThreads));
+  const ChunkGrid grid = chunk_grid(p, HW, W, kThreads, S / SR, cpc, nchunk);
 
   for (int64_t b = CK_BLOCK_X; b < total_blocks; b += CK_GRID_DIM_X) {
-    int64_t rest = b;
-    const int chunk = static_cast<int>(rest % nchunk); rest /= nchunk;
-    const int sr = static_cast<int>(rest % NSUB); rest /= NSUB;
-    const int pb = static_cast<int>(rest % npb); rest /= npb;
-    const int64_t ng = rest;  // n*G + g
-    const int q = pb * kThreads + static_cast<int>(CK_THREAD_X);
-    if (q >= HW) continue;
-    const int h = q / W, w = q % W;
-    const int64_t n = ng / G;
-    const int g = static_cast<int>(ng % G);
-    const int c0 = chunk * cpc, c1 = imin(Cg, c0 + cpc);
+    BlockItem it;
+    if (!decode_block(b, grid, it)) continue;
+    const int q = it.q, sr = it.sr, h = it.row, w = it.col;
+    const int64_t ng = it.ng;
 
     // The masks of this thread's SR*S output pixels, in registers.
     A m[KK][SR][S];
@@ -322,21 +395,12 @@ CK_GLOBAL void CK_LAUNCH_BOUNDS(kThreads) carafe_forward_tiled_kernel(
     // when the reference's is (an inf there may come out as NaN, the only difference).
     int off[KK];
     window_offsets<K>(h, w, H, W, off);
-#pragma unroll
-    for (int t = 0; t < KK; ++t) {
-      if (!tap_inside<K>(t, h, w, H, W)) {
-#pragma unroll
-        for (int ii = 0; ii < SR; ++ii) {
-#pragma unroll
-          for (int j = 0; j < S; ++j) m[t][ii][j] = 0;
-        }
-      }
-    }
+    zero_taps_outside<K>(m, h, w, H, W);
 
-    const int64_t cbase = n * p.C + static_cast<int64_t>(g) * Cg + c0;
+    const int64_t cbase = it.cbase(grid);
     const T* fp = features + cbase * HW;
     T* op = out + cbase * HoWo + (h * S + sr * SR) * Wo + w * S;
-    for (int c = c0; c < c1; ++c, fp += HW, op += HoWo) {
+    for (int c = it.c0; c < it.c1; ++c, fp += HW, op += HoWo) {
       A acc[SR][S];
 #pragma unroll
       for (int ii = 0; ii < SR; ++ii) {
@@ -377,21 +441,14 @@ CK_GLOBAL void carafe_forward_generic_kernel(
   const int kk = k * k, ss = s * s;
   const int H = static_cast<int>(p.H), W = static_cast<int>(p.W), HW = H * W, Wo = W * s;
   const int HoWo = HW * ss;  // < 2^31 (unsupported_reason)
-  const int G = static_cast<int>(p.G), Cg = static_cast<int>(p.C / p.G);
-  const int npb = static_cast<int>(ceil_div(HoWo, bd));
+  const ChunkGrid grid = chunk_grid(p, HoWo, Wo, bd, 1, cpc, nchunk);
 
   for (int64_t b = CK_BLOCK_X; b < total_blocks; b += CK_GRID_DIM_X) {
-    int64_t rest = b;
-    const int chunk = static_cast<int>(rest % nchunk); rest /= nchunk;
-    const int pb = static_cast<int>(rest % npb); rest /= npb;
-    const int64_t ng = rest;
-    const int qo = pb * bd + static_cast<int>(CK_THREAD_X);
-    if (qo >= HoWo) continue;
-    const int y = qo / Wo, x = qo % Wo;
+    BlockItem it;
+    if (!decode_block(b, grid, it)) continue;
+    const int qo = it.q, y = it.row, x = it.col;
     const int h = y / s, i = y % s, w = x / s, j = x % s;
-    const int64_t n = ng / G;
-    const int g = static_cast<int>(ng % G);
-    const int c0 = chunk * cpc, c1 = imin(Cg, c0 + cpc);
+    const int64_t ng = it.ng;
 
     if (FUSED) {
       const T* lp = masks + ng * kk * ss * static_cast<int64_t>(HW) + static_cast<int64_t>(i * s + j) * HW + h * W + w;
@@ -414,10 +471,10 @@ CK_GLOBAL void carafe_forward_generic_kernel(
       for (int t = 0; t < kk; ++t) mcol[t * bd] = to_acc(ldg(mp + static_cast<int64_t>(t) * HoWo));
     }
 
-    const int64_t cbase = n * p.C + static_cast<int64_t>(g) * Cg + c0;
+    const int64_t cbase = it.cbase(grid);
     const T* fp = features + cbase * HW;
     T* op = out + cbase * HoWo + qo;
-    for (int c = c0; c < c1; ++c, fp += HW, op += HoWo) {
+    for (int c = it.c0; c < it.c1; ++c, fp += HW, op += HoWo) {
       A acc = 0;
       for (int ky = 0; ky < k; ++ky) {
         const int yy = h + ky - r;
@@ -481,20 +538,13 @@ CK_GLOBAL void CK_LAUNCH_BOUNDS(kThreads) carafe_backward_features_tiled_kernel(
   const int H = static_cast<int>(p.H), W = static_cast<int>(p.W);
   const int HW = H * W, Wo = W * S;
   const int64_t HoWo = static_cast<int64_t>(HW) * SS;
-  const int G = static_cast<int>(p.G), Cg = static_cast<int>(p.C / p.G);
-  const int npb = static_cast<int>(ceil_div(HW, kThreads));
+  const ChunkGrid grid = chunk_grid(p, HW, W, kThreads, 1, cpc, nchunk);
 
   for (int64_t b = CK_BLOCK_X; b < total_blocks; b += CK_GRID_DIM_X) {
-    int64_t rest = b;
-    const int chunk = static_cast<int>(rest % nchunk); rest /= nchunk;
-    const int pb = static_cast<int>(rest % npb); rest /= npb;
-    const int64_t ng = rest;
-    const int q = pb * kThreads + static_cast<int>(CK_THREAD_X);
-    if (q >= HW) continue;
-    const int h = q / W, w = q % W;
-    const int64_t n = ng / G;
-    const int g = static_cast<int>(ng % G);
-    const int c0 = chunk * cpc, c1 = imin(Cg, c0 + cpc);
+    BlockItem it;
+    if (!decode_block(b, grid, it)) continue;
+    const int q = it.q, h = it.row, w = it.col;
+    const int64_t ng = it.ng;
 
     // Source position of tap (ky, kx): (h + R - ky, w + R - kx), clamped into the image. NB: as in the
     // forward, a source outside the image gets masks 0 and reads grad_out at the clamped source, a valid
@@ -527,10 +577,10 @@ CK_GLOBAL void CK_LAUNCH_BOUNDS(kThreads) carafe_backward_features_tiled_kernel(
       }
     }
 
-    const int64_t cbase = n * p.C + static_cast<int64_t>(g) * Cg + c0;
+    const int64_t cbase = it.cbase(grid);
     const T* gp = grad_out + cbase * HoWo;
     T* fp = grad_features + cbase * HW + q;
-    for (int c = c0; c < c1; ++c, gp += HoWo, fp += HW) {
+    for (int c = it.c0; c < it.c1; ++c, gp += HoWo, fp += HW) {
       const T* gpi[S];  // sub-pixel row i of every source: gpi[i] + goff[t]
 #pragma unroll
       for (int i = 0; i < S; ++i) gpi[i] = gp + i * Wo;
@@ -562,28 +612,20 @@ CK_GLOBAL void carafe_backward_features_generic_kernel(
   const int kk = k * k, ss = s * s;
   const int H = static_cast<int>(p.H), W = static_cast<int>(p.W), HW = H * W, Wo = W * s;
   const int HoWo = HW * ss;
-  const int G = static_cast<int>(p.G), Cg = static_cast<int>(p.C / p.G);
-  const int bd = static_cast<int>(CK_BLOCK_DIM_X);
-  const int npb = static_cast<int>(ceil_div(HW, bd));
+  const ChunkGrid grid = chunk_grid(p, HW, W, static_cast<int>(CK_BLOCK_DIM_X), 1, cpc, nchunk);
 
   for (int64_t b = CK_BLOCK_X; b < total_blocks; b += CK_GRID_DIM_X) {
-    int64_t rest = b;
-    const int chunk = static_cast<int>(rest % nchunk); rest /= nchunk;
-    const int pb = static_cast<int>(rest % npb); rest /= npb;
-    const int64_t ng = rest;
-    const int q = pb * bd + static_cast<int>(CK_THREAD_X);
-    if (q >= HW) continue;
-    const int h = q / W, w = q % W;
-    const int64_t n = ng / G;
-    const int g = static_cast<int>(ng % G);
-    const int c0 = chunk * cpc, c1 = imin(Cg, c0 + cpc);
+    BlockItem it;
+    if (!decode_block(b, grid, it)) continue;
+    const int q = it.q, h = it.row, w = it.col;
+    const int64_t ng = it.ng;
 
     const M* mbase = LOGIT_LAYOUT ? masks + ng * kk * ss * static_cast<int64_t>(HW)
                                   : masks + ng * kk * static_cast<int64_t>(HoWo);
-    const int64_t cbase = n * p.C + static_cast<int64_t>(g) * Cg + c0;
+    const int64_t cbase = it.cbase(grid);
     const T* gp = grad_out + cbase * HoWo;
     T* fp = grad_features + cbase * HW + q;
-    for (int c = c0; c < c1; ++c, gp += HoWo, fp += HW) {
+    for (int c = it.c0; c < it.c1; ++c, gp += HoWo, fp += HW) {
       A acc = 0;
       for (int ky = 0; ky < k; ++ky) {
         const int hs = h + r - ky;
@@ -627,26 +669,18 @@ CK_GLOBAL void CK_LAUNCH_BOUNDS(kThreads) carafe_backward_masks_tiled_kernel(
     acc_t<T>* __restrict__ partial,         // nchunk > 1: (nchunk, <grad_masks' shape>); else unused
     const Shape p, const int cpc, const int nchunk, const int64_t total_blocks) {
   using A = acc_t<T>;
-  constexpr int KK = K * K, SS = S * S, NSUB = S / SR;
+  constexpr int KK = K * K, SS = S * S;
   const int H = static_cast<int>(p.H), W = static_cast<int>(p.W);
   const int HW = H * W, Wo = W * S;
   const int64_t HoWo = static_cast<int64_t>(HW) * SS;
-  const int G = static_cast<int>(p.G), Cg = static_cast<int>(p.C / p.G);
-  const int npb = static_cast<int>(ceil_div(HW, kThreads));
-  const int64_t grad_numel = p.N * G * KK * HoWo;  // elements of grad_masks (either layout)
+  const ChunkGrid grid = chunk_grid(p, HW, W, kThreads, S / SR, cpc, nchunk);
+  const int64_t grad_numel = p.N * grid.G * KK * HoWo;  // elements of grad_masks (either layout)
 
   for (int64_t b = CK_BLOCK_X; b < total_blocks; b += CK_GRID_DIM_X) {
-    int64_t rest = b;
-    const int chunk = static_cast<int>(rest % nchunk); rest /= nchunk;
-    const int sr = static_cast<int>(rest % NSUB); rest /= NSUB;
-    const int pb = static_cast<int>(rest % npb); rest /= npb;
-    const int64_t ng = rest;
-    const int q = pb * kThreads + static_cast<int>(CK_THREAD_X);
-    if (q >= HW) continue;
-    const int h = q / W, w = q % W;
-    const int64_t n = ng / G;
-    const int g = static_cast<int>(ng % G);
-    const int c0 = chunk * cpc, c1 = imin(Cg, c0 + cpc);
+    BlockItem it;
+    if (!decode_block(b, grid, it)) continue;
+    const int q = it.q, sr = it.sr, chunk = it.chunk, h = it.row, w = it.col;
+    const int64_t ng = it.ng;
 
     // Clamped window offsets, as in the forward; the accumulators of taps outside the image collect
     // products with a clamped pixel and are zeroed after the loop (exact: they are 0 by definition).
@@ -663,10 +697,10 @@ CK_GLOBAL void CK_LAUNCH_BOUNDS(kThreads) carafe_backward_masks_tiled_kernel(
       }
     }
 
-    const int64_t cbase = n * p.C + static_cast<int64_t>(g) * Cg + c0;
+    const int64_t cbase = it.cbase(grid);
     const T* fp = features + cbase * HW;
     const T* gp = grad_out + cbase * HoWo + (h * S + sr * SR) * Wo + w * S;
-    for (int c = c0; c < c1; ++c, fp += HW, gp += HoWo) {
+    for (int c = it.c0; c < it.c1; ++c, fp += HW, gp += HoWo) {
       A go[SR][S];
 #pragma unroll
       for (int ii = 0; ii < SR; ++ii) load_row<T, S>(gp + ii * Wo, go[ii]);
@@ -680,16 +714,7 @@ CK_GLOBAL void CK_LAUNCH_BOUNDS(kThreads) carafe_backward_masks_tiled_kernel(
         }
       }
     }
-#pragma unroll
-    for (int t = 0; t < KK; ++t) {
-      if (!tap_inside<K>(t, h, w, H, W)) {
-#pragma unroll
-        for (int ii = 0; ii < SR; ++ii) {
-#pragma unroll
-          for (int j = 0; j < S; ++j) dp[t][ii][j] = 0;
-        }
-      }
-    }
+    zero_taps_outside<K>(dp, h, w, H, W);
 
     if constexpr (FUSED) {
       // logits layout: index of (t, sub) at this position = (ng*KK*SS + t*SS + sub)*HW + q
@@ -752,28 +777,21 @@ CK_GLOBAL void carafe_backward_masks_generic_kernel(
   const int kk = k * k, ss = s * s;
   const int H = static_cast<int>(p.H), W = static_cast<int>(p.W), HW = H * W, Wo = W * s;
   const int HoWo = HW * ss;
-  const int G = static_cast<int>(p.G), Cg = static_cast<int>(p.C / p.G);
-  const int npb = static_cast<int>(ceil_div(HoWo, bd));
-  const int64_t grad_numel = p.N * G * kk * static_cast<int64_t>(HoWo);
+  const ChunkGrid grid = chunk_grid(p, HoWo, Wo, bd, 1, cpc, nchunk);
+  const int64_t grad_numel = p.N * grid.G * kk * static_cast<int64_t>(HoWo);
 
   for (int64_t b = CK_BLOCK_X; b < total_blocks; b += CK_GRID_DIM_X) {
-    int64_t rest = b;
-    const int chunk = static_cast<int>(rest % nchunk); rest /= nchunk;
-    const int pb = static_cast<int>(rest % npb); rest /= npb;
-    const int64_t ng = rest;
-    const int qo = pb * bd + static_cast<int>(CK_THREAD_X);
-    if (qo >= HoWo) continue;
-    const int y = qo / Wo, x = qo % Wo;
+    BlockItem it;
+    if (!decode_block(b, grid, it)) continue;
+    const int qo = it.q, chunk = it.chunk, y = it.row, x = it.col;
     const int h = y / s, i = y % s, w = x / s, j = x % s;
-    const int64_t n = ng / G;
-    const int g = static_cast<int>(ng % G);
-    const int c0 = chunk * cpc, c1 = imin(Cg, c0 + cpc);
+    const int64_t ng = it.ng;
 
     for (int t = 0; t < kk; ++t) dcol[t * bd] = 0;
-    const int64_t cbase = n * p.C + static_cast<int64_t>(g) * Cg + c0;
+    const int64_t cbase = it.cbase(grid);
     const T* fp = features + cbase * HW;
     const T* gp = grad_out + cbase * HoWo + qo;
-    for (int c = c0; c < c1; ++c, fp += HW, gp += HoWo) {
+    for (int c = it.c0; c < it.c1; ++c, fp += HW, gp += HoWo) {
       const A go = to_acc(ldg(gp));
       for (int ky = 0; ky < k; ++ky) {
         const int yy = h + ky - r;
