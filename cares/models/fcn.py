@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .blocks import SegmentationModel
-from .vgg import VGG16_STAGES, vgg_stage
+from .vgg import VGG16_STAGES, vgg16_encoder
 
 __all__ = ["FCN8s", "bilinear_kernel_"]
 
@@ -47,14 +47,10 @@ class FCN8s(SegmentationModel):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 1, dropout: float = 0.5):
         super().__init__(in_channels, num_classes)
-        self.stages = nn.ModuleList()
-        previous = in_channels
-        for channels, convs in VGG16_STAGES:
-            self.stages.append(vgg_stage(previous, channels, convs))
-            previous = channels
+        self.stages = vgg16_encoder(in_channels)
         self.pool = nn.MaxPool2d(2, stride=2)
         self.classifier = nn.Sequential(OrderedDict(
-            fc6=nn.Conv2d(previous, FC_CHANNELS, 7, padding=3),
+            fc6=nn.Conv2d(VGG16_STAGES[-1][0], FC_CHANNELS, 7, padding=3),
             relu6=nn.ReLU(inplace=True),
             drop6=nn.Dropout2d(dropout),
             fc7=nn.Conv2d(FC_CHANNELS, FC_CHANNELS, 1),

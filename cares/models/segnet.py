@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .blocks import ConvBNReLU, SegmentationModel
-from .vgg import VGG16_STAGES, vgg_stage
+from .vgg import VGG16_STAGES, vgg16_encoder, vgg_stage
 
 __all__ = ["SegNet"]
 
@@ -26,11 +26,7 @@ class SegNet(SegmentationModel):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 1):
         super().__init__(in_channels, num_classes)
-        self.encoders = nn.ModuleList()
-        previous = in_channels
-        for channels, convs in VGG16_STAGES:
-            self.encoders.append(vgg_stage(previous, channels, convs))
-            previous = channels
+        self.encoders = vgg16_encoder(in_channels)
         self.pool = nn.MaxPool2d(2, stride=2, return_indices=True)
         self.unpool = nn.MaxUnpool2d(2, stride=2)
 

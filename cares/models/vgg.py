@@ -10,7 +10,7 @@ from torch import nn
 
 from .blocks import ConvBNReLU
 
-__all__ = ["VGG16_STAGES", "vgg_stage"]
+__all__ = ["VGG16_STAGES", "vgg_stage", "vgg16_encoder"]
 
 VGG16_STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # (channels, convs)
 
@@ -19,3 +19,12 @@ def vgg_stage(in_channels: int, out_channels: int, convs: int) -> nn.Sequential:
     """``convs`` 3x3 conv-BN-ReLU, the first in_channels -> out_channels, the rest keeping out_channels."""
     return nn.Sequential(*(ConvBNReLU(in_channels if index == 0 else out_channels, out_channels)
                            for index in range(convs)))
+
+
+def vgg16_encoder(in_channels: int) -> nn.ModuleList:
+    """The five VGG16_STAGES as a ModuleList, the first taking ``in_channels`` (pooling is the model's)."""
+    stages, previous = nn.ModuleList(), in_channels
+    for channels, convs in VGG16_STAGES:
+        stages.append(vgg_stage(previous, channels, convs))
+        previous = channels
+    return stages
