@@ -60,8 +60,14 @@ def init_distributed(device_preference: str = "auto") -> DistributedContext:
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def shutdown(context: DistributedContext) -> None:
+def shutdown(context: DistributedContext, *, synchronize: bool = False) -> None:
+    """Destroy the process group. synchronize=True (a clean exit) first waits for every rank, so no rank
+    tears down gloo while another still has work in flight on its connections: that race aborted a
+    rank at exit ("terminate called without an active exception") once in CI. After an error, ranks
+    may not all get here, so no barrier then."""
     if context.is_distributed and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

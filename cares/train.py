@@ -94,11 +94,13 @@ def run(args) -> int:
         print(f"cares train: error: {err}", file=sys.stderr)
         return 2
     context = init_distributed(config.device)
+    finished = False
     try:
         if config.fold == "all":
             train_all_folds(config, context)
         else:
             train(config, context)
+        finished = True
     except NonFiniteLossError as err:
         if context.is_main:
             print(f"cares train: error: {err}", file=sys.stderr)
@@ -108,7 +110,7 @@ def run(args) -> int:
             print(f"cares train: error: {err}", file=sys.stderr)
         return 2
     finally:
-        shutdown(context)
+        shutdown(context, synchronize=finished)
     return 0
 
 
