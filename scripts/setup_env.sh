@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pip install -q --upgrade pip "setuptools>=70" wheel ninja
+python -m pip install -q --upgrade pip "setuptools>=77" wheel ninja
 python -c "import torch" 2>/dev/null || python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 # --no-build-isolation: build against the torch installed above (the extension must match its ABI).
 MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation -e ".[${EXTRAS:-dev,cares,triton}]"
