@@ -56,6 +56,16 @@ def _cuda_home() -> Path | None:
     return None
 
 
+
+def _host_toolchain_or_skip():
+    """(host C++ compiler, CUDA home with its headers), or skip the test saying which is missing."""
+    cxx, home = _cxx(), _cuda_home()
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    if home is None:
+        pytest.skip("CUDA headers (cuda_fp16.h, cuda_runtime_api.h) not found")
+    return cxx, home
+
 def _nvcc() -> str | None:
     found = shutil.which("nvcc")
     if found:
@@ -156,11 +166,7 @@ def test_no_register_spills(ptxas_reports, arch):
 def test_torch_glue_syntax(tmp_path):
     from torch.utils import cpp_extension
 
-    cxx, home = _cxx(), _cuda_home()
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    if home is None:
-        pytest.skip("CUDA headers (cuda_runtime_api.h) not found")
+    cxx, home = _host_toolchain_or_skip()
     includes = [Path(p) for p in cpp_extension.include_paths()]
     if not any((p / "c10" / "cuda" / "CUDAGuard.h").exists() for p in includes):
         pytest.skip("this torch install has no c10/cuda headers")
@@ -217,11 +223,7 @@ SENTINEL = -12288.0  # exactly representable in every dtype, never a plausible r
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    cxx, home = _cxx(), _cuda_home()
-    if cxx is None:
-        pytest.skip("no host C++ compiler")
-    if home is None:
-        pytest.skip("CUDA headers (cuda_fp16.h, cuda_runtime_api.h) not found")
+    cxx, home = _host_toolchain_or_skip()
     d = tmp_path_factory.mktemp("emu")
     (d / "emu.cpp").write_text(EMU_SOURCE)
     cmd = [cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-DCARAFE_CUDA_EMULATION", "-Wall", "-Wextra",
