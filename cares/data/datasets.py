@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import SliceDataset, check_common_arguments
-from .io import IMAGE_SUFFIXES, image_size_of, load_image, load_mask
+from .io import IMAGE_SUFFIXES, as_path, image_size_of, load_image, load_mask
 from .nifti import (DEFAULT_WINDOW_LEVEL, DEFAULT_WINDOW_WIDTH, NIFTI_SUFFIXES, is_nifti_path,
                     nifti_geometry, nifti_stem, read_nifti, window_hu)
 from .synthetic import SyntheticCT
@@ -212,9 +212,7 @@ class NiftiSliceDataset(SliceDataset):
 # ----------------------------------------------------------------------------------------------
 
 def _existing_dir(path, what: str) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{what} must be a str or os.PathLike path, got {type(path).__name__}")
-    path = Path(path)
+    path = as_path(path, what)
     if not path.is_dir():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist or is not a folder")
     return path

@@ -23,10 +23,15 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 MASK_THRESHOLD = 128
 
 
-def _check_path(path, what: str) -> Path:
+def as_path(path, what: str) -> Path:
+    """``path`` as a Path; TypeError naming ``what`` when it is not a str or os.PathLike."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{what} must be a str or os.PathLike path, got {type(path).__name__}")
-    path = Path(path)
+    return Path(path)
+
+
+def _check_path(path, what: str) -> Path:
+    path = as_path(path, what)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist or is not a file")
     return path

@@ -18,10 +18,11 @@ radiological display; that does not matter to the network, and the round trip is
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .io import _check_path, as_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -55,11 +56,7 @@ def nifti_stem(path) -> str:
 
 
 def _check_nifti_path(path, what: str) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"{what} must be a str or os.PathLike path, got {type(path).__name__}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist or is not a file")
+    path = _check_path(path, what)
     if not is_nifti_path(path):
         raise ValueError(f"{what} {str(path)!r} is not a NIfTI file (expected .nii or .nii.gz)")
     return path
@@ -120,8 +117,7 @@ def write_nifti(path, mask, affine) -> Path:
     with `read_nifti` lands on the voxels it was predicted for. bool masks are stored as 0/1.
     """
     nibabel = _nibabel()
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike path, got {type(path).__name__}")
+    path = as_path(path, "path")
     if not is_nifti_path(path):
         raise ValueError(f"path {str(path)!r} must end in .nii or .nii.gz")
     if hasattr(mask, "detach"):  # a torch tensor
