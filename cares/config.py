@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
-AMP_CHOICES = ("off", "fp16", "bf16")
+AMP_CHOICES = ("auto", "off", "fp16", "bf16")
 
 
 @dataclass
@@ -34,6 +34,7 @@ class TrainConfig:
     train_split: str = "train"
     val_split: str | None = None              # a split of `data` to validate on when --folds is 1
     pseudo: str | None = None                 # folder with Imgs/ + GT/ written by `cares pseudo-label`
+    cache_data: bool = True                   # decode and resize the training slices once, keep them in memory
     synthetic_samples: int | None = None      # slices in the synthetic training split (None: cares.data's 64)
     image_size: int = 256
     augment: bool = True
@@ -41,6 +42,7 @@ class TrainConfig:
     # model (options go to cares.models.build_model, e.g. {"upsampler": "deconv"})
     model: str = "cares_unet"
     model_options: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None              # start from this checkpoint's weights (same model), e.g. semi after supervised
     # optimisation (paper: Ranger, lr 5e-4, weight decay 1e-4, batch 4, Dice + BCE)
     optimizer: str = "ranger"
     lr: float = 5e-4
@@ -59,8 +61,8 @@ class TrainConfig:
     val_every: int = 1                        # validate every N epochs (and after the last one)
     # execution
     device: str = "auto"
-    amp: str = "off"
-    channels_last: bool = False
+    amp: str = "auto"                         # auto: bf16 on CUDA with bf16 and on CPUs with native bf16
+    channels_last: bool | None = None         # None: on when bf16 autocast runs (cares.inference)
     compile: bool = False
     seed: int = 0
     deterministic: bool = False
@@ -133,11 +135,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--image-size", type=_positive_int("--image-size"), metavar="S", help="train at S x S")
     flag("--augment", action=argparse.BooleanOptionalAction, help="random training augmentation")
     flag("--num-workers", type=int, metavar="N", help="DataLoader worker processes")
+    flag("--cache-data", action=argparse.BooleanOptionalAction,
+         help="decode and resize the training slices once and keep them in memory (S*S*5 bytes each)")
 
     group = parser.add_argument_group("model")
     flag("--model", metavar="NAME", help="architecture from cares.models.MODEL_NAMES")
     flag("--model-option", dest="model_options", action="append", type=_model_option, metavar="KEY=VALUE",
          help="option for build_model, repeatable, e.g. upsampler=deconv")
+    flag("--init-from", metavar="CKPT", help="initialise the model with this checkpoint's weights (same model and "
+                                             "options; optimizer and schedule start fresh), e.g. semi-supervised "
+                                             "training that continues from the supervised model")
 
     group = parser.add_argument_group("optimisation")
     flag("--optimizer", metavar="NAME", help="ranger, adam or sgd")
@@ -161,8 +168,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("execution")
     flag("--device", choices=DEVICE_CHOICES, help="auto = cuda when available")
-    flag("--amp", choices=AMP_CHOICES, help="mixed precision (fp16 uses a GradScaler)")
-    flag("--channels-last", action=argparse.BooleanOptionalAction, help="channels_last memory format")
+    flag("--amp", choices=AMP_CHOICES, help="mixed precision (fp16 uses a GradScaler); auto = bf16 on CUDA "
+                                            "with bf16 and on CPUs with native bf16 (AVX512-BF16/AMX), else off")
+    flag("--channels-last", action=argparse.BooleanOptionalAction,
+         help="channels_last memory format (default: on when bf16 autocast runs)")
     flag("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     flag("--seed", type=int, help="seed for weights, data order and augmentation")
     flag("--deterministic", action=argparse.BooleanOptionalAction,
@@ -267,3 +276,5 @@ def validate(config: TrainConfig) -> None:
     need(isinstance(config.model_options, dict), f"model_options must be a mapping, got {config.model_options!r}")
     if config.pseudo is not None:
         need(os.path.isdir(config.pseudo), f"--pseudo folder {config.pseudo!r} does not exist")
+    if config.init_from is not None:
+        need(os.path.isfile(config.init_from), f"--init-from checkpoint {config.init_from!r} does not exist")

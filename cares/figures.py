@@ -18,7 +18,8 @@ TP_COLOUR = (255, 255, 255)
 FP_COLOUR = (255, 0, 0)
 FN_COLOUR = (0, 0, 255)
 TN_COLOUR = (0, 0, 0)
-SERIES_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
+SERIES_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
+                  (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
 
 def error_map(prediction: np.ndarray, ground_truth: np.ndarray) -> np.ndarray:
@@ -52,27 +53,44 @@ def qualitative_figure(path, rows: Sequence[tuple[str, np.ndarray, np.ndarray, n
     rows: (name, image (H, W) in [0, 1], ground truth (H, W) bool, probability (H, W) in [0, 1]);
     the prediction column shows `probability >= threshold` coloured against the ground truth.
     """
+    return comparison_figure(path, [(name, image, truth, [probability]) for name, image, truth, probability in rows],
+                             ["prediction"], threshold=threshold, panel_height=panel_height)
+
+
+def comparison_figure(path, rows: Sequence[tuple[str, np.ndarray, np.ndarray, Sequence[np.ndarray]]],
+                      model_names: Sequence[str], *, threshold: float = 0.5, panel_height: int = 192) -> Path:
+    """Fig. 6 of the paper for several models: one row per case, columns image | ground truth |
+    one prediction per model (in `model_names` order), each `probability >= threshold` coloured
+    against the ground truth.
+
+    rows: (name, image (H, W) in [0, 1], ground truth (H, W) bool, [probability (H, W) per model]).
+    """
     if not rows:
-        raise ValueError("qualitative_figure needs at least one row")
+        raise ValueError("comparison_figure needs at least one row")
+    for name, _, _, probabilities in rows:
+        if len(probabilities) != len(model_names):
+            raise ValueError(f"row {name!r} has {len(probabilities)} predictions for {len(model_names)} models")
     font = ImageFont.load_default()
     margin, header, label_width = 6, 20, 0
+    titles = ["image", "ground truth", *model_names]
     panels = []
-    for name, image, truth, probability in rows:
+    for name, image, truth, probabilities in rows:
         truth = np.asarray(truth, dtype=bool)
-        prediction = np.asarray(probability) >= threshold   # the rule of cares.metrics' threshold protocol
         height, width = truth.shape
         panel_width = max(1, round(width * panel_height / height))
-        row = [_to_rgb(image), _to_rgb(truth), Image.fromarray(error_map(prediction, truth))]
+        # The rule of cares.metrics' threshold protocol.
+        row = [_to_rgb(image), _to_rgb(truth)] + [
+            Image.fromarray(error_map(np.asarray(probability) >= threshold, truth)) for probability in probabilities]
         # The CT image is smoothed when resized; the masks keep hard edges.
         panels.append((name, [p.resize((panel_width, panel_height), Image.BILINEAR if i == 0 else Image.NEAREST)
                               for i, p in enumerate(row)]))
         label_width = max(label_width, 6 * len(name) + 2 * margin)
-    column_width = max(p.width for _, row in panels for p in row)
+    column_width = max(max(p.width for _, row in panels for p in row), max(6 * len(t) for t in titles))
     label_width = min(label_width, 160)
-    canvas = Image.new("RGB", (label_width + 3 * (column_width + margin) + margin,
+    canvas = Image.new("RGB", (label_width + len(titles) * (column_width + margin) + margin,
                                header + len(panels) * (panel_height + margin) + margin + 14), "white")
     draw = ImageDraw.Draw(canvas)
-    for column, title in enumerate(("image", "ground truth", "prediction")):
+    for column, title in enumerate(titles):
         draw.text((label_width + margin + column * (column_width + margin), 4), title, fill="black", font=font)
     for index, (name, row) in enumerate(panels):
         top = header + index * (panel_height + margin)

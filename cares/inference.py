@@ -29,12 +29,41 @@ from cares.distributed import resolve_device
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX), where oneDNN's bf16 convolutions
+    beat fp32 ones. Measured on such a 2-core machine (CARes-UNet width 16, 256x256, batch 4, one
+    training step): fp32 NCHW 14.7 s, bf16 autocast + channels_last 5.9 s."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):   # a torch without oneDNN, or one that renamed the probe
+        return False
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """--amp auto -> bf16 where the device computes it fast (CUDA with bf16, CPUs with native bf16), else
+    off; other choices are returned as they are."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "off"
+    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "off"
+
+
+def resolve_channels_last(channels_last: bool | None, amp: str, device: torch.device) -> bool:
+    """channels_last None (auto) -> on when bf16 autocast runs (oneDNN and cuDNN's fast bf16 convolutions
+    want NHWC), off otherwise."""
+    if channels_last is not None:
+        return channels_last
+    return resolve_amp(amp, device) == "bf16"
+
+
 def autocast_context(device: torch.device, amp: str):
-    """torch.autocast for --amp fp16 | bf16, a no-op context for off."""
+    """torch.autocast for --amp fp16 | bf16 (| auto, see resolve_amp), a no-op context for off."""
+    amp = resolve_amp(amp, device)
     if amp == "off":
         return contextlib.nullcontext()
     if amp not in AMP_DTYPES:
-        raise ValueError(f"--amp must be off, fp16 or bf16, got {amp!r}")
+        raise ValueError(f"--amp must be auto, off, fp16 or bf16, got {amp!r}")
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 

@@ -84,13 +84,28 @@ class EpochSampler(Sampler[int]):
         return -(-total // self.world_size)
 
 
+def leaf_datasets(dataset: Dataset):
+    """The datasets inside Subset / ConcatDataset wrappers (the dataset itself when unwrapped)."""
+    if isinstance(dataset, Subset):
+        yield from leaf_datasets(dataset.dataset)
+    elif isinstance(dataset, ConcatDataset):
+        for part in dataset.datasets:
+            yield from leaf_datasets(part)
+    else:
+        yield dataset
+
+
 def set_dataset_epoch(dataset: Dataset, epoch: int) -> None:
     """Call set_epoch(epoch) on every augmenting dataset inside Subset / ConcatDataset wrappers
     (augmentation of item i in epoch e is then a function of (seed, e, i), in any worker)."""
-    if isinstance(dataset, Subset):
-        set_dataset_epoch(dataset.dataset, epoch)
-    elif isinstance(dataset, ConcatDataset):
-        for part in dataset.datasets:
-            set_dataset_epoch(part, epoch)
-    elif hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
+    for leaf in leaf_datasets(dataset):
+        if hasattr(leaf, "set_epoch"):
+            leaf.set_epoch(epoch)
+
+
+def cache_in_memory(dataset: Dataset) -> None:
+    """Decode every slice of the datasets inside Subset / ConcatDataset wrappers once and keep them in
+    memory (see cares.data.SliceDataset.cache_in_memory); datasets without a cache are left as they are."""
+    for leaf in leaf_datasets(dataset):
+        if hasattr(leaf, "cache_in_memory"):
+            leaf.cache_in_memory()

@@ -11,7 +11,6 @@ Run folder (--out):
     best.pt         the model with the best validation Dice so far (no optimizer state)
     log.csv         one row per epoch: loss, validation Dice, learning rate, time, throughput
     loss_curve.png  training loss and validation Dice per epoch
-    nan_state.pt    only when the loss became NaN/inf: the state just before that step
     folds.json      with --fold all: the best validation Dice of each fold and their mean
 
 Exact resume: checkpoints are written at epoch ends. The data order and augmentation of epoch e
@@ -37,7 +36,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -50,8 +49,8 @@ from cares.checkpoint import (DEFAULT_WINDOW, FORMAT, INTENSITY, VERSION, atomic
 from cares.config import TrainConfig, add_train_arguments, resolve_config, save_yaml
 from cares.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, barrier,
                                broadcast_object, init_distributed, shutdown)
-from cares.inference import autocast_context, predict_probabilities
-from cares.sampling import EpochSampler, kfold_split, set_dataset_epoch
+from cares.inference import autocast_context, predict_probabilities, resolve_amp, resolve_channels_last
+from cares.sampling import EpochSampler, cache_in_memory, kfold_split, set_dataset_epoch
 
 HELP = ("Train a segmentation model (CARes-UNet by default, with the paper's settings: 256x256, Ranger "
         "lr 5e-4, weight decay 1e-4, batch 4, Dice + BCE). Settings come from flags or --config FILE.yaml "
@@ -64,8 +63,12 @@ LOG_COLUMNS = ("epoch", "train_loss", "val_dice", "lr", "images", "seconds", "im
 VALIDATION_THRESHOLD = 0.5
 
 
+# The progress bar (a terminal only) reads the running loss, which waits for the device, every N steps.
+PROGRESS_EVERY = 10
+
+
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the state before the step is in nan_state.pt."""
+    """The training loss became NaN or infinite (detected at the end of the epoch it happened in)."""
 
 
 @dataclass
@@ -163,12 +166,27 @@ def build_datasets(config: TrainConfig) -> tuple[torch.utils.data.Dataset, int, 
         pseudo = dataset(config.pseudo, "train", config.augment)
         num_pseudo = len(pseudo)
         training = ConcatDataset([labelled, pseudo])
+    if config.cache_data:
+        # Before any DataLoader forks its workers, so they inherit the decoded slices.
+        for part in (training, validation):
+            if part is not None:
+                cache_in_memory(part)
     return training, num_labelled, num_pseudo, validation
 
 
 def build_model_for(config: TrainConfig) -> torch.nn.Module:
     from cares.models import build_model
     return build_model(config.model, in_channels=1, num_classes=1, **config.model_options)
+
+
+def _load_initial_weights(model: torch.nn.Module, config: TrainConfig) -> None:
+    """--init-from: copy a checkpoint's weights into the freshly built model (same model and options)."""
+    state = load_checkpoint(config.init_from)
+    saved = state["model"]
+    if saved["name"] != config.model or saved["options"] != config.model_options:
+        raise ValueError(f"--init-from {config.init_from!r} holds model {saved['name']} {saved['options']}, "
+                         f"but the run trains {config.model} {config.model_options}")
+    model.load_state_dict(saved["state_dict"])
 
 
 def _amp_scaler(config: TrainConfig, device: torch.device):
@@ -262,19 +280,23 @@ def validation_dice(model: torch.nn.Module, dataset, config: TrainConfig, contex
 
 
 def train(config: TrainConfig, context: DistributedContext | None = None, *,
-          stop_after_epoch: int | None = None) -> TrainResult:
+          stop_after_epoch: int | None = None,
+          on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train as `config` says, writing into config.out; returns what was done.
 
     stop_after_epoch: end the run after that many epochs as if it had been killed (tests use it to
         simulate an interruption; the checkpoint is written first, exactly as in a real kill).
-    Raises NonFiniteLossError when the loss becomes NaN/inf (after writing nan_state.pt).
+    on_epoch_end: called on the main process with each epoch's log row once its checkpoint is written
+        (`cares reproduce` uses it for its overall progress and ETA).
+    Raises NonFiniteLossError at the end of an epoch in which the loss became NaN/inf.
     """
     context = context or init_distributed(config.device)
     with _Deterministic(config.deterministic):
-        return _train(config, context, stop_after_epoch)
+        return _train(config, context, stop_after_epoch, on_epoch_end)
 
 
-def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: int | None) -> TrainResult:
+def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: int | None,
+           on_epoch_end: Callable[[dict[str, Any]], None] | None) -> TrainResult:
     from cares.losses import DiceBCELoss
     from cares.optim import build_optimizer, build_scheduler
 
@@ -289,9 +311,17 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(run_dir / "config.yaml", config)
 
+    # "auto" precision and layout become concrete here, once the device is known; config.yaml and the
+    # checkpoints keep the settings as given (`settings`), so a resumed run on other hardware re-resolves them.
+    settings = config
+    config = dataclasses.replace(config, amp=resolve_amp(config.amp, device),
+                                 channels_last=resolve_channels_last(config.channels_last, config.amp, device))
     seed_everything(config.seed)
     training_set, num_labelled, num_pseudo, validation_set = build_datasets(config)
-    model = build_model_for(config).to(device)
+    model = build_model_for(config)
+    if config.init_from is not None:
+        _load_initial_weights(model, config)
+    model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config.optimizer, model.parameters(), lr=config.lr,
@@ -355,7 +385,7 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
         lr = optimizer.param_groups[0]["lr"]
         epoch_started = time.monotonic()
         train_loss, images = _train_one_epoch(train_model, model, loader, loss_function, optimizer, scaler, config,
-                                      context, epoch, run_dir, scheduler, history, best_val_dice)
+                                              context, epoch, run_dir)
         seconds = time.monotonic() - epoch_started
 
         val_dice = None
@@ -370,10 +400,10 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
         history.append(_history_row(epoch + 1, train_loss, val_dice, lr, images, seconds))
         rng = all_gather_objects(context, capture_rng_state())
         if context.is_main:
-            save_checkpoint(last_path, _full_state(config, model, optimizer, scheduler, scaler, epoch + 1,
+            save_checkpoint(last_path, _full_state(settings, model, optimizer, scheduler, scaler, epoch + 1,
                                                    best_val_dice, history, rng))
             if improved:
-                save_checkpoint(best_path, weights_state(config, model, epoch + 1, best_val_dice, history))
+                save_checkpoint(best_path, weights_state(settings, model, epoch + 1, best_val_dice, history))
             write_log_csv(run_dir / "log.csv", history)
             if writer is not None:
                 writer.add_scalar("train/loss", train_loss, epoch + 1)
@@ -384,6 +414,8 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}  loss {train_loss:.4f}"
                        + (f"  val Dice {val_dice:.4f} (best {best_val_dice:.4f})" if val_dice is not None else "")
                        + f"  lr {lr:.3g}  {history[-1]['images_per_second']:.1f} img/s", file=sys.stderr)
+            if on_epoch_end is not None:
+                on_epoch_end(history[-1])
 
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not is_last_epoch:
             stopped_early = True
@@ -427,41 +459,35 @@ def _full_state(config, model, optimizer, scheduler, scaler, epoch, best_val_dic
 
 
 def _train_one_epoch(train_model, model, loader, loss_function, optimizer, scaler, config, context,
-                     epoch, run_dir, scheduler, history, best_val_dice) -> float:
-    """One pass over the epoch's samples; returns (mean loss, number of images), both over all processes."""
+                     epoch, run_dir) -> tuple[float, int]:
+    """One pass over the epoch's samples; returns (mean loss, number of images), both over all processes.
+
+    The host does not wait for the device inside the loop: the loss sum and the non-finite checks are
+    accumulated as device tensors and read once, at the end of the epoch (the progress bar, shown only
+    on a terminal, reads them every PROGRESS_EVERY steps). A non-finite loss therefore stops the run at
+    the end of its epoch, with NonFiniteLossError naming the first bad step.
+    """
     device = context.device
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     train_model.train()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)   # sum of loss * images, images
+    totals = torch.zeros(2, dtype=torch.float64, device=device)      # sum of loss * images, images
+    first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    bad_input = torch.zeros((), dtype=torch.bool, device=device)   # a batch held NaN/inf pixels
+    batch_names: list[list[str]] = []
     progress = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
                     disable=not context.is_main or None, file=sys.stderr)
     started = time.monotonic()
     for step, batch in enumerate(progress):
         images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         masks = batch["mask"].to(device, non_blocking=True)
+        batch_names.append(list(batch["name"]))
         with autocast_context(device, config.amp):
             logits = train_model(images)
         loss = loss_function(logits, masks)
-
-        # Every process must see the same verdict, or the healthy ones would wait forever in the
-        # next all-reduce; so the check uses the all-reduced loss.
-        step_totals = all_reduce_sum(context, torch.stack([loss.detach().double() * len(images),
-                                                           torch.tensor(len(images), dtype=torch.float64,
-                                                                        device=device)]))
-        if not torch.isfinite(step_totals[0]):
-            path = run_dir / "nan_state.pt"
-            if context.is_main:
-                state = _full_state(config, model, optimizer, scheduler, scaler, epoch, best_val_dice, history,
-                                    None)
-                state["nan"] = {"epoch": epoch + 1, "step": step + 1, "names": list(batch["name"])}
-                save_checkpoint(path, state)
-            barrier(context)
-            raise NonFiniteLossError(
-                f"the loss became {step_totals[0].item()} at epoch {epoch + 1}, step {step + 1} (batch "
-                f"{list(batch['name'])} on rank {context.rank}); the model and optimizer state before "
-                f"this step are in {path}, the last good epoch in {run_dir / 'last.pt'}. Try a lower --lr, "
-                "--amp off or bf16, or check the data.")
-        totals += step_totals
+        first_bad_step = torch.where(~torch.isfinite(loss) & (first_bad_step < 0), step, first_bad_step)
+        bad_input |= ~torch.isfinite(images).all()
+        totals += torch.stack([loss.detach().double() * len(images),
+                               torch.tensor(len(images), dtype=torch.float64, device=device)])
 
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -471,11 +497,39 @@ def _train_one_epoch(train_model, model, loader, loss_function, optimizer, scale
         else:
             loss.backward()
             optimizer.step()
-        if progress.disable is False:
+        if progress.disable is False and step % PROGRESS_EVERY == 0:
             elapsed = time.monotonic() - started
-            progress.set_postfix(loss=f"{step_totals[0].item() / step_totals[1].item():.4f}",
-                                 img_s=f"{totals[1].item() / max(elapsed, 1e-9):.1f}")
-    return float(totals[0] / totals[1]), int(totals[1])
+            progress.set_postfix(loss=f"{float(totals[0] / totals[1]):.4f}",
+                                 img_s=f"{float(totals[1]) / max(elapsed, 1e-9):.1f}")
+
+    # Every process must reach the same verdict, or the healthy ones would wait forever in the next
+    # collective; so the flags are all-reduced with the loss totals.
+    summary = all_reduce_sum(context, torch.stack([totals[0], totals[1], (first_bad_step >= 0).double(),
+                                                   bad_input.double()]))
+    if summary[2] > 0:
+        where = all_gather_objects(context, None if first_bad_step < 0 else
+                                   (context.rank, int(first_bad_step), batch_names[int(first_bad_step)],
+                                    bool(bad_input)))
+        raise NonFiniteLossError(_non_finite_message(epoch, [w for w in where if w is not None], run_dir,
+                                                     input_was_bad=bool(summary[3] > 0)))
+    return float(summary[0] / summary[1]), int(summary[1])
+
+
+def _non_finite_message(epoch: int, where: list[tuple[int, int, list[str], bool]], run_dir: Path, *,
+                        input_was_bad: bool) -> str:
+    """What went wrong, where, what is left to resume from, and what to change."""
+    rank, step, names, _ = min(where, key=lambda w: w[1])
+    last_path = run_dir / "last.pt"
+    if epoch > 0 and last_path.is_file():
+        fallback = f"the last good state is {last_path} (after epoch {epoch}); --resume continues from it"
+    else:
+        fallback = "no epoch had finished, so there is no checkpoint to go back to"
+    if input_was_bad:
+        advice = "the input images held NaN or infinite values: check the data"
+    else:
+        advice = "try a lower --lr, --amp off or bf16"
+    return (f"the loss became NaN or infinite at epoch {epoch + 1}, step {step + 1} (batch {names} on rank "
+            f"{rank}); {fallback}. Cause: {advice}.")
 
 
 def train_all_folds(config: TrainConfig, context: DistributedContext | None = None) -> dict[str, Any]:

@@ -275,6 +275,29 @@ def test_dataset_augmentation_follows_set_epoch():
         dataset.set_epoch(-1)
 
 
+def test_cache_in_memory_serves_the_same_items_and_stops_reading(monkeypatch):
+    from torch.utils.data import ConcatDataset, Subset
+
+    from cares.sampling import cache_in_memory
+    plain = SyntheticCT(5, image_size=24, seed=2, augment=True)
+    expected = {}
+    for epoch in (0, 3):
+        plain.set_epoch(epoch)
+        expected[epoch] = [plain[index] for index in range(5)]
+    cached = SyntheticCT(5, image_size=24, seed=2, augment=True)
+    cache_in_memory(ConcatDataset([Subset(cached, [0, 1]), cached]))   # found inside the wrappers
+    monkeypatch.setattr(SyntheticCT, "load_slice", lambda self, index: pytest.fail("read after caching"))
+    for epoch in (0, 3):
+        cached.set_epoch(epoch)
+        for index in range(5):
+            # Decoding and resizing are deterministic: the same items, augmentation included.
+            item = cached[index]
+            assert torch.equal(item["image"], expected[epoch][index]["image"])
+            assert torch.equal(item["mask"], expected[epoch][index]["mask"])
+            assert item["mask"].dtype == torch.float32
+            assert (item["name"], item["orig_size"]) == (expected[epoch][index]["name"], expected[epoch][index]["orig_size"])
+
+
 # ------------------------------------------------------------------------------------------------
 # Layouts and readers on small files
 # ------------------------------------------------------------------------------------------------

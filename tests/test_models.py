@@ -167,9 +167,18 @@ def test_base_channels_scales_every_block(name):
 
 
 @pytest.mark.parametrize("bad", [0, 3, -2, 2.0, True])
-def test_base_channels_rejects_bad_values(bad):
+@pytest.mark.parametrize("name", ["cares_unet", "unet"])
+def test_base_channels_rejects_bad_values(bad, name):
     with pytest.raises(ValueError, match="base_channels"):
-        build_model("cares_unet", base_channels=bad)
+        build_model(name, base_channels=bad)
+
+
+def test_unet_width_option_keeps_the_paper_model_by_default():
+    # The original U-Net (1 input channel, 1 class): 31.04 M parameters; width 16 is 1/16 of the convolutions.
+    assert sum(p.numel() for p in build_model("unet").parameters()) == 31_036_481
+    narrow = build_model("unet", base_channels=16)
+    assert [block.conv1.conv.out_channels for block in narrow.encoders] == [16, 32, 64, 128, 256]
+    assert narrow(torch.randn(2, 1, 32, 32)).shape == (2, 1, 32, 32)
 
 
 def test_register_model_adds_and_removes_a_builder():

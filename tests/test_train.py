@@ -261,18 +261,48 @@ def test_existing_run_is_not_overwritten(tmp_path):
         train(tiny_config(tmp_path / "run"))
 
 
-def test_nan_loss_stops_with_a_clear_error_and_saved_state(tmp_path, monkeypatch):
+def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     import cares.losses
 
     def nan_loss(self, logits, target):
         return logits.sum() * float("nan")
 
     monkeypatch.setattr(cares.losses.DiceBCELoss, "forward", nan_loss)
-    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 1, step 1.*nan_state\.pt"):
+    with pytest.raises(NonFiniteLossError, match=r"NaN or infinite at epoch 1, step 1 \(batch \['synthetic_\d+', "
+                                                 r"'synthetic_\d+'\] on rank 0\); no epoch had finished.*lower --lr"):
         train(tiny_config(tmp_path / "run"))
-    state = load_checkpoint(tmp_path / "run" / "nan_state.pt")
-    assert state["nan"]["epoch"] == 1 and len(state["nan"]["names"]) == 2
-    assert all(torch.isfinite(t).all() for t in state["model"]["state_dict"].values() if t.is_floating_point())
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_nan_loss_in_a_later_epoch_names_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import cares.losses
+    original = cares.losses.DiceBCELoss.forward
+    calls = []
+
+    def nan_in_epoch_two(self, logits, target):
+        calls.append(1)
+        loss = original(self, logits, target)
+        return loss * float("inf") if len(calls) == 3 else loss   # 2 steps per epoch: epoch 2, step 1
+
+    monkeypatch.setattr(cares.losses.DiceBCELoss, "forward", nan_in_epoch_two)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 1 .*last good state is .*last\.pt \(after epoch 1\)"):
+        train(tiny_config(tmp_path / "run", epochs=3))
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+
+
+def test_nan_input_is_blamed_on_the_data_not_the_learning_rate(tmp_path, monkeypatch):
+    from cares.data import SliceDataset
+    original = SliceDataset.__getitem__
+
+    def nan_pixels(self, index):
+        item = original(self, index)
+        item["image"] = item["image"].clone()
+        item["image"][0, :5, :5] = float("nan")
+        return item
+
+    monkeypatch.setattr(SliceDataset, "__getitem__", nan_pixels)
+    with pytest.raises(NonFiniteLossError, match=r"input images held NaN or infinite values: check the data"):
+        train(tiny_config(tmp_path / "run"))
 
 
 def test_time_limit_stops_after_an_epoch_and_resume_finishes(tmp_path):

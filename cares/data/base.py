@@ -55,12 +55,42 @@ class SliceDataset(Dataset):
         self.seed = seed
         self.labeled = labeled
         self.epoch = 0
+        self._decoded: list[tuple[torch.Tensor, torch.Tensor | None, str, tuple[int, int]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Choose which epoch's augmentations the next items get (reproducible per epoch)."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         self.epoch = epoch
+
+    def cache_in_memory(self) -> "SliceDataset":
+        """Decode and resize every slice now, once, and serve items from memory from then on.
+
+        Training reads each slice once per epoch; decoding a JPEG/PNG and resizing it every time
+        costs more than the augmentation. Call it in the main process before a DataLoader starts
+        its workers, which then inherit the decoded slices. Items are the same as without the
+        cache (decoding and resizing are deterministic; augmentation still runs per item and
+        epoch). Masks are kept as bool, images as float32: S*S*5 bytes per slice.
+        """
+        if self._decoded is None:
+            self._decoded = [self._decode(index) for index in range(len(self))]
+        return self
+
+    def _decode(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None, str, tuple[int, int]]:
+        """(image (1, S, S), bool mask (1, S, S) or None, name, (h, w) before resizing) of slice index."""
+        image_array, mask_array, name = self.load_slice(index)
+        height, width = image_array.shape
+        if mask_array is not None and mask_array.shape != image_array.shape:
+            raise ValueError(f"slice {name!r}: image is {image_array.shape[0]}x{image_array.shape[1]} "
+                             f"but its mask is {mask_array.shape[0]}x{mask_array.shape[1]} (H x W)")
+        image = torch.from_numpy(np.ascontiguousarray(image_array, dtype=np.float32))[None]
+        mask = None
+        if self.labeled and mask_array is not None:
+            mask = torch.from_numpy(np.ascontiguousarray(mask_array, dtype=np.float32))[None]
+        if self.image_size is not None:
+            image = resize_image(image, self.image_size)
+            mask = None if mask is None else resize_mask(mask, self.image_size)
+        return image, None if mask is None else mask > 0.5, name, (int(height), int(width))
 
     def load_slice(self, index: int) -> tuple[np.ndarray, np.ndarray | None, str]:
         """Return (image float32 (H, W) in [0, 1], mask bool (H, W) or None, name) of slice index.
@@ -80,24 +110,13 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, index) -> dict:
         index = self._normalise_index(index)
-        image_array, mask_array, name = self.load_slice(index)
-        height, width = image_array.shape
-        if mask_array is not None and mask_array.shape != image_array.shape:
-            raise ValueError(f"slice {name!r}: image is {image_array.shape[0]}x{image_array.shape[1]} "
-                             f"but its mask is {mask_array.shape[0]}x{mask_array.shape[1]} (H x W)")
-
-        image = torch.from_numpy(np.ascontiguousarray(image_array, dtype=np.float32))[None]
-        mask = None
-        if self.labeled and mask_array is not None:
-            mask = torch.from_numpy(np.ascontiguousarray(mask_array, dtype=np.float32))[None]
-        if self.image_size is not None:
-            image = resize_image(image, self.image_size)
-            mask = None if mask is None else resize_mask(mask, self.image_size)
+        image, mask, name, orig_size = self._decoded[index] if self._decoded is not None else self._decode(index)
+        mask = None if mask is None else mask.float()
         if self.augment_config is not None:
             generator = item_generator(self.seed, self.epoch, index)
             image, mask = augment_pair(image, mask, generator, self.augment_config)
 
-        item = {"image": image, "name": name, "orig_size": (int(height), int(width))}
+        item = {"image": image, "name": name, "orig_size": orig_size}
         if mask is not None:
             item["mask"] = mask
         return item

@@ -10,7 +10,7 @@ Names (``MODEL_NAMES``):
     ca_unet         CARes-UNet without residual connections. options: upsampler, carafe_backend,
                     base_channels.
     res_unet        CARes-UNet with 2x2 transposed-conv upsampling (= cares_unet[upsampler=deconv]).
-    unet            plain U-Net (transposed-conv upsampling, BatchNorm).
+    unet            plain U-Net (transposed-conv upsampling, BatchNorm). options: base_channels.
     unet_resnet34   U-Net decoder on a ResNet-34 encoder (written here; no pretrained weights).
     segnet          SegNet (VGG-16-BN encoder, max-unpooling decoder).
     fcn             FCN-8s (VGG-16-BN encoder). options: dropout.

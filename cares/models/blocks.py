@@ -27,6 +27,13 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
+def check_base_channels(value) -> int:
+    """The width option of the U-Net-shaped models: an even int >= 2 (widths are halved on the way up)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2 or value % 2:
+        raise ValueError(f"base_channels must be an even int >= 2, got {value!r}")
+    return value
+
+
 class ConvBNReLU(nn.Sequential):
     """Conv (no bias: BatchNorm's shift makes it redundant) -> BatchNorm -> ReLU.
 

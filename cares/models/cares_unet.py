@@ -40,7 +40,7 @@ from torch import nn
 
 from carafe_kernels import CARAFEPack
 
-from .blocks import ConvResidualBlock, SegmentationModel
+from .blocks import ConvResidualBlock, SegmentationModel, check_base_channels
 
 __all__ = ["CAResUNet", "UPSAMPLERS", "make_upsampler", "CARAFEUpsampler"]
 
@@ -120,9 +120,7 @@ class CAResUNet(SegmentationModel):
             raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {upsampler!r}")
         if not isinstance(residual, bool):
             raise TypeError(f"residual must be a bool, got {type(residual).__name__} ({residual!r})")
-        if isinstance(base_channels, bool) or not isinstance(base_channels, int) or base_channels < 2 \
-                or base_channels % 2:
-            raise ValueError(f"base_channels must be an even int >= 2, got {base_channels!r}")
+        check_base_channels(base_channels)
         self.upsampler = upsampler
         encoder_channels = tuple(base_channels * m for m in ENCODER_WIDTH_MULTIPLIERS)
         bottleneck_channels = base_channels * BOTTLENECK_WIDTH_MULTIPLIER
