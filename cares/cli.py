@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pseudo-label": ("cares.pseudo_label", "pseudo-label unlabeled slices, keeping confident ones"),
     "complexity": ("cares.complexity", "parameters, MACs, FLOPs and latency of every model"),
     "demo": ("cares.demo", "train and evaluate CARes-UNet on synthetic CT and write a report"),
+    "reproduce": ("cares.reproduce", "reproduce the paper's Table 1: every run, seed and metric, one resumable command"),
 }
 
 

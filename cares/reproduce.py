@@ -1,0 +1,572 @@
+"""`cares reproduce`: the paper's Table 1 as one resumable experiment.
+
+An experiment (a preset in cares/presets/NAME.yaml, or --config FILE.yaml) is a list of runs; a run
+is a model, its options and seeds, supervised or semi-supervised. For each run and seed:
+
+    supervised   train (fixed epochs)  ->  evaluate last.pt on the test split
+    semi         the supervised model of the same model, options and seed (reused from a supervised
+                 run of the experiment when one matches, else trained here)  ->  pseudo-label the
+                 unlabeled split (the paper's entropy filter)  ->  train on labelled + pseudo-labelled
+                 slices, starting from the supervised weights  ->  evaluate
+
+Model selection never looks at the test split: every run trains for the preset's fixed number of
+epochs and its last weights are evaluated (the epoch counts were chosen before any test score was
+seen). Evaluation reports both protocols of `cares evaluate` (Inf-Net toolbox and threshold 0.5).
+
+Folder layout under --out:
+    <run>/seed_<s>/train/          the `cares train` run folder (checkpoints, log.csv, curve)
+    <run>/seed_<s>/supervised/     semi runs only, when no supervised run of the experiment matches
+    <run>/seed_<s>/pseudo/         semi runs only: `cares pseudo-label` output
+    <run>/seed_<s>/eval/           `cares evaluate` output (metrics.json, metrics.md, figures)
+    <step folder>/done.json        written last by each finished step, with its wall time
+    experiment.yaml                the experiment as run;  command.txt  the command line
+    table1.md, table1.json         mean +- std over seeds per run and protocol, the paper's numbers
+                                   beside them, wall time per run, commit, torch and machine
+    qualitative.png                the models side by side on the same test slices
+    loss_curves.png                training loss per epoch of every run
+
+Resuming: every step is skipped when its done.json exists, and a killed training resumes from its
+last.pt, so rerunning the same command after a kill continues where it stopped. The table and figures
+are rewritten after every finished run, so partial results are readable while it runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+HELP = ("Reproduce the paper's Table 1: train, (pseudo-label and retrain,) and evaluate every run of an "
+        "experiment for each seed, then write table1.md/json (mean +- std over seeds under both protocols, "
+        "the paper's numbers beside them), a qualitative figure and loss curves. Presets: "
+        "paper (a GPU, the paper's settings), h200 (one H200 in minutes), cpu (a 2-core CPU in <= 90 minutes), "
+        "tiny (a smoke test). Rerun the same command to continue after an interruption.")
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+# Table 1 of Xu et al., "CARes-UNet", Med Phys 2021 (COVID-SemiSeg test split, 48 slices, Inf-Net
+# toolbox protocol); the Inf-Net rows are from Fan et al., IEEE TMI 2020, as that table quotes them.
+PAPER_TABLE1: dict[str, dict[str, float]] = {
+    "U-Net": {"dice": .639, "sensitivity": .641, "specificity": .943, "s_measure": .675, "e_measure": .865,
+              "mae": .0890},
+    "UNet-ResNet34": {"dice": .652, "sensitivity": .623, "specificity": .954, "s_measure": .677,
+                      "e_measure": .873, "mae": .0860},
+    "Inf-Net": {"dice": .682, "sensitivity": .692, "specificity": .943, "s_measure": .781, "e_measure": .838,
+                "mae": .082},
+    "Semi-Inf-Net": {"dice": .739, "sensitivity": .725, "specificity": .960, "s_measure": .800,
+                     "e_measure": .894, "mae": .064},
+    "CARes-UNet": {"dice": .731, "sensitivity": .738, "specificity": .955, "s_measure": .746, "e_measure": .913,
+                   "mae": .0694},
+    "Semi-CARes-UNet": {"dice": .776, "sensitivity": .786, "specificity": .961, "s_measure": .789,
+                        "e_measure": .931, "mae": .0561},
+}
+METRICS = ("dice", "sensitivity", "specificity", "s_measure", "e_measure", "mae")
+METRIC_TITLES = {"dice": "Dice", "sensitivity": "Sen", "specificity": "Spe", "s_measure": "S-alpha",
+                 "e_measure": "E-mean", "mae": "MAE"}
+PROTOCOL_TITLES = {"infnet": "Inf-Net toolbox protocol (the paper's)", "threshold": "threshold 0.5"}
+# Relative cost of one image in inference vs one training step (forward + backward + update), for the ETA.
+INFERENCE_COST = 1 / 3
+
+
+# --------------------------------------------------------------------------------------------------
+# The experiment
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str                             # folder name, letters/digits/_/-
+    label: str                            # the table's row title
+    model: str
+    model_options: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
+    semi: bool = False
+    paper: str | None = None              # key of PAPER_TABLE1 to print beside it
+    train: dict[str, Any] = field(default_factory=dict)   # TrainConfig overrides for this run
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    description: str
+    train: dict[str, Any]                 # TrainConfig settings shared by every training
+    semi_train: dict[str, Any]            # overrides for the semi-supervised training stage
+    pseudo_label: dict[str, Any]          # entropy_threshold, log_base, batch_size, amp
+    evaluate: dict[str, Any]              # batch_size, tta, amp
+    figure_slices: int
+    runs: tuple[RunSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_EXPERIMENT_KEYS = {"name", "description", "train", "semi_train", "pseudo_label", "evaluate", "figure_slices", "runs"}
+_RUN_KEYS = {f.name for f in dataclasses.fields(RunSpec)}
+_PSEUDO_KEYS = {"entropy_threshold", "log_base", "batch_size", "amp", "split"}
+_EVALUATE_KEYS = {"batch_size", "tta", "amp"}
+# Settings the experiment decides itself, per step; a preset may not set them.
+_MANAGED_TRAIN_KEYS = {"data", "out", "resume", "seed", "model", "model_options", "pseudo", "init_from", "config"}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_experiment(preset: str | None = None, config_file: str | None = None) -> Experiment:
+    """Read a preset by name or an experiment YAML file and check every setting before any work."""
+    import yaml
+    if (preset is None) == (config_file is None):
+        raise ValueError("give exactly one of --preset NAME and --config FILE.yaml")
+    if preset is not None:
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ValueError(f"--preset {preset!r} does not exist; presets: {', '.join(preset_names())}")
+    else:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ValueError(f"--config file {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    return experiment_from_dict(values, source=str(path))
+
+
+def experiment_from_dict(values: Any, source: str = "experiment") -> Experiment:
+    from cares.config import FIELD_NAMES
+    from cares.models import parse_model_spec  # noqa: F401  (imported to fail early if models are broken)
+
+    def need(ok, message):
+        if not ok:
+            raise ValueError(f"{source}: {message}")
+
+    need(isinstance(values, dict), f"must hold a mapping, got {type(values).__name__}")
+    unknown = set(values) - _EXPERIMENT_KEYS
+    need(not unknown, f"unknown key(s) {sorted(unknown)}; known: {sorted(_EXPERIMENT_KEYS)}")
+    for key in ("train", "semi_train", "pseudo_label", "evaluate"):
+        need(isinstance(values.get(key, {}), dict), f"{key} must be a mapping")
+    for key in ("train", "semi_train"):
+        settings = values.get(key, {})
+        need(not set(settings) - set(FIELD_NAMES), f"{key}: unknown training setting(s) "
+                                                   f"{sorted(set(settings) - set(FIELD_NAMES))}")
+        need(not set(settings) & _MANAGED_TRAIN_KEYS, f"{key}: {sorted(set(settings) & _MANAGED_TRAIN_KEYS)} "
+                                                      "are set per run by the experiment, not in a preset")
+    need(not set(values.get("pseudo_label", {})) - _PSEUDO_KEYS,
+         f"pseudo_label: unknown key(s) {sorted(set(values.get('pseudo_label', {})) - _PSEUDO_KEYS)}")
+    need(not set(values.get("evaluate", {})) - _EVALUATE_KEYS,
+         f"evaluate: unknown key(s) {sorted(set(values.get('evaluate', {})) - _EVALUATE_KEYS)}")
+    runs = values.get("runs")
+    need(isinstance(runs, list) and runs, "runs must be a non-empty list")
+    specs, names = [], set()
+    for index, run in enumerate(runs):
+        need(isinstance(run, dict), f"runs[{index}] must be a mapping")
+        unknown = set(run) - _RUN_KEYS
+        need(not unknown, f"runs[{index}]: unknown key(s) {sorted(unknown)}; known: {sorted(_RUN_KEYS)}")
+        need(isinstance(run.get("name"), str) and run["name"].replace("_", "").replace("-", "").isalnum(),
+             f"runs[{index}].name must be letters, digits, '_' or '-', got {run.get('name')!r}")
+        need(run["name"] not in names, f"two runs are named {run['name']!r}")
+        names.add(run["name"])
+        need(isinstance(run.get("model"), str), f"runs[{index}].model must be a model name")
+        seeds = run.get("seeds", [0])
+        need(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                       for s in seeds) and len(set(seeds)) == len(seeds),
+             f"runs[{index}].seeds must be a list of distinct ints >= 0, got {seeds!r}")
+        need(run.get("paper") is None or run["paper"] in PAPER_TABLE1,
+             f"runs[{index}].paper must be one of {sorted(PAPER_TABLE1)}, got {run.get('paper')!r}")
+        train = run.get("train", {})
+        need(isinstance(train, dict) and not set(train) - set(FIELD_NAMES) and not set(train) & _MANAGED_TRAIN_KEYS,
+             f"runs[{index}].train must map training settings other than {sorted(_MANAGED_TRAIN_KEYS)}")
+        specs.append(RunSpec(name=run["name"], label=str(run.get("label", run["name"])), model=run["model"],
+                             model_options=dict(run.get("model_options") or {}), seeds=tuple(seeds),
+                             semi=bool(run.get("semi", False)), paper=run.get("paper"), train=dict(train)))
+    figure_slices = values.get("figure_slices", 4)
+    need(isinstance(figure_slices, int) and figure_slices >= 0, "figure_slices must be an int >= 0")
+    experiment = Experiment(name=str(values.get("name", Path(source).stem)),
+                            description=str(values.get("description", "")),
+                            train=dict(values.get("train", {})), semi_train=dict(values.get("semi_train", {})),
+                            pseudo_label=dict(values.get("pseudo_label", {})),
+                            evaluate=dict(values.get("evaluate", {})), figure_slices=figure_slices,
+                            runs=tuple(specs))
+    # Every training configuration must resolve (models, options, values) before anything runs.
+    for spec in experiment.runs:
+        from cares.models import build_model
+        try:
+            build_model(spec.model, in_channels=1, num_classes=1, **spec.model_options)
+        except (TypeError, ValueError, KeyError) as err:
+            raise ValueError(f"{source}: run {spec.name!r}: {err}") from None
+        train_settings(experiment, spec, seed=spec.seeds[0], data="synthetic", out="unused")
+        if spec.semi:
+            train_settings(experiment, spec, seed=spec.seeds[0], data="synthetic", out="unused", semi=True)
+    return experiment
+
+
+def train_settings(experiment: Experiment, spec: RunSpec, *, seed: int, data: str, out: str,
+                   semi: bool = False, pseudo: str | None = None, init_from: str | None = None):
+    """The TrainConfig of one training step (validated)."""
+    from cares.config import resolve_config
+    values = {**experiment.train, **spec.train, **(experiment.semi_train if semi else {}),
+              "data": data, "out": out, "seed": seed, "model": spec.model,
+              "model_options": dict(spec.model_options), "resume": True}
+    if pseudo is not None:
+        values["pseudo"] = pseudo
+    if init_from is not None:
+        values["init_from"] = init_from
+    config = resolve_config({k: v for k, v in values.items() if k not in ("pseudo", "init_from")})
+    return dataclasses.replace(config, pseudo=pseudo, init_from=init_from) if (pseudo or init_from) else config
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Step:
+    kind: str                       # "train", "pseudo-label" or "evaluate"
+    folder: Path                    # the step's output folder (holds done.json when finished)
+    work: float                     # estimated cost in training-image units, for the ETA
+    action: Callable[["Progress"], dict[str, Any]]
+    description: str
+
+    @property
+    def done_path(self) -> Path:
+        return self.folder / "done.json"
+
+    def is_done(self) -> bool:
+        return self.done_path.is_file()
+
+
+class Progress:
+    """The experiment's overall progress line: steps done, elapsed time and an ETA from the work left.
+
+    Work is counted in training-image passes (an inference image counts INFERENCE_COST); the ETA is
+    the rate measured in this process so far applied to the work left, so it assumes every image costs
+    the same whatever the model (models of one experiment differ by a small factor)."""
+
+    def __init__(self, total_work: float, done_work: float, stream=sys.stderr):
+        self.total, self.done, self.stream = total_work, done_work, stream
+        self.started = time.monotonic()
+        self.done_here = 0.0
+
+    def advance(self, work: float, what: str) -> None:
+        self.done += work
+        self.done_here += work
+        elapsed = time.monotonic() - self.started
+        left = max(self.total - self.done, 0.0)
+        eta = _duration(left * elapsed / self.done_here) if self.done_here > 0 else "?"
+        print(f"[reproduce {100 * self.done / max(self.total, 1e-9):5.1f}%] {what}; elapsed {_duration(elapsed)}, "
+              f"ETA {eta}", file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _write_json(path: Path, value: Any) -> None:
+    from cares.checkpoint import atomic_write_bytes
+    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
+
+
+def _dataset_size(data: str, split: str) -> int:
+    from cares.data import build_dataset
+    return len(build_dataset(data, split=split, image_size=None, labeled=False))
+
+
+def _supervised_source(experiment: Experiment, spec: RunSpec) -> RunSpec | None:
+    """The experiment's supervised run that trains exactly what a semi run starts from, if any."""
+    for other in experiment.runs:
+        if (not other.semi and other.model == spec.model and other.model_options == spec.model_options
+                and other.train == spec.train):
+            return other
+    return None
+
+
+def plan_steps(experiment: Experiment, data: str, out: Path) -> list[tuple[RunSpec, int, list[Step]]]:
+    """Every (run, seed) with its steps in order; steps shared between runs appear once."""
+    from cares.evaluate import evaluate
+    from cares.pseudo_label import pseudo_label
+    from cares.train import train
+
+    sizes = {split: _dataset_size(data, split) for split in ("train", "test")}
+    if any(spec.semi for spec in experiment.runs):
+        sizes["unlabeled"] = _dataset_size(data, experiment.pseudo_label.get("split", "unlabeled"))
+    planned: dict[Path, Step] = {}
+
+    def train_step(config, semi: bool) -> Step:
+        folder = Path(config.out)
+        if folder in planned:
+            return planned[folder]
+        per_epoch = sizes["train"] * (2 if semi else 1)   # semi: as many pseudo-labelled as labelled per epoch
+
+        def action(progress: Progress) -> dict[str, Any]:
+            def epoch_done(row):
+                progress.advance(per_epoch, f"{folder} epoch {row['epoch']}/{config.epochs} loss "
+                                            f"{row['train_loss']:.4f}")
+            started = time.monotonic()
+            result = train(config, on_epoch_end=epoch_done)
+            return {"epochs": result.epochs_done, "train_seconds": sum(r["seconds"] for r in result.history),
+                    "seconds_this_attempt": time.monotonic() - started}
+
+        step = Step("train", folder, per_epoch * config.epochs, action, f"train {folder}")
+        planned[folder] = step
+        return step
+
+    def evaluate_step(checkpoint: Path, folder: Path) -> Step:
+        def action(progress: Progress) -> dict[str, Any]:
+            started = time.monotonic()
+            evaluate(checkpoint, data, "test", folder, figures=0, **experiment.evaluate)
+            progress.advance(sizes["test"] * INFERENCE_COST, f"evaluated {checkpoint}")
+            return {"seconds": time.monotonic() - started}
+        return Step("evaluate", folder, sizes["test"] * INFERENCE_COST, action, f"evaluate {checkpoint}")
+
+    def pseudo_step(checkpoint: Path, folder: Path) -> Step:
+        settings = {"amp": "off", **experiment.pseudo_label}
+
+        def action(progress: Progress) -> dict[str, Any]:
+            started = time.monotonic()
+            summary = pseudo_label(checkpoint, data, folder, overwrite=True, **settings)
+            progress.advance(sizes["unlabeled"] * INFERENCE_COST,
+                             f"pseudo-labelled: kept {summary['kept']} of {summary['total']}")
+            return {"seconds": time.monotonic() - started, "kept": summary["kept"], "total": summary["total"]}
+        return Step("pseudo-label", folder, sizes["unlabeled"] * INFERENCE_COST, action, f"pseudo-label into {folder}")
+
+    plan = []
+    for spec in experiment.runs:
+        for seed in spec.seeds:
+            seed_dir = out / spec.name / f"seed_{seed}"
+            steps = []
+            if spec.semi:
+                source = _supervised_source(experiment, spec)
+                supervised_dir = (out / source.name / f"seed_{seed}" / "train") if source else seed_dir / "supervised"
+                supervised = train_settings(experiment, spec, seed=seed, data=data, out=str(supervised_dir))
+                steps.append(train_step(supervised, semi=False))
+                steps.append(pseudo_step(supervised_dir / "last.pt", seed_dir / "pseudo"))
+                semi = train_settings(experiment, spec, seed=seed, data=data, out=str(seed_dir / "train"), semi=True,
+                                      pseudo=str(seed_dir / "pseudo"), init_from=str(supervised_dir / "last.pt"))
+                steps.append(train_step(semi, semi=True))
+            else:
+                steps.append(train_step(train_settings(experiment, spec, seed=seed, data=data,
+                                                       out=str(seed_dir / "train")), semi=False))
+            steps.append(evaluate_step(seed_dir / "train" / "last.pt", seed_dir / "eval"))
+            plan.append((spec, seed, steps))
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------
+# Running it
+# --------------------------------------------------------------------------------------------------
+
+def reproduce(experiment: Experiment, data: str, out, *, command: str | None = None,
+              stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Run every step not yet done, then write the table and figures; returns table1.json's content.
+
+    stop_after_steps: return after running that many steps (tests use it to interrupt a run).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "experiment.json", experiment.to_dict())
+    if command is not None:
+        (out / "command.txt").write_text(command + "\n")
+    plan = plan_steps(experiment, data, out)
+    unique = list({id(step): step for _, _, steps in plan for step in steps}.values())
+    progress = Progress(sum(s.work for s in unique), sum(s.work for s in unique if s.is_done()))
+    print(f"reproduce {experiment.name}: {len(plan)} runs, {len(unique)} steps, "
+          f"{sum(s.is_done() for s in unique)} already done; writing into {out}", file=sys.stderr, flush=True)
+    ran = 0
+    for spec, seed, steps in plan:
+        for step in steps:
+            if step.is_done():
+                continue
+            if stop_after_steps is not None and ran >= stop_after_steps:
+                return write_report(experiment, data, out, plan)
+            print(f"[reproduce] {spec.label} seed {seed}: {step.description}", file=sys.stderr, flush=True)
+            record = step.action(progress)
+            _write_json(step.done_path, {"step": step.kind, **record})
+            ran += 1
+        write_report(experiment, data, out, plan)
+    return write_report(experiment, data, out, plan)
+
+
+def _run_record(out: Path, spec: RunSpec, seed: int, steps: list[Step]) -> dict[str, Any] | None:
+    """The evaluated metrics and wall time of one (run, seed), or None while it is unfinished."""
+    if not all(step.is_done() for step in steps):
+        return None
+    metrics = json.loads((out / spec.name / f"seed_{seed}" / "eval" / "metrics.json").read_text())
+    seconds = 0.0
+    for step in steps:
+        done = json.loads(step.done_path.read_text())
+        seconds += done.get("train_seconds", done.get("seconds", 0.0))
+    return {"seed": seed, "protocols": metrics["protocols"], "wall_seconds": seconds}
+
+
+def write_report(experiment: Experiment, data: str, out: Path, plan) -> dict[str, Any]:
+    """table1.json, table1.md, loss_curves.png and qualitative.png from the finished runs."""
+    from carafe_kernels.provenance import machine_info
+    from cares.inference import model_spec
+
+    rows = []
+    for spec in experiment.runs:
+        seeds = [_run_record(out, spec, seed, steps) for s, seed, steps in plan if s is spec]
+        finished = [r for r in seeds if r is not None]
+        row = {"run": spec.name, "label": spec.label, "model": model_spec(spec.model, spec.model_options),
+               "semi": spec.semi, "seeds": list(spec.seeds), "finished_seeds": [r["seed"] for r in finished],
+               "paper": PAPER_TABLE1.get(spec.paper) if spec.paper else None, "per_seed": finished,
+               "protocols": {}}
+        for protocol in PROTOCOL_TITLES:
+            if finished:
+                row["protocols"][protocol] = {
+                    metric: _mean_std([r["protocols"][protocol][f"{metric}_mean"] for r in finished])
+                    for metric in METRICS}
+        rows.append(row)
+    table = {"experiment": experiment.name, "description": experiment.description, "data": str(data),
+             "command": (out / "command.txt").read_text().strip() if (out / "command.txt").is_file() else None,
+             "environment": machine_info(), "rows": rows,
+             "model_selection": "fixed epochs; the last epoch's weights are evaluated (the test split is "
+                                "never used to choose anything)",
+             "std": "population std over seeds (0 for one seed); each seed's score is the mean over the test images"}
+    _write_json(out / "table1.json", table)
+    (out / "table1.md").write_text(table_markdown(table))
+    _loss_curves(out, plan)
+    if experiment.figure_slices:
+        _comparison(experiment, data, out, plan)
+    return table
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    mean = sum(values) / len(values)
+    return {"mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)), "n": len(values)}
+
+
+def table_markdown(table: dict[str, Any]) -> str:
+    environment = table["environment"]
+    git = environment.get("git") or {}
+    lines = [f"# Table 1 reproduction: `{table['experiment']}`", "", table["description"].strip(), "",
+             f"Data: `{table['data']}`, test split. Mean +- std over seeds (each seed: the mean over test images).",
+             f"Model selection: {table['model_selection']}.", ""]
+    for protocol, title in PROTOCOL_TITLES.items():
+        lines += [f"## {title}", "",
+                  "| model | seeds | " + " | ".join(f"{t} | paper" for t in METRIC_TITLES.values()) + " |",
+                  "|---|---|" + "---:|---:|" * len(METRIC_TITLES)]
+        for row in table["rows"]:
+            cells = []
+            for metric in METRICS:
+                value = row["protocols"].get(protocol, {}).get(metric)
+                digits = 4 if metric == "mae" else 3
+                cells.append("-" if value is None else
+                             f"{value['mean']:.{digits}f}" + (f" +- {value['std']:.{digits}f}" if value["n"] > 1 else ""))
+                paper = row["paper"] if protocol == "infnet" else None
+                cells.append(f"{paper[metric]:.{digits}f}" if paper else "")
+            seeds = f"{len(row['finished_seeds'])}/{len(row['seeds'])}"
+            lines.append(f"| {row['label']} (`{row['model']}`) | {seeds} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["The paper's columns are its Table 1 (Inf-Net toolbox protocol, width 64, 256x256, on a GPU); "
+              "they are printed beside the Inf-Net-protocol rows only.", "",
+              "## Runs", "", "| model | seed | Dice (Inf-Net) | Dice (threshold 0.5) | wall time |", "|---|---|---:|---:|---:|"]
+    for row in table["rows"]:
+        for record in row["per_seed"]:
+            lines.append(f"| {row['label']} | {record['seed']} | {record['protocols']['infnet']['dice_mean']:.4f} | "
+                         f"{record['protocols']['threshold']['dice_mean']:.4f} | {_duration(record['wall_seconds'])} |")
+    lines += ["", "Wall time: training epochs plus pseudo-labelling and evaluation; for a semi-supervised run it "
+              "includes its supervised stage.", "",
+              "## Environment", "",
+              f"- command: `{table['command']}`" if table["command"] else "- command: (library call)",
+              f"- commit: {git.get('sha')}" + (" (with uncommitted changes)" if git.get("dirty") else ""),
+              f"- torch {environment.get('torch')}, CUDA {environment.get('cuda')}, Python {environment.get('python')}",
+              f"- machine: {environment.get('cpu')}, {environment.get('usable_cpus')} usable CPUs, torch threads "
+              f"{environment.get('torch_threads')}, GPU {environment.get('gpu') or 'none'}",
+              f"- written {environment.get('date')}", ""]
+    return "\n".join(lines)
+
+
+def _loss_curves(out: Path, plan) -> None:
+    from cares.figures import line_plot
+    from cares.checkpoint import load_checkpoint
+    series = {}
+    for spec, seed, steps in plan:
+        last = out / spec.name / f"seed_{seed}" / "train" / "last.pt"
+        if last.is_file():
+            history = load_checkpoint(last)["history"]
+            series[f"{spec.label} s{seed}"] = [(row["epoch"], row["train_loss"]) for row in history]
+    if series:
+        line_plot(out / "loss_curves.png", series, title="Training loss (Dice + BCE) per epoch", x_label="epoch",
+                  y_label="loss", size=(800, 480))
+
+
+def _comparison(experiment: Experiment, data: str, out: Path, plan) -> None:
+    """qualitative.png: image, ground truth and each run's first finished seed on the same test slices."""
+    from cares.evaluate import native_size_dataset
+    from cares.figures import comparison_figure
+    from cares.inference import load_trained_model, predict_probabilities
+
+    models = []
+    for spec in experiment.runs:
+        seed = next((seed for s, seed, steps in plan if s is spec and all(st.is_done() for st in steps)), None)
+        if seed is not None:
+            models.append((spec.label, out / spec.name / f"seed_{seed}" / "train" / "last.pt"))
+    if not models:
+        return
+    dataset = None
+    rows: list[tuple[str, Any, Any, list]] = []
+    for index, (label, checkpoint) in enumerate(models):
+        model, state, device = load_trained_model(checkpoint, "auto")
+        image_size = state["input"]["image_size"]
+        if dataset is None:
+            dataset = native_size_dataset(data, "test", image_size)
+            count = min(experiment.figure_slices, len(dataset))
+            # Evenly spaced over the split (a fixed choice, not the best-looking slices).
+            picks = sorted({round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)})
+            items = [dataset[i] for i in picks]
+        for row_index, (item, probability) in enumerate(
+                predict_probabilities(model, items, image_size=image_size, device=device)):
+            if index == 0:
+                rows.append((item["name"], item["image"][0].numpy(), item["mask"][0].numpy() > 0.5, []))
+            rows[row_index][3].append(probability)
+    comparison_figure(out / "qualitative.png", rows, [label for label, _ in models])
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--preset", metavar="NAME", help=f"a preset experiment: {', '.join(preset_names())}")
+    parser.add_argument("--config", metavar="FILE.yaml", help="an experiment file (the presets show the format)")
+    parser.add_argument("--data", metavar="DIR", help="the COVID-SemiSeg root (train/, test/, unlabeled/); "
+                                                      "default: $CARES_DATA_DIR or ../shared/data/covid-semiseg")
+    parser.add_argument("--out", required=True, metavar="DIR", help="experiment folder; rerun to continue")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch threads (default: torch's choice; on a busy machine 1 can be faster)")
+
+
+def run(args) -> int:
+    import shlex
+
+    import torch
+
+    from cares.data import default_data_dir
+    try:
+        experiment = load_experiment(args.preset, args.config)
+        data = args.data or default_data_dir()
+        if data is None:
+            raise ValueError("no --data given and no default dataset folder found (set $CARES_DATA_DIR)")
+        if not Path(data).is_dir():
+            raise ValueError(f"--data {str(data)!r} is not a folder")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        command = "cares reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+            if len(sys.argv) > 1 and sys.argv[1] == "reproduce" else None
+        table = reproduce(experiment, str(data), out, command=command)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"cares reproduce: error: {err}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "table1.md").read_text())
+    unfinished = [row["label"] for row in table["rows"] if len(row["finished_seeds"]) < len(row["seeds"])]
+    return 1 if unfinished else 0

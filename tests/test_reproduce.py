@@ -1,0 +1,129 @@
+"""`cares reproduce`: the tiny preset end to end on a small COVID-SemiSeg-shaped folder, an interrupted
+experiment continued by rerunning it, the table's contents, and the errors for bad experiments."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cares.data import render_synthetic_slice, save_png
+from cares.reproduce import (PAPER_TABLE1, experiment_from_dict, load_experiment, preset_names, reproduce)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_covid_semiseg_like(root: Path, sizes=(("train", 6), ("test", 4), ("unlabeled", 6)), side=40) -> Path:
+    """Synthetic slices in COVID-SemiSeg's layout: <split>/Imgs/<n>.png (+ <split>/GT/<n>.png when labelled)."""
+    rng = np.random.default_rng(0)
+    for split, count in sizes:
+        for index in range(count):
+            image, mask = render_synthetic_slice(rng, side)
+            save_png(root / split / "Imgs" / f"{index}.png", image)
+            if split != "unlabeled":
+                save_png(root / split / "GT" / f"{index}.png", mask)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_covid_semiseg_like(tmp_path_factory.mktemp("covid"))
+
+
+def test_every_preset_loads_and_the_cpu_preset_holds_what_the_protocol_needs():
+    assert {"paper", "cpu", "h200", "tiny"} <= set(preset_names())
+    for name in preset_names():
+        load_experiment(name)                                  # every setting resolves
+    cpu = load_experiment("cpu")
+    runs = {run.name: run for run in cpu.runs}
+    assert len(runs["cares_unet"].seeds) >= 2 and runs["semi_cares_unet"].semi
+    assert runs["unet"].model_options == runs["cares_unet"].model_options      # the same width
+    assert cpu.train["image_size"] >= 192
+    paper = load_experiment("paper")
+    assert paper.train["image_size"] == 256 and paper.train["optimizer"] == "ranger"
+    assert {run.paper for run in paper.runs} == {"CARes-UNet", "Semi-CARes-UNet", "U-Net", "UNet-ResNet34"}
+
+
+def test_tiny_experiment_end_to_end_and_continued_after_an_interruption(dataset, tmp_path):
+    experiment = load_experiment("tiny")
+    out = tmp_path / "exp"
+    # Interrupted after two steps (the supervised training and its evaluation)...
+    partial = reproduce(experiment, str(dataset), out, stop_after_steps=2)
+    rows = {row["run"]: row for row in partial["rows"]}
+    assert rows["cares_unet"]["finished_seeds"] == [0] and rows["semi_cares_unet"]["finished_seeds"] == []
+    supervised_done = (out / "cares_unet" / "seed_0" / "train" / "done.json").stat().st_mtime_ns
+    # ...and the same call again continues: the finished steps are not redone.
+    table = reproduce(experiment, str(dataset), out)
+    assert (out / "cares_unet" / "seed_0" / "train" / "done.json").stat().st_mtime_ns == supervised_done
+    rows = {row["run"]: row for row in table["rows"]}
+    assert rows["semi_cares_unet"]["finished_seeds"] == [0]
+    # The semi run reused the supervised run of the same model and seed instead of training its own.
+    assert not (out / "semi_cares_unet" / "seed_0" / "supervised").exists()
+    pseudo = json.loads((out / "semi_cares_unet" / "seed_0" / "pseudo" / "summary.json").read_text())
+    assert pseudo["total"] == 6
+    semi_config = (out / "semi_cares_unet" / "seed_0" / "train" / "config.yaml").read_text()
+    assert "init_from:" in semi_config and "cares_unet/seed_0/train/last.pt" in semi_config
+
+    for row in rows.values():
+        for protocol in ("infnet", "threshold"):
+            dice = row["protocols"][protocol]["dice"]
+            assert 0.0 <= dice["mean"] <= 1.0 and dice["std"] == 0.0 and dice["n"] == 1
+    assert rows["cares_unet"]["paper"] == PAPER_TABLE1["CARes-UNet"]
+    assert table["environment"]["torch"] and "git" in table["environment"]
+    markdown = (out / "table1.md").read_text()
+    assert "| CARes-UNet (`cares_unet[base_channels=4]`) | 1/1 |" in markdown and "0.731" in markdown
+    for name in ("table1.json", "qualitative.png", "loss_curves.png", "experiment.json"):
+        assert (out / name).is_file(), name
+
+    # A third call has nothing left to do.
+    again = reproduce(experiment, str(dataset), out)
+    assert again["rows"] == table["rows"]
+
+
+def test_a_killed_training_resumes_when_the_command_is_rerun(dataset, tmp_path):
+    """SIGKILL the CLI in the middle of the first training, then rerun the same command to the end."""
+    import signal
+    import time
+    out = tmp_path / "exp"
+    command = [sys.executable, "-m", "cares", "reproduce", "--preset", "tiny", "--data", str(dataset),
+               "--out", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = out / "cares_unet" / "seed_0" / "train" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "| Semi-CARes-UNet" in finished.stdout
+    log = (out / "cares_unet" / "seed_0" / "train" / "log.csv").read_text().splitlines()
+    assert len(log) == 1 + 2                                    # each of the 2 epochs logged exactly once
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"runs": []}, "runs must be a non-empty list"),
+    ({"bogus": 1}, "unknown key"),
+    ({"train": {"epochs": 0}}, "--epochs must be >= 1"),
+    ({"train": {"seed": 3}}, "set per run by the experiment"),
+    ({"runs": [{"name": "a", "model": "nosuch"}]}, "nosuch"),
+    ({"runs": [{"name": "a", "model": "unet", "model_options": {"nosuch": 1}}]}, "nosuch"),
+    ({"runs": [{"name": "a", "model": "unet", "seeds": [0, 0]}]}, "distinct"),
+    ({"runs": [{"name": "a b", "model": "unet"}]}, "letters, digits"),
+    ({"runs": [{"name": "a", "model": "unet", "paper": "Nope"}]}, "paper must be one of"),
+])
+def test_bad_experiments_are_refused_before_any_work(change, message):
+    values = {"train": {"image_size": 32, "epochs": 1}, "runs": [{"name": "a", "model": "unet"}]}
+    values.update(change)
+    with pytest.raises(ValueError, match=message):
+        experiment_from_dict(values)
+
+
+def test_cli_errors_are_one_line_with_rc_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cares", "reproduce", "--preset", "nosuch", "--out",
+                             str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "error: --preset 'nosuch' does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
