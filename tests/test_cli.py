@@ -33,7 +33,8 @@ def test_subcommand_help(command, capsys):
                       "predict": ["--checkpoint", "--input", "--out"],
                       "pseudo-label": ["--entropy-threshold", "--log-base"],
                       "complexity": ["--models"],
-                      "demo": ["--quick", "--out"]}[command]
+                      "demo": ["--quick", "--out"],
+                      "reproduce": ["--preset", "--config", "--data", "--out", "--threads"]}[command]
     for flag in expected_flags:
         assert flag in text
 
