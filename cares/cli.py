@@ -25,6 +25,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a default worth showing: not for required flags,
+    flags without a default (None) or flags that already say it."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is argparse.SUPPRESS \
+                or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _selected_command(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
@@ -42,7 +53,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=summary, description=getattr(module, "HELP", summary),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

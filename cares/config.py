@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-AMP_CHOICES = ("auto", "off", "fp16", "bf16")
+from cares.runtime import AMP_CHOICES, DEVICE_CHOICES
 
 
 @dataclass
@@ -92,13 +92,43 @@ def _positive_int(name):
     return parse
 
 
+def _positive_finite_float(name):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
+        return value
+    return parse
+
+
+def _finite_float(name):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{name} must be finite, got {text!r}")
+        return value
+    return parse
+
+
 def _model_option(text: str) -> tuple[str, Any]:
-    """KEY=VALUE with VALUE read as YAML (so 16 is an int, true a bool, carafe a string)."""
-    import yaml
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--model-option expects KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value)
+    """KEY=VALUE, read by cares.models.parse_model_option (16 is an int, true a bool, carafe a string)."""
+    from cares.models import parse_model_option
+    try:
+        return parse_model_option(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--model-option expects KEY=VALUE, got {text!r}") from None
+
+
+def models_help() -> str:
+    """The model names and each one's options, for --help."""
+    from cares.models import MODEL_NAMES, model_options
+    return "; ".join(f"{name} ({', '.join(model_options(name)) or 'no options'})" for name in MODEL_NAMES)
 
 
 def _fold(text: str) -> int | str:
@@ -116,7 +146,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     def flag(*names, dest=None, **kw):
         dest = dest or names[0].lstrip("-").replace("-", "_")
-        if dest in FIELD_NAMES:
+        if dest in FIELD_NAMES and getattr(DEFAULTS, dest) is not None:
             kw["help"] = f"{kw.get('help', '')} (default: {getattr(DEFAULTS, dest)})".strip()
         group.add_argument(*names, dest=dest, default=argparse.SUPPRESS, **kw)
 
@@ -139,25 +169,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
          help="decode and resize the training slices once and keep them in memory (S*S*5 bytes each)")
 
     group = parser.add_argument_group("model")
-    flag("--model", metavar="NAME", help="architecture from cares.models.MODEL_NAMES")
+    flag("--model", metavar="NAME", help=f"architecture (its --model-option keys in parentheses): {models_help()}")
     flag("--model-option", dest="model_options", action="append", type=_model_option, metavar="KEY=VALUE",
-         help="option for build_model, repeatable, e.g. upsampler=deconv")
+         help="an option of --model, repeatable, e.g. upsampler=deconv or base_channels=16 "
+              "(cares_unet upsamplers: carafe, deconv, subpixel, bilinear)")
     flag("--init-from", metavar="CKPT", help="initialise the model with this checkpoint's weights (same model and "
                                              "options; optimizer and schedule start fresh), e.g. semi-supervised "
                                              "training that continues from the supervised model")
 
     group = parser.add_argument_group("optimisation")
     flag("--optimizer", metavar="NAME", help="ranger, adam or sgd")
-    flag("--lr", type=float, help="learning rate")
-    flag("--weight-decay", type=float, help="weight decay")
+    flag("--lr", type=_positive_finite_float("--lr"), help="learning rate")
+    flag("--weight-decay", type=_finite_float("--weight-decay"), help="weight decay")
     flag("--scheduler", metavar="NAME", help="constant, multistep or cosine (stepped once per epoch)")
     flag("--milestones", type=int, nargs="+", metavar="EPOCH", help="epochs at which multistep decays")
-    flag("--gamma", type=float, help="multistep decay factor")
+    flag("--gamma", type=_finite_float("--gamma"), help="multistep decay factor")
     flag("--warmup-epochs", type=int, metavar="N", help="linear learning-rate warm-up epochs")
     flag("--epochs", type=_positive_int("--epochs"), metavar="N", help="total epochs (paper: 1200)")
     flag("--batch-size", type=_positive_int("--batch-size"), metavar="N", help="images per step and process")
-    flag("--dice-weight", type=float, help="weight of the Dice term of the loss")
-    flag("--bce-weight", type=float, help="weight of the BCE term of the loss")
+    flag("--dice-weight", type=_finite_float("--dice-weight"), help="weight of the Dice term of the loss")
+    flag("--bce-weight", type=_finite_float("--bce-weight"), help="weight of the BCE term of the loss")
 
     group = parser.add_argument_group("model selection")
     flag("--folds", type=_positive_int("--folds"), metavar="K",
@@ -184,19 +215,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
          help="continue the run in --out from its last.pt (starts fresh when there is none)")
 
 
-def load_yaml(path) -> dict[str, Any]:
+def load_yaml(path, what: str = "--config file") -> dict[str, Any]:
     import yaml
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config file {str(path)!r} does not exist")
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:  # includes the !!python/object tags safe_load refuses
+        reason = " ".join(str(err).split())
+        raise ValueError(f"{what} {str(path)!r} is not plain YAML settings: {reason[:200]}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"--config file {str(path)!r} must hold a mapping of settings, "
+        raise ValueError(f"{what} {str(path)!r} must hold a mapping of settings, "
                          f"got {type(values).__name__}")
     unknown = sorted(set(values) - set(FIELD_NAMES))
     if unknown:
-        raise ValueError(f"--config file {str(path)!r}: unknown setting(s) {unknown}; "
+        raise ValueError(f"{what} {str(path)!r}: unknown setting(s) {unknown}; "
                          f"known: {sorted(FIELD_NAMES)}")
     return values
 
@@ -204,7 +239,7 @@ def load_yaml(path) -> dict[str, Any]:
 def save_yaml(path, config: TrainConfig) -> None:
     """Write config.yaml atomically (a run folder never holds a half-written config)."""
     import yaml
-    from cares.checkpoint import atomic_write_bytes
+    from cares.runtime import atomic_write_bytes
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     atomic_write_bytes(path, text.encode())
 
@@ -224,7 +259,7 @@ def resolve_config(args: argparse.Namespace | dict[str, Any] | None = None) -> T
     resume = given.get("resume", file_values.get("resume", DEFAULTS.resume))
     saved = Path(out) / "config.yaml"
     if resume and saved.is_file():
-        values.update(load_yaml(saved))
+        values.update(load_yaml(saved, "the run's saved settings"))
     values.update(file_values)
     # Model options merge key by key, so `--model-option carafe_backend=cpu` keeps a YAML upsampler.
     if "model_options" in given:
@@ -254,6 +289,10 @@ def validate(config: TrainConfig) -> None:
     need(config.synthetic_samples is None or (isinstance(config.synthetic_samples, int)
                                                and config.synthetic_samples >= 1),
          f"--synthetic-samples must be >= 1, got {config.synthetic_samples!r}")
+    for name in ("lr", "weight_decay", "gamma", "dice_weight", "bce_weight"):
+        value = getattr(config, name)
+        need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+             f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
     need(config.lr > 0, f"--lr must be > 0, got {config.lr!r}")
     need(config.weight_decay >= 0, f"--weight-decay must be >= 0, got {config.weight_decay!r}")
     need(config.dice_weight >= 0 and config.bce_weight >= 0 and config.dice_weight + config.bce_weight > 0,
@@ -274,7 +313,24 @@ def validate(config: TrainConfig) -> None:
     need(config.time_limit is None or config.time_limit > 0,
          f"--time-limit must be > 0 minutes, got {config.time_limit!r}")
     need(isinstance(config.model_options, dict), f"model_options must be a mapping, got {config.model_options!r}")
+    _validate_model(config)
     if config.pseudo is not None:
         need(os.path.isdir(config.pseudo), f"--pseudo folder {config.pseudo!r} does not exist")
     if config.init_from is not None:
         need(os.path.isfile(config.init_from), f"--init-from checkpoint {config.init_from!r} does not exist")
+
+
+def _validate_model(config: TrainConfig) -> None:
+    """--model and --model-option name a model and options it takes (checked before anything is written)."""
+    from cares.models import model_options, parse_model_spec
+    if not isinstance(config.model, str):
+        raise ValueError(f"--model must be a model name, got {config.model!r}")
+    try:
+        name, bracket_options = parse_model_spec(config.model)
+    except ValueError as err:
+        raise ValueError(f"--model: {err}") from None
+    allowed = model_options(name)
+    unknown = sorted((set(config.model_options) | set(bracket_options)) - set(allowed))
+    if unknown:
+        raise ValueError(f"--model-option {', '.join(unknown)}: model {name!r} takes "
+                         f"{', '.join(allowed) if allowed else 'no options'}")

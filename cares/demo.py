@@ -77,7 +77,7 @@ def run_demo(out="runs/demo", *, quick: bool = False, device: str = "auto", epoc
     """Train, evaluate and write the report; returns {"report", "metrics", "seconds", "epochs"}."""
     from cares.complexity import count_compute, count_parameters
     from cares.config import resolve_config
-    from cares.distributed import resolve_device
+    from cares.runtime import resolve_device
     from cares.evaluate import evaluate
     from cares.inference import load_trained_model
     from cares.train import train

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from cares.runtime import resolve_device  # noqa: F401  (re-exported: callers import it from here too)
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -33,17 +35,6 @@ class DistributedContext:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """auto | cpu | cuda  ->  a torch.device (cuda:<local_rank> under torchrun)."""
-    if preference not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {preference!r}")
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but torch.cuda.is_available() is False")
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def init_distributed(device_preference: str = "auto") -> DistributedContext:

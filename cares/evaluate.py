@@ -78,11 +78,14 @@ def evaluate(checkpoint, data, split: str = "test", out=None, *, tta: bool = Fal
     from cares.figures import qualitative_figure
     from cares.inference import describe_checkpoint, load_trained_model, predict_probabilities
     from cares.metrics import PROTOCOLS, image_metrics, summarize
+    from cares.runtime import atomic_write_bytes, check_output_dir, progress
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if figures < 0:
         raise ValueError(f"--figures must be >= 0, got {figures}")
+    if out is not None:
+        check_output_dir(out)  # before the inference time, not after it
     model, state, torch_device = load_trained_model(checkpoint, device)
     image_size = state["input"]["image_size"]
     dataset = native_size_dataset(data, split, image_size, synthetic_samples=synthetic_samples)
@@ -90,9 +93,9 @@ def evaluate(checkpoint, data, split: str = "test", out=None, *, tta: bool = Fal
           file=sys.stderr)
 
     rows, examples = [], []
-    for item, probability in predict_probabilities(model, dataset, image_size=image_size, device=torch_device,
-                                                   batch_size=batch_size, tta=tta, amp=amp,
-                                                   num_workers=num_workers):
+    predictions = predict_probabilities(model, dataset, image_size=image_size, device=torch_device,
+                                        batch_size=batch_size, tta=tta, amp=amp, num_workers=num_workers)
+    for item, probability in progress(predictions, total=len(dataset), desc="evaluate", unit="image"):
         if "mask" not in item:
             raise ValueError(f"{data} [{split}] has no ground truth masks; evaluate needs a labelled split")
         truth = item["mask"][0].numpy() > 0.5
@@ -118,8 +121,8 @@ def evaluate(checkpoint, data, split: str = "test", out=None, *, tta: bool = Fal
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2))
-        (out / "metrics.md").write_text(metrics_markdown(result))
+        atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=2) + "\n").encode())
+        atomic_write_bytes(out / "metrics.md", metrics_markdown(result).encode())
         if examples:
             for example in examples:
                 qualitative_figure(out / "figures" / f"{example[0]}.png", [example])
@@ -149,7 +152,7 @@ def run(args) -> int:
     try:
         result = evaluate(args.checkpoint, args.data, args.split, args.out, tta=args.tta, batch_size=args.batch_size,
                           device=args.device, amp=args.amp, figures=args.figures, num_workers=args.num_workers)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"cares evaluate: error: {err}", file=sys.stderr)
         return 2
     print(metrics_markdown(result))

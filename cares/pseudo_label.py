@@ -12,6 +12,8 @@
        DIR/Imgs/<name>.png   the slice as the model saw it (8-bit gray; NIfTI slices windowed)
        DIR/GT/<name>.png     the pseudo mask, probability >= 0.5, as 0/255, at the slice's own size
    and DIR/summary.json says how many were kept and each slice's entropy.
+   A slice that cannot be predicted (unreadable, NaN/inf pixels) is listed under "failures" by name;
+   the others are still labelled, and the command exits with status 1.
 
 Then `cares train --pseudo DIR ...` trains on the labelled set plus, each epoch, as many pseudo-
 labelled slices as labelled ones, drawn afresh every epoch.
@@ -91,29 +93,36 @@ def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
     """Write the confident pseudo labels of `split` of `source` into `out`; returns summary.json's content."""
     from cares.data import save_png
     from cares.evaluate import native_size_dataset
-    from cares.inference import describe_checkpoint, load_trained_model, predict_probabilities
+    from cares.inference import SafeItems, describe_checkpoint, load_trained_model, predict_probabilities
+    from cares.runtime import atomic_write_bytes, check_output_dir, progress
 
     if not entropy_threshold > 0:
         raise ValueError(f"--entropy-threshold must be > 0, got {entropy_threshold}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {threshold}")
-    out = Path(out)
+    out = check_output_dir(out)
     image_dir, mask_dir = out / "Imgs", out / "GT"
-    if any(d.is_dir() and any(d.iterdir()) for d in (image_dir, mask_dir)):
-        if not overwrite:
-            raise ValueError(f"--out {str(out)!r} already holds pseudo labels; choose a new folder or pass --overwrite")
-        shutil.rmtree(image_dir, ignore_errors=True)
-        shutil.rmtree(mask_dir, ignore_errors=True)
+    if any(d.is_dir() and any(d.iterdir()) for d in (image_dir, mask_dir)) and not overwrite:
+        raise ValueError(f"--out {str(out)!r} already holds pseudo labels; choose a new folder or pass --overwrite")
 
     model, state, torch_device = load_trained_model(checkpoint, device)
     image_size = state["input"]["image_size"]
     dataset = native_size_dataset(source, split, image_size, labeled=False)
+    if overwrite:  # only now that everything has been checked
+        shutil.rmtree(image_dir, ignore_errors=True)
+        shutil.rmtree(mask_dir, ignore_errors=True)
     print(f"pseudo-labelling {len(dataset)} slices of {source} [{split}] with "
           f"{describe_checkpoint(state, checkpoint)}", file=sys.stderr)
 
-    images = []
-    for item, probability in predict_probabilities(model, dataset, image_size=image_size, device=torch_device,
-                                                   batch_size=batch_size, tta=tta, amp=amp, num_workers=num_workers):
+    images, failures = [], []
+    predictions = predict_probabilities(model, SafeItems(dataset, lambda i: item_name(dataset, i)),
+                                        image_size=image_size, device=torch_device, batch_size=batch_size,
+                                        tta=tta, amp=amp, num_workers=num_workers, skip_failed=True)
+    for item, probability in progress(predictions, total=len(dataset), desc="pseudo-label", unit="slice"):
+        if probability is None:
+            print(f"cares pseudo-label: {item['name']}: failed: {item['error']}", file=sys.stderr)
+            failures.append({"name": item["name"], "error": item["error"]})
+            continue
         keep, entropy = is_confident(probability, entropy_threshold, log_base)
         mask = probability >= threshold
         images.append({"name": item["name"], "entropy": entropy, "kept": keep,
@@ -125,16 +134,29 @@ def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
     kept = sum(row["kept"] for row in images)
     summary = {
         "checkpoint": str(checkpoint), "input": str(source), "split": split,
-        "total": len(images), "kept": kept, "rejected": len(images) - kept,
+        "total": len(images) + len(failures), "kept": kept, "rejected": len(images) - kept,
+        "failed": len(failures),
         "entropy_threshold": entropy_threshold, "log_base": log_base,
         "max_entropy": math.log(2) / math.log(log_base),
         "rule": "keep when mean over pixels of -p log_b p - (1-p) log_b (1-p) < entropy_threshold",
         "mask_threshold": threshold, "tta": tta,
-        "images": images,
+        "images": images, "failures": failures,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
+
+
+def item_name(dataset, index: int) -> str:
+    """Item `index`'s name without loading it (for reporting a slice that cannot be read)."""
+    from cares.sampling import leaf_datasets
+    leaf = next(leaf_datasets(dataset))
+    if hasattr(leaf, "stems"):
+        return leaf.stems[index]
+    if hasattr(leaf, "slices") and hasattr(leaf, "volume_paths"):
+        from cares.data.nifti import nifti_stem
+        number, z = leaf.slices[index]
+        return f"{nifti_stem(leaf.volume_paths[number])}_z{z}"
+    return f"item {index}"
 
 
 def run(args) -> int:
@@ -144,10 +166,15 @@ def run(args) -> int:
                                threshold=args.threshold, tta=args.tta, batch_size=args.batch_size,
                                device=args.device, amp=args.amp, num_workers=args.num_workers,
                                overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"cares pseudo-label: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("total", "kept", "rejected", "entropy_threshold", "log_base")}))
+    print(json.dumps({k: summary[k] for k in ("total", "kept", "rejected", "failed", "entropy_threshold",
+                                              "log_base")}))
     print(f"kept {summary['kept']} of {summary['total']} slices; wrote {Path(args.out) / 'Imgs'}, GT/ and "
           "summary.json", file=sys.stderr)
+    if summary["failed"]:
+        print(f"{summary['failed']} slice(s) failed: " + ", ".join(f["name"] for f in summary["failures"]),
+              file=sys.stderr)
+        return 1
     return 0

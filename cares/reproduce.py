@@ -266,7 +266,7 @@ def _duration(seconds: float) -> str:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    from cares.checkpoint import atomic_write_bytes
+    from cares.runtime import atomic_write_bytes
     atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
 
 

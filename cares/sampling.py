@@ -9,6 +9,11 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Sampler, Subset
 
+from cares.runtime import derive_seed
+
+# derive_seed tag of the epoch order's stream (apart from augmentation's (seed, epoch, index) streams).
+_ORDER_TAG = 0x4F524452
+
 
 def kfold_split(num_samples: int, folds: int, fold: int, seed: int = 0) -> tuple[list[int], list[int]]:
     """(train indices, validation indices) of fold `fold` of a seeded K-fold split.
@@ -36,7 +41,7 @@ class EpochSampler(Sampler[int]):
     items. Each epoch uses every labelled sample plus `num_labelled` pseudo-labelled ones (the
     semi-supervised schedule: as many pseudo labels as real ones, drawn afresh each epoch, without
     replacement when there are enough), shuffled together. Randomness comes from a generator seeded
-    with (seed, epoch) only.
+    with derive_seed(seed, tag, epoch) only, so runs with nearby seeds get unrelated orders.
 
     With world_size > 1 it does what torch's DistributedSampler does: the epoch's list is padded by
     repeating its start to a multiple of world_size, and process `rank` takes every world_size-th
@@ -61,7 +66,7 @@ class EpochSampler(Sampler[int]):
 
     def epoch_indices(self) -> list[int]:
         """The whole epoch's order (all processes), before it is split across processes."""
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, _ORDER_TAG, self.epoch))
         indices = torch.arange(self.num_labelled)
         if self.num_pseudo:
             if self.num_pseudo >= self.num_labelled:

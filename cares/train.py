@@ -43,13 +43,15 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm import tqdm
 
-from cares.checkpoint import (DEFAULT_WINDOW, FORMAT, INTENSITY, VERSION, atomic_write_bytes,
-                              capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
-                              unwrap_model)
+from cares.checkpoint import (capture_rng_state, check_same_model, full_state, load_checkpoint, load_model_weights,
+                              reconcile_best, remove_orphaned_temp_files, restore_rng_state,
+                              save_epoch_checkpoints, unwrap_model, weights_state)
 from cares.config import TrainConfig, add_train_arguments, resolve_config, save_yaml
 from cares.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, barrier,
                                broadcast_object, init_distributed, shutdown)
-from cares.inference import autocast_context, predict_probabilities, resolve_amp, resolve_channels_last
+from cares.inference import predict_probabilities
+from cares.runtime import (RunLock, atomic_write_bytes, autocast_context, check_output_dir, derive_seed,
+                           resolve_amp, resolve_channels_last)
 from cares.sampling import EpochSampler, cache_in_memory, kfold_split, set_dataset_epoch
 
 HELP = ("Train a segmentation model (CARes-UNet by default, with the paper's settings: 256x256, Ranger "
@@ -93,7 +95,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     try:
         config = resolve_config(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"cares train: error: {err}", file=sys.stderr)
         return 2
     context = init_distributed(config.device)
@@ -108,7 +110,7 @@ def run(args) -> int:
         if context.is_main:
             print(f"cares train: error: {err}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         if context.is_main:
             print(f"cares train: error: {err}", file=sys.stderr)
         return 2
@@ -127,8 +129,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _derived_seed(*keys: int) -> int:
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+# derive_seed tags keeping this module's random streams apart from the others'.
+_LOADER_SEED_TAG, _RESEED_TAG = 0x4C4F4144, 0x52534544
 
 
 def build_datasets(config: TrainConfig) -> tuple[torch.utils.data.Dataset, int, int, Any]:
@@ -176,17 +178,17 @@ def build_datasets(config: TrainConfig) -> tuple[torch.utils.data.Dataset, int, 
 
 def build_model_for(config: TrainConfig) -> torch.nn.Module:
     from cares.models import build_model
-    return build_model(config.model, in_channels=1, num_classes=1, **config.model_options)
+    try:
+        return build_model(config.model, in_channels=1, num_classes=1, **config.model_options)
+    except (TypeError, ValueError) as err:  # e.g. upsampler=nosuch: a setting error, not a crash
+        raise ValueError(f"--model {config.model} --model-option {config.model_options}: {err}") from None
 
 
 def _load_initial_weights(model: torch.nn.Module, config: TrainConfig) -> None:
     """--init-from: copy a checkpoint's weights into the freshly built model (same model and options)."""
     state = load_checkpoint(config.init_from)
-    saved = state["model"]
-    if saved["name"] != config.model or saved["options"] != config.model_options:
-        raise ValueError(f"--init-from {config.init_from!r} holds model {saved['name']} {saved['options']}, "
-                         f"but the run trains {config.model} {config.model_options}")
-    model.load_state_dict(saved["state_dict"])
+    check_same_model(state, config.init_from, config.model, config.model_options, "--init-from")
+    load_model_weights(model, state, config.init_from)
 
 
 def _amp_scaler(config: TrainConfig, device: torch.device):
@@ -218,17 +220,8 @@ class _Deterministic:
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoint contents
+# Logs
 # --------------------------------------------------------------------------------------------------
-
-def model_record(config: TrainConfig, model: torch.nn.Module) -> dict[str, Any]:
-    return {"name": config.model, "options": dict(config.model_options), "in_channels": 1,
-            "num_classes": 1, "state_dict": unwrap_model(model).state_dict()}
-
-
-def input_record(config: TrainConfig) -> dict[str, Any]:
-    return {"image_size": config.image_size, "intensity": INTENSITY, **DEFAULT_WINDOW}
-
 
 def _history_row(epoch, train_loss, val_dice, lr, images, seconds) -> dict[str, Any]:
     """One log.csv row; `images` counts the training images of the epoch over all processes."""
@@ -259,7 +252,7 @@ def _tensorboard_writer(run_dir: Path, purge_step: int):
 # --------------------------------------------------------------------------------------------------
 
 def validation_dice(model: torch.nn.Module, dataset, config: TrainConfig, context: DistributedContext) -> float:
-    """Mean per-image Dice of (probability > 0.5) against the mask, at the training resolution.
+    """Mean per-image Dice of (probability >= 0.5) against the mask, at the training resolution.
 
     The cheap protocol, chosen for model selection during training; `cares evaluate` reports both
     the thresholded and the Inf-Net (256 thresholds) protocols at each ground truth's own size.
@@ -304,13 +297,10 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
     run_dir = Path(config.out)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     device = context.device
-    if not config.resume and last_path.exists():
-        raise ValueError(f"--out {str(run_dir)!r} already holds a run (last.pt); pass --resume to continue "
-                         "it or choose another --out")
-    if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(run_dir / "config.yaml", config)
+    check_output_dir(run_dir)
 
+    # Everything that can refuse the run happens before anything is written (config.yaml included):
+    # settings, the model and its options, datasets, the lock, and a --resume checkpoint's fit.
     # "auto" precision and layout become concrete here, once the device is known; config.yaml and the
     # checkpoints keep the settings as given (`settings`), so a resumed run on other hardware re-resolves them.
     settings = config
@@ -331,23 +321,126 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
     scaler = _amp_scaler(config, device)
     loss_function = DiceBCELoss(dice_weight=config.dice_weight, bce_weight=config.bce_weight)
 
-    start_epoch, best_val_dice, history, rng_states = 0, None, [], None
-    if config.resume and last_path.is_file():
-        state = load_checkpoint(last_path)
-        if state["model"]["name"] != config.model or state["model"]["options"] != config.model_options:
-            raise ValueError(f"{last_path} holds model {state['model']['name']} {state['model']['options']}, "
-                             f"but the config asks for {config.model} {config.model_options}")
-        model.load_state_dict(state["model"]["state_dict"])
+    lock = _lock_run_dir(run_dir, context)
+    try:
+        resumed = _agree(context, lambda: _resume_state(config, run_dir, model, optimizer, scheduler, scaler),
+                         cleanup=lock.abandon)
+        if context.is_main:
+            remove_orphaned_temp_files(run_dir)   # a killed save's; safe, the lock is ours
+            save_yaml(run_dir / "config.yaml", settings)
+        return _train_epochs(config, settings, context, started, resumed, model, optimizer, scheduler, scaler,
+                             loss_function, training_set, num_labelled, num_pseudo, validation_set,
+                             stop_after_epoch, on_epoch_end)
+    finally:
+        lock.release()
+
+
+@dataclass
+class _Resumed:
+    """Where a run starts: epoch 0, or what last.pt (and best.pt) say."""
+    start_epoch: int = 0
+    best_val_dice: float | None = None
+    best_epoch: int | None = None
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rng_states: list | None = None
+
+
+class _RunDirLock:
+    """RunLock on --out taken by the main process; abandon() also removes the folder when this run
+    created it and left nothing else in it (a refused run leaves nothing behind)."""
+
+    def __init__(self, run_dir: Path, is_main: bool):
+        self.run_dir, self.created = run_dir, is_main and not run_dir.exists()
+        self.lock = RunLock(run_dir).acquire() if is_main else None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def abandon(self) -> None:
+        self.release()
+        if self.created:
+            (self.run_dir / RunLock.FILE_NAME).unlink(missing_ok=True)
+            try:
+                self.run_dir.rmdir()
+            except OSError:  # not empty after all: leave it
+                pass
+
+
+def _lock_run_dir(run_dir: Path, context: DistributedContext) -> _RunDirLock:
+    """Take the run folder's lock on the main process; every process fails if it cannot."""
+    holder: list[_RunDirLock] = []
+    _agree(context, lambda: holder.append(_RunDirLock(run_dir, context.is_main)))
+    return holder[0]
+
+
+def _agree(context: DistributedContext, work: Callable[[], Any], cleanup: Callable[[], None] | None = None) -> Any:
+    """Run `work` on every process; if it raises ValueError on any, raise it on all (a process that
+    carried on alone would wait forever in the next collective), after calling `cleanup`."""
+    result, error = None, None
+    try:
+        result = work()
+    except ValueError as err:
+        error = err
+    messages = [m for m in all_gather_objects(context, None if error is None else str(error)) if m]
+    if messages:
+        if cleanup is not None:
+            cleanup()
+        if error is not None:
+            raise error
+        raise ValueError(messages[0])
+    return result
+
+
+def _resume_state(config: TrainConfig, run_dir: Path, model, optimizer, scheduler, scaler) -> _Resumed:
+    """Load last.pt into the model, optimizer, scheduler and scaler when --resume finds one; raise
+    ValueError (before anything is written) when it does not fit this run."""
+    last_path = run_dir / "last.pt"
+    if not config.resume:
+        if last_path.exists():
+            raise ValueError(f"--out {str(run_dir)!r} already holds a run (last.pt); pass --resume to continue "
+                             "it or choose another --out")
+        return _Resumed()
+    if not last_path.is_file():
+        print(f"no checkpoint in {run_dir} yet: starting a new run", file=sys.stderr)
+        return _Resumed()
+    state = load_checkpoint(last_path)
+    check_same_model(state, last_path, config.model, config.model_options, "--resume: checkpoint")
+    saved_optimizer = (state.get("config") or {}).get("optimizer")
+    if saved_optimizer is not None and saved_optimizer != config.optimizer:
+        raise ValueError(f"--resume: {last_path} was trained with --optimizer {saved_optimizer}, this run asks "
+                         f"for {config.optimizer}; resume with the same optimizer or start a new --out")
+    if not isinstance(state.get("optimizer"), dict) or "rng_states" not in state:
+        raise ValueError(f"--resume: {last_path} holds no optimizer/RNG state (exported weights?); "
+                         "use --init-from to start from its weights")
+    load_model_weights(model, state, last_path)
+    try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        start_epoch, best_val_dice, history = state["epoch"], state["best_val_dice"], state["history"]
-        rng_states = state["rng_states"]
-        if context.is_main:
-            print(f"resuming {run_dir} after epoch {start_epoch}", file=sys.stderr)
-    elif config.resume and context.is_main:
-        print(f"no checkpoint in {run_dir} yet: starting a new run", file=sys.stderr)
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise ValueError(f"--resume: the optimizer/scheduler state in {last_path} does not fit this run's "
+                         f"--optimizer {config.optimizer} --scheduler {config.scheduler} "
+                         f"({type(err).__name__}: {err})") from None
+    best_val_dice, best_epoch, note = reconcile_best(run_dir, state)
+    if note:
+        print(f"resume: {note}", file=sys.stderr)
+    print(f"resuming {run_dir} after epoch {state['epoch']}", file=sys.stderr)
+    return _Resumed(start_epoch=state["epoch"], best_val_dice=best_val_dice, best_epoch=best_epoch,
+                    history=list(state["history"]), rng_states=state["rng_states"])
+
+
+def _train_epochs(config, settings, context, started, resumed: _Resumed, model, optimizer, scheduler, scaler,
+                  loss_function, training_set, num_labelled, num_pseudo, validation_set,
+                  stop_after_epoch, on_epoch_end) -> TrainResult:
+    """The epoch loop of `train` (the run folder is locked and checked)."""
+    run_dir = Path(config.out)
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    device = context.device
+    start_epoch, best_val_dice, best_epoch = resumed.start_epoch, resumed.best_val_dice, resumed.best_epoch
+    history = resumed.history
 
     train_model: torch.nn.Module = model
     if context.is_distributed:
@@ -355,6 +448,9 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         train_model = torch.compile(train_model)
+    stepper = _Stepper(train_model=train_model, model=model, loss_function=loss_function, optimizer=optimizer,
+                       scaler=scaler, device=device, amp=config.amp,
+                       memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
 
     sampler = EpochSampler(num_labelled, num_pseudo, seed=config.seed, rank=context.rank,
                            world_size=context.world_size)
@@ -365,15 +461,15 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
               + f" slices, {len(validation_set) if validation_set is not None else 0} for validation) on "
               + f"{device} x {context.world_size}, epochs {start_epoch + 1}..{config.epochs}", file=sys.stderr)
 
-    if rng_states is not None:
+    if resumed.rng_states is not None:
         # Restored last, after everything above has drawn from the RNGs while being built.
-        if len(rng_states) == context.world_size:
-            restore_rng_state(rng_states[context.rank])
+        if len(resumed.rng_states) == context.world_size:
+            restore_rng_state(resumed.rng_states[context.rank])
         else:
-            warnings.warn(f"last.pt was written by {len(rng_states)} processes, this run has "
+            warnings.warn(f"last.pt was written by {len(resumed.rng_states)} processes, this run has "
                           f"{context.world_size}: RNG states are re-seeded, so the run will not be "
                           "bitwise identical to an uninterrupted one", stacklevel=2)
-            seed_everything(_derived_seed(config.seed, start_epoch, context.rank))
+            seed_everything(derive_seed(config.seed, _RESEED_TAG, start_epoch, context.rank))
 
     epoch, stopped_early = start_epoch, False
     for epoch in range(start_epoch, config.epochs):
@@ -381,11 +477,10 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
         set_dataset_epoch(training_set, epoch)
         loader = DataLoader(training_set, batch_size=config.batch_size, sampler=sampler,
                             num_workers=config.num_workers, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(_derived_seed(config.seed, epoch)))
+                            generator=torch.Generator().manual_seed(derive_seed(config.seed, _LOADER_SEED_TAG, epoch)))
         lr = optimizer.param_groups[0]["lr"]
         epoch_started = time.monotonic()
-        train_loss, images = _train_one_epoch(train_model, model, loader, loss_function, optimizer, scaler, config,
-                                              context, epoch, run_dir)
+        train_loss, images = _train_one_epoch(stepper, loader, config, context, epoch, run_dir)
         seconds = time.monotonic() - epoch_started
 
         val_dice = None
@@ -396,14 +491,15 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
 
         improved = val_dice is not None and (best_val_dice is None or val_dice > best_val_dice)
         if improved:
-            best_val_dice = val_dice
+            best_val_dice, best_epoch = val_dice, epoch + 1
         history.append(_history_row(epoch + 1, train_loss, val_dice, lr, images, seconds))
         rng = all_gather_objects(context, capture_rng_state())
         if context.is_main:
-            save_checkpoint(last_path, _full_state(settings, model, optimizer, scheduler, scaler, epoch + 1,
-                                                   best_val_dice, history, rng))
-            if improved:
-                save_checkpoint(best_path, weights_state(settings, model, epoch + 1, best_val_dice, history))
+            save_epoch_checkpoints(
+                run_dir,
+                full_state(settings, model, optimizer, scheduler, scaler, epoch + 1, best_val_dice, best_epoch,
+                           history, rng),
+                weights_state(settings, model, epoch + 1, best_val_dice, best_epoch, history) if improved else None)
             write_log_csv(run_dir / "log.csv", history)
             if writer is not None:
                 writer.add_scalar("train/loss", train_loss, epoch + 1)
@@ -443,33 +539,53 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
                        history=history, stopped_early=stopped_early)
 
 
-def weights_state(config, model, epoch, best_val_dice, history) -> dict[str, Any]:
-    """What evaluate/predict need: the model and how to feed it (best.pt, and the head of last.pt)."""
-    return {"format": FORMAT, "version": VERSION, "model": model_record(config, model),
-            "input": input_record(config), "config": config.to_dict(), "epoch": epoch,
-            "best_val_dice": best_val_dice, "history": list(history)}
+@dataclass
+class _Stepper:
+    """What one optimisation step needs: the model as trained (DDP/compiled) and as saved, the loss,
+    optimizer, GradScaler (fp16 only), device, autocast choice and memory format."""
+    train_model: torch.nn.Module
+    model: torch.nn.Module
+    loss_function: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    device: torch.device
+    amp: str
+    memory_format: torch.memory_format
+
+    def step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train on one batch; returns (images on the device, the loss, a device scalar)."""
+        images = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        masks = batch["mask"].to(self.device, non_blocking=True)
+        with autocast_context(self.device, self.amp):
+            logits = self.train_model(images)
+        loss = self.loss_function(logits, masks)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return images, loss.detach()
+
+    def weights_are_finite(self) -> torch.Tensor:
+        """A device bool: every parameter finite (read once per epoch, not per step)."""
+        return torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
 
 
-def _full_state(config, model, optimizer, scheduler, scaler, epoch, best_val_dice, history, rng) -> dict[str, Any]:
-    """weights_state plus everything --resume needs."""
-    state = weights_state(config, model, epoch, best_val_dice, history)
-    state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                 scaler=scaler.state_dict() if scaler is not None else None, rng_states=rng)
-    return state
-
-
-def _train_one_epoch(train_model, model, loader, loss_function, optimizer, scaler, config, context,
-                     epoch, run_dir) -> tuple[float, int]:
+def _train_one_epoch(stepper: _Stepper, loader: DataLoader, config: TrainConfig, context: DistributedContext,
+                     epoch: int, run_dir: Path) -> tuple[float, int]:
     """One pass over the epoch's samples; returns (mean loss, number of images), both over all processes.
 
     The host does not wait for the device inside the loop: the loss sum and the non-finite checks are
     accumulated as device tensors and read once, at the end of the epoch (the progress bar, shown only
-    on a terminal, reads them every PROGRESS_EVERY steps). A non-finite loss therefore stops the run at
-    the end of its epoch, with NonFiniteLossError naming the first bad step.
+    on a terminal, reads them every PROGRESS_EVERY steps). A non-finite loss (or weights that became
+    non-finite) therefore stops the run at the end of its epoch, with NonFiniteLossError naming the
+    first bad step.
     """
     device = context.device
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    train_model.train()
+    stepper.train_model.train()
     totals = torch.zeros(2, dtype=torch.float64, device=device)      # sum of loss * images, images
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     bad_input = torch.zeros((), dtype=torch.bool, device=device)   # a batch held NaN/inf pixels
@@ -478,25 +594,12 @@ def _train_one_epoch(train_model, model, loader, loss_function, optimizer, scale
                     disable=not context.is_main or None, file=sys.stderr)
     started = time.monotonic()
     for step, batch in enumerate(progress):
-        images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        masks = batch["mask"].to(device, non_blocking=True)
         batch_names.append(list(batch["name"]))
-        with autocast_context(device, config.amp):
-            logits = train_model(images)
-        loss = loss_function(logits, masks)
+        images, loss = stepper.step(batch)
         first_bad_step = torch.where(~torch.isfinite(loss) & (first_bad_step < 0), step, first_bad_step)
         bad_input |= ~torch.isfinite(images).all()
-        totals += torch.stack([loss.detach().double() * len(images),
+        totals += torch.stack([loss.double() * len(images),
                                torch.tensor(len(images), dtype=torch.float64, device=device)])
-
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
         if progress.disable is False and step % PROGRESS_EVERY == 0:
             elapsed = time.monotonic() - started
             progress.set_postfix(loss=f"{float(totals[0] / totals[1]):.4f}",
@@ -505,11 +608,11 @@ def _train_one_epoch(train_model, model, loader, loss_function, optimizer, scale
     # Every process must reach the same verdict, or the healthy ones would wait forever in the next
     # collective; so the flags are all-reduced with the loss totals.
     summary = all_reduce_sum(context, torch.stack([totals[0], totals[1], (first_bad_step >= 0).double(),
-                                                   bad_input.double()]))
-    if summary[2] > 0:
-        where = all_gather_objects(context, None if first_bad_step < 0 else
-                                   (context.rank, int(first_bad_step), batch_names[int(first_bad_step)],
-                                    bool(bad_input)))
+                                                   bad_input.double(), (~stepper.weights_are_finite()).double()]))
+    if summary[2] > 0 or summary[4] > 0:
+        bad_step = int(first_bad_step)
+        where = all_gather_objects(context, None if bad_step < 0 else
+                                   (context.rank, bad_step, batch_names[bad_step], bool(bad_input)))
         raise NonFiniteLossError(_non_finite_message(epoch, [w for w in where if w is not None], run_dir,
                                                      input_was_bad=bool(summary[3] > 0)))
     return float(summary[0] / summary[1]), int(summary[1])
@@ -518,7 +621,6 @@ def _train_one_epoch(train_model, model, loader, loss_function, optimizer, scale
 def _non_finite_message(epoch: int, where: list[tuple[int, int, list[str], bool]], run_dir: Path, *,
                         input_was_bad: bool) -> str:
     """What went wrong, where, what is left to resume from, and what to change."""
-    rank, step, names, _ = min(where, key=lambda w: w[1])
     last_path = run_dir / "last.pt"
     if epoch > 0 and last_path.is_file():
         fallback = f"the last good state is {last_path} (after epoch {epoch}); --resume continues from it"
@@ -528,8 +630,12 @@ def _non_finite_message(epoch: int, where: list[tuple[int, int, list[str], bool]
         advice = "the input images held NaN or infinite values: check the data"
     else:
         advice = "try a lower --lr, --amp off or bf16"
-    return (f"the loss became NaN or infinite at epoch {epoch + 1}, step {step + 1} (batch {names} on rank "
-            f"{rank}); {fallback}. Cause: {advice}.")
+    if where:
+        rank, step, names, _ = min(where, key=lambda w: w[1])
+        what = f"the loss became NaN or infinite at epoch {epoch + 1}, step {step + 1} (batch {names} on rank {rank})"
+    else:  # the loss stayed finite, but a step left NaN/inf weights (found at the epoch's end)
+        what = f"the model's weights became NaN or infinite during epoch {epoch + 1}"
+    return f"{what}; {fallback}. Cause: {advice}."
 
 
 def train_all_folds(config: TrainConfig, context: DistributedContext | None = None) -> dict[str, Any]:
@@ -537,9 +643,17 @@ def train_all_folds(config: TrainConfig, context: DistributedContext | None = No
     validation Dice of each fold and their mean +- std (the model-selection score)."""
     context = context or init_distributed(config.device)
     run_dir = Path(config.out)
-    if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(run_dir / "config.yaml", config)
+    check_output_dir(run_dir)
+    lock = _lock_run_dir(run_dir, context)
+    try:
+        if context.is_main:
+            save_yaml(run_dir / "config.yaml", config)
+        return _train_folds(config, context, run_dir)
+    finally:
+        lock.release()
+
+
+def _train_folds(config: TrainConfig, context: DistributedContext, run_dir: Path) -> dict[str, Any]:
     results = []
     for fold in range(config.folds):
         fold_config = dataclasses.replace(config, fold=fold, out=str(run_dir / f"fold_{fold}"))
@@ -547,7 +661,7 @@ def train_all_folds(config: TrainConfig, context: DistributedContext | None = No
     scores = [r.best_val_dice for r in results]
     summary = {"folds": config.folds, "best_val_dice": scores,
                "mean_val_dice": float(np.mean(scores)), "std_val_dice": float(np.std(scores)),
-               "validation": "mean per-image Dice of probability > 0.5 at the training resolution",
+               "validation": "mean per-image Dice of probability >= 0.5 at the training resolution",
                "runs": [str(r.run_dir) for r in results]}
     if context.is_main:
         atomic_write_bytes(run_dir / "folds.json", json.dumps(summary, indent=2).encode())

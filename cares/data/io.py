@@ -2,8 +2,9 @@
 
 Conventions used throughout `cares.data`:
     image: float32 numpy array (H, W), values in [0, 1]
-    mask:  bool numpy array (H, W); a pixel is lesion when its 8-bit gray value is > 128
-           (COVID-SemiSeg ground truth is stored as 0/255 PNGs)
+    mask:  bool numpy array (H, W); a pixel is lesion when its gray value is above half the file's
+           range: > 128 for 8-bit files (COVID-SemiSeg ground truth is stored as 0/255 PNGs), > 32767
+           for 16-bit ones
 """
 from __future__ import annotations
 
@@ -80,17 +81,25 @@ def load_image(path) -> np.ndarray:
 
 
 def load_mask(path) -> np.ndarray:
-    """Read a binary mask as bool (H, W): True where the 8-bit gray value is > 128.
+    """Read a binary mask as bool (H, W): True where the gray value is above half its range, i.e. > 128
+    for 8-bit files and > 32767 for 16-bit ones (16-bit masks are scaled by their range, never clipped
+    to 8 bits, which would turn a 0/65535 mask's lesion into 255 but a 0/1000 one's into nothing).
 
-    Warns when the file looks like a 0/1 label map (every value <= 1 and some equal to 1): such a
-    mask binarises to all-background under the > 128 rule, which is almost never what was meant.
+    Warns when the file has non-zero pixels but none above half its range (a 0/1 or 0/100 label map,
+    say): such a mask reads as all-background, which is almost never what was meant.
     """
     path = _check_path(path, "mask file")
-    gray = np.asarray(_open(path, "mask file").convert("L"))
-    if gray.max(initial=0) == 1:
-        warnings.warn(f"mask file {str(path)!r} holds only values 0 and 1; masks are binarised at "
-                      "> 128 (0/255 PNGs), so it reads as empty. Rescale it to 0/255.", stacklevel=2)
-    return gray > MASK_THRESHOLD
+    picture = _open(path, "mask file")
+    if picture.mode in _SIXTEEN_BIT_MODES:
+        gray, half = np.asarray(picture, dtype=np.int64), 65535 // 2
+    else:
+        gray, half = np.asarray(picture.convert("L")), MASK_THRESHOLD
+    mask = gray > half
+    if not mask.any() and gray.max(initial=0) > 0:
+        warnings.warn(f"mask file {str(path)!r} has non-zero values (at most {int(gray.max())}) but none above "
+                      f"half its range ({half}), so it reads as empty. Masks are binarised at half range "
+                      "(0/255 for 8-bit, 0/65535 for 16-bit files): rescale it.", stacklevel=2)
+    return mask
 
 
 def save_png(path, array) -> Path:

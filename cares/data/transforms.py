@@ -20,14 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def derive_seed(*keys: int) -> int:
-    """Mix non-negative integers into one 64-bit seed (numpy's SeedSequence), so that nearby keys
-    such as (0, 1, 2) and (0, 2, 1) give unrelated random streams."""
-    for key in keys:
-        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 0:
-            raise ValueError(f"seed keys must be non-negative integers, got {keys!r}")
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
+from cares.runtime import derive_seed  # noqa: F401  (the one seed derivation; re-exported for cares.data)
 
 
 def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:

@@ -32,7 +32,7 @@ from .segnet import SegNet
 from .unet import UNet
 
 __all__ = ["MODEL_NAMES", "ABLATION_VARIANTS", "UPSAMPLERS", "build_model", "register_model",
-           "unregister_model", "parse_model_spec",
+           "unregister_model", "parse_model_spec", "parse_model_option",
            "model_options", "SegmentationModel", "CAResUNet", "UNet", "UNetResNet34", "SegNet", "FCN8s"]
 
 
@@ -107,6 +107,16 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+def parse_model_option(text: str, *, context: str = "") -> tuple[str, Any]:
+    """"key=value" -> (key, value), the value read by the one rule every option source shares (bracket
+    specs, --model-option, cares reproduce): true/false -> bool, integers -> int, decimals -> float,
+    anything else the string. Raises ValueError for text that is not key=value."""
+    key, sep, value = str(text).partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise ValueError(f"model option must be key=value, got {text!r}{context}")
+    return key.strip(), _parse_value(value.strip())
+
+
 def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"cares_unet[upsampler=deconv,carafe_backend=reference]"`` -> ("cares_unet", {options}).
 
@@ -122,10 +132,8 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"unknown model {name!r} (from {spec!r}); choose one of {list(_BUILDERS)}")
     options: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in (match["options"] or "").split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ValueError(f"model option must be key=value, got {item!r} in {spec!r}")
-        options[key.strip()] = _parse_value(value.strip())
+        key, value = parse_model_option(item, context=f" in {spec!r}")
+        options[key] = value
     return name, options
 
 
