@@ -415,6 +415,14 @@ def _resume_state(config: TrainConfig, run_dir: Path, model, optimizer, schedule
         raise ValueError(f"--resume: {last_path} holds no optimizer/RNG state (exported weights?); "
                          "use --init-from to start from its weights")
     load_model_weights(model, state, last_path)
+    # load_state_dict takes any optimizer's groups without complaint (the error comes at the first
+    # step, as a KeyError), so the group settings are compared first.
+    saved_groups = state["optimizer"].get("param_groups") or [{}]
+    expected_keys, saved_keys = set(optimizer.param_groups[0]) - {"params"}, set(saved_groups[0]) - {"params"}
+    if saved_keys != expected_keys:
+        raise ValueError(f"--resume: the optimizer state in {last_path} does not fit this run's --optimizer "
+                         f"{config.optimizer} (settings {sorted(saved_keys ^ expected_keys)} differ): it was "
+                         "written by another optimizer")
     try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -37,6 +37,18 @@ def test_subcommand_help(command, capsys):
                       "reproduce": ["--preset", "--config", "--data", "--out", "--threads"]}[command]
     for flag in expected_flags:
         assert flag in text
+    assert "(default: None)" not in " ".join(text.split())   # required flags and flags without a default
+
+
+def test_help_lists_models_with_their_options_and_how_outputs_are_stored(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "cares_unet (upsampler, carafe_backend, base_channels)" in text and "unet (base_channels)" in text
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0-255" in text and "HU window" in text and "width 1500, level -650" in text
 
 
 def test_train_help_shows_the_paper_defaults(capsys):

@@ -343,6 +343,18 @@ def test_mask_threshold_is_above_128_and_zero_one_masks_warn(tmp_path):
         load_mask(tmp_path / "01.png")
 
 
+def test_sixteen_bit_masks_are_scaled_not_clipped(tmp_path):
+    Image.fromarray(np.array([[0, 32767, 32768, 65535]], dtype=np.uint16)).save(tmp_path / "m16.png")
+    assert load_mask(tmp_path / "m16.png").tolist() == [[False, False, True, True]]
+    # Clipped to 8 bits, 300 became 255 (lesion) though it is under 1% of the 16-bit range.
+    Image.fromarray(np.array([[0, 300, 40000]], dtype=np.uint16)).save(tmp_path / "low.png")
+    assert load_mask(tmp_path / "low.png").tolist() == [[False, False, True]]
+    # A 0/100 mask reads as empty, and says so.
+    Image.fromarray(np.array([[0, 100]], dtype=np.uint16)).save(tmp_path / "0100.png")
+    with pytest.warns(UserWarning, match="none above half its range"):
+        assert not load_mask(tmp_path / "0100.png").any()
+
+
 # ------------------------------------------------------------------------------------------------
 # Error cases
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,453 @@
+"""Training, prediction and the CLI never lose or corrupt work: kills between checkpoint writes,
+concurrent runs, bad inputs in a folder, NaN/inf anywhere, and every user error as `error: ...`, rc 2."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import cares.train
+from cares import runtime
+from cares.checkpoint import load_checkpoint, save_checkpoint
+from cares.cli import main
+from cares.config import resolve_config
+from cares.train import NonFiniteLossError, train
+from test_train import (POINTWISE_MODEL, TINY_MODEL, subprocess_env, tiny_config, tiny_models,  # noqa: F401
+                        write_checkpoint, write_launcher)
+
+
+class SimulatedKill(BaseException):
+    """Raised by the fault hook: unwinds like a kill would stop the run (not an Exception, so no
+    handler in cares catches it)."""
+
+
+def fake_validation(monkeypatch, scores):
+    """validation_dice returns scores[0], scores[1], ... on successive calls."""
+    calls = iter(scores)
+    monkeypatch.setattr(cares.train, "validation_dice", lambda *args, **kwargs: next(calls))
+
+
+def kill_at(monkeypatch, event):
+    def hook(name):
+        if name == event:
+            raise SimulatedKill(name)
+    monkeypatch.setattr(runtime, "fault_point", hook)
+
+
+def best_and_last(run):
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    return best, last
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. best.pt and last.pt stay a consistent pair under a kill at any instant
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("event", ["wrote best.pt epoch 2", "wrote last.pt epoch 2"])
+def test_kill_between_checkpoint_writes_keeps_best_and_last_consistent(tmp_path, monkeypatch, event):
+    run = tmp_path / "run"
+    fake_validation(monkeypatch, [0.25, 0.27])
+    kill_at(monkeypatch, event)
+    with pytest.raises(SimulatedKill):
+        train(tiny_config(run, epochs=3))
+    best, last = best_and_last(run)
+    # best.pt is never behind what last.pt calls the best (the bug: best epoch 1 while last says 0.27 at 2).
+    assert best["epoch"] >= last["best_epoch"] and best["best_val_dice"] >= last["best_val_dice"]
+    assert best["epoch"] == 2 and best["best_val_dice"] == 0.27
+
+    monkeypatch.setattr(runtime, "fault_point", lambda name: None)
+    # Redone epochs score the same as before the kill (a deterministic run), then epoch 3 is worse.
+    fake_validation(monkeypatch, [0.27, 0.20] if last["epoch"] == 1 else [0.20])
+    train(tiny_config(run, epochs=3, resume=True))
+    best, last = best_and_last(run)
+    assert last["epoch"] == 3 and last["best_epoch"] == 2 and last["best_val_dice"] == 0.27
+    assert best["epoch"] == 2 and best["best_val_dice"] == 0.27
+
+
+def test_resume_keeps_a_best_pt_written_just_before_the_kill(tmp_path, monkeypatch, capsys):
+    """Killed after best.pt (epoch 2) but before last.pt: a redone epoch 2 that scores lower (a GPU run
+    is not bitwise deterministic) must not make last.pt forget the better best.pt."""
+    run = tmp_path / "run"
+    fake_validation(monkeypatch, [0.25, 0.27])
+    kill_at(monkeypatch, "wrote best.pt epoch 2")
+    with pytest.raises(SimulatedKill):
+        train(tiny_config(run, epochs=2))
+    monkeypatch.setattr(runtime, "fault_point", lambda name: None)
+    fake_validation(monkeypatch, [0.26])
+    train(tiny_config(run, epochs=2, resume=True))
+    assert "kept as the best model" in capsys.readouterr().err
+    best, last = best_and_last(run)
+    assert last["best_val_dice"] == best["best_val_dice"] == 0.27 and last["best_epoch"] == best["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_process_killed_after_best_pt_resumes_and_cleans_up(tmp_path):
+    """A real process end (os._exit, as kill -9) right after best.pt: the lock dies with it, --resume
+    works at once, the orphaned temp file of a torn save is removed, and the pair ends consistent."""
+    launcher = write_launcher(tmp_path)
+    args = [sys.executable, str(launcher), "train", "--data", "synthetic", "--synthetic-samples", "4",
+            "--image-size", "32", "--model", TINY_MODEL, "--batch-size", "2", "--epochs", "2",
+            "--val-split", "val", "--num-workers", "0", "--out", str(tmp_path / "run")]
+    killed = subprocess.run(args, env={**subprocess_env(), runtime.FAULT_ENV: "wrote best.pt epoch 1"},
+                            cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert killed.returncode == 86, killed.stderr[-2000:]
+    assert (tmp_path / "run" / "best.pt").is_file() and not (tmp_path / "run" / "last.pt").exists()
+    orphan = tmp_path / "run" / ".last.pt.abc123.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    resumed = subprocess.run(args + ["--resume"], env=subprocess_env(), cwd=tmp_path, capture_output=True,
+                             text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not orphan.exists()
+    best, last = best_and_last(tmp_path / "run")
+    assert best["epoch"] == last["best_epoch"] and best["best_val_dice"] == last["best_val_dice"]
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. One run per --out
+# --------------------------------------------------------------------------------------------------
+
+def test_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    with runtime.RunLock(out):   # what a live run holds (another open file: flock conflicts in-process too)
+        rc = main(["train", "--data", "synthetic", "--synthetic-samples", "4", "--image-size", "32",
+                   "--model", TINY_MODEL, "--epochs", "1", "--num-workers", "0", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"is in use by another run (pid {os.getpid()})" in err and "Traceback" not in err
+    assert not (out / "config.yaml").exists() and not (out / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_concurrent_training_runs_and_a_killed_runs_lock(tmp_path):
+    """Two trainings into one folder: the second is refused (rc 2) while the first runs; after the
+    first is killed with SIGKILL, --resume is not blocked by its lock."""
+    launcher = write_launcher(tmp_path)
+    out = tmp_path / "run"
+    args = [sys.executable, str(launcher), "train", "--data", "synthetic", "--synthetic-samples", "4",
+            "--image-size", "32", "--model", TINY_MODEL, "--batch-size", "2", "--num-workers", "0",
+            "--out", str(out)]
+    first = subprocess.Popen(args + ["--epochs", "100000"], env=subprocess_env(), cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "config.yaml").is_file() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended early"
+        second = subprocess.run(args + ["--epochs", "1"], env=subprocess_env(), cwd=tmp_path,
+                                capture_output=True, text=True, timeout=240)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by another run (pid {first.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    resumed = subprocess.run(args + ["--epochs", "1", "--resume"], env=subprocess_env(), cwd=tmp_path,
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# 5 and 7. Validate everything before writing anything; user errors are one line, rc 2
+# --------------------------------------------------------------------------------------------------
+
+TRAIN = ["train", "--data", "synthetic", "--synthetic-samples", "4", "--image-size", "32", "--batch-size", "2",
+         "--epochs", "1", "--num-workers", "0"]
+
+
+def assert_one_line_error(capsys, rc, *fragments):
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert rc == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], err
+
+
+def test_refused_resume_leaves_config_yaml_alone(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TRAIN + ["--model", TINY_MODEL, "--out", str(out)]) == 0
+    saved = (out / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert_one_line_error(capsys, main(TRAIN + ["--model", POINTWISE_MODEL, "--resume", "--epochs", "2",
+                                                "--out", str(out)]), "holds model")
+    assert (out / "config.yaml").read_bytes() == saved
+    assert main(["train", "--resume", "--epochs", "2", "--out", str(out)]) == 0   # a plain --resume still works
+
+
+def test_resume_onto_another_optimizer_is_an_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TRAIN + ["--model", TINY_MODEL, "--optimizer", "adam", "--out", str(out)]) == 0
+    saved = (out / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert_one_line_error(capsys, main(["train", "--resume", "--optimizer", "ranger", "--epochs", "2",
+                                        "--out", str(out)]), "--optimizer adam")
+    assert (out / "config.yaml").read_bytes() == saved
+
+
+def test_resume_onto_foreign_optimizer_state_is_an_error(tmp_path, capsys):
+    """Same optimizer name, state from another optimizer (Ranger's keys missing): not a KeyError."""
+    out = tmp_path / "run"
+    assert main(TRAIN + ["--model", TINY_MODEL, "--optimizer", "adam", "--out", str(out)]) == 0
+    state = load_checkpoint(out / "last.pt")
+    state["config"]["optimizer"] = "ranger"
+    save_checkpoint(out / "last.pt", state)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config["optimizer"] = "ranger"
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert_one_line_error(capsys, main(["train", "--resume", "--epochs", "2", "--out", str(out)]),
+                          "does not fit this run's --optimizer ranger")
+
+
+def test_bad_model_option_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert_one_line_error(capsys, main(TRAIN + ["--model", "unet", "--model-option", "nosuch=1", "--out", str(out)]),
+                          "--model-option nosuch", "base_channels")
+    assert not out.exists()
+    assert_one_line_error(capsys, main(TRAIN + ["--model", "cares_unet", "--model-option", "upsampler=nosuch",
+                                                "--out", str(out)]), "upsampler")
+    assert not out.exists()
+
+
+def test_unsafe_yaml_is_an_error(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("epochs: !!python/object/apply:os.system ['echo owned']\n")
+    assert_one_line_error(capsys, main(["train", "--config", str(config), "--out", str(tmp_path / "run")]),
+                          "not plain YAML")
+
+
+def test_non_finite_or_non_positive_lr_is_refused_at_parse_time(capsys):
+    for value in ("inf", "nan", "0", "-1"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--lr", value])
+        assert exit_info.value.code == 2 and "--lr must be a finite number > 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--lr must be a finite number"):
+        resolve_config(dict(lr=math.inf))
+
+
+def command_args(command, tmp_path, checkpoint, out):
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(images / "a.png")
+    return {
+        "train": TRAIN + ["--model", TINY_MODEL, "--out", out],
+        "evaluate": ["evaluate", "--checkpoint", checkpoint, "--data", "synthetic", "--out", out],
+        "predict": ["predict", "--checkpoint", checkpoint, "--input", str(images), "--out", out],
+        "pseudo-label": ["pseudo-label", "--checkpoint", checkpoint, "--input", str(images), "--out", out],
+    }[command]
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "pseudo-label"])
+@pytest.mark.parametrize("where", ["file", "under a file", "read-only"])
+def test_unusable_out_is_a_one_line_error_before_any_work(tmp_path, capsys, monkeypatch, command, where):
+    checkpoint = str(write_checkpoint(tmp_path / "best.pt"))
+    (tmp_path / "a_file").write_text("x")
+    out = {"file": tmp_path / "a_file", "under a file": tmp_path / "a_file" / "out",
+           "read-only": tmp_path / "ro" / "out"}[where]
+    if where == "read-only":
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+        if os.access(tmp_path / "ro", os.W_OK):   # root ignores permissions: pretend as the check sees it
+            real_access = os.access
+            monkeypatch.setattr(runtime.os, "access", lambda p, mode: False if Path(p) == tmp_path / "ro"
+                                else real_access(p, mode))
+    import cares.inference
+    monkeypatch.setattr(cares.inference, "predict_probabilities",
+                        lambda *a, **k: pytest.fail("inference ran before --out was checked"))
+    rc = main(command_args(command, tmp_path, checkpoint, str(out)))
+    assert_one_line_error(capsys, rc, "--out", {"file": "is a file", "under a file": "which is a file",
+                                                "read-only": "not writable"}[where])
+
+
+# --------------------------------------------------------------------------------------------------
+# 7 and 8. Checkpoints: other models, missing records, bit flips, empty files, NaN weights
+# --------------------------------------------------------------------------------------------------
+
+def predict_with(checkpoint, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(images / "a.png")
+    return main(["predict", "--checkpoint", str(checkpoint), "--input", str(images), "--out", str(tmp_path / "out")])
+
+
+def edited_checkpoint(tmp_path, edit, model_name=POINTWISE_MODEL):
+    path = write_checkpoint(tmp_path / "best.pt", model_name)
+    state = load_checkpoint(path)
+    edit(state)
+    return save_checkpoint(tmp_path / "edited.pt", state)
+
+
+def test_checkpoint_of_another_width_is_a_one_line_error(tmp_path, capsys):
+    path = edited_checkpoint(tmp_path, lambda s: s["model"]["options"].update(width=4), TINY_MODEL)
+    assert_one_line_error(capsys, predict_with(path, tmp_path), "weights do not fit model")
+    with pytest.raises(ValueError, match="holds model"):
+        train(tiny_config(tmp_path / "run", init_from=str(path)))
+
+
+def test_checkpoint_without_input_record_is_a_one_line_error(tmp_path, capsys):
+    path = edited_checkpoint(tmp_path, lambda s: s.pop("input"))
+    assert_one_line_error(capsys, predict_with(path, tmp_path), "no 'input' record")
+
+
+def test_non_finite_weights_are_refused(tmp_path, capsys):
+    path = edited_checkpoint(tmp_path, lambda s: s["model"]["state_dict"]["conv.weight"].fill_(float("nan")))
+    assert_one_line_error(capsys, predict_with(path, tmp_path), "conv.weight", "NaN")
+
+
+def test_bit_flip_in_tensor_data_is_caught_by_the_zip_crc(tmp_path):
+    path = write_checkpoint(tmp_path / "best.pt")
+    with zipfile.ZipFile(path) as archive:
+        member = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size >= 4)
+    data = bytearray(path.read_bytes())
+    # The member's data starts after its local header (30 bytes + name + extra field).
+    name_length = int.from_bytes(data[member.header_offset + 26:member.header_offset + 28], "little")
+    extra_length = int.from_bytes(data[member.header_offset + 28:member.header_offset + 30], "little")
+    data[member.header_offset + 30 + name_length + extra_length + 1] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="fails its CRC check"):
+        load_checkpoint(path)
+
+
+def test_empty_checkpoint_names_the_reason(tmp_path, capsys):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert_one_line_error(capsys, predict_with(tmp_path / "empty.pt", tmp_path), "empty (0 bytes)")
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. NaN never becomes "no lesion"; non-finite weights stop training
+# --------------------------------------------------------------------------------------------------
+
+def test_weights_that_become_non_finite_stop_training(tmp_path, monkeypatch):
+    original = cares.train._Stepper.step
+
+    def step_then_break_weights(self, batch):
+        result = original(self, batch)
+        with torch.no_grad():
+            next(self.model.parameters()).fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(cares.train._Stepper, "step", step_then_break_weights)
+    with pytest.raises(NonFiniteLossError, match="weights became NaN or infinite during epoch 1.*no epoch had finished"):
+        train(tiny_config(tmp_path / "run", synthetic_samples=2))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def write_volume(path, data):
+    nibabel = pytest.importorskip("nibabel")
+    nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), str(path))
+
+
+def test_nan_in_a_nifti_slice_fails_that_file_by_name_and_predicts_the_others(tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "best.pt")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    volume = np.full((16, 16, 3), -1000.0, np.float32)
+    volume[4:10, 4:10, 1] = 100.0
+    bad = volume.copy()
+    bad[2:7, 2:7, 1] = np.nan                                           # a 5x5 NaN patch
+    write_volume(inputs / "a_bad.nii.gz", bad)
+    write_volume(inputs / "b_good.nii.gz", volume)
+    rc = main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "a_bad.nii.gz: failed: 'slice 1': the image holds NaN or infinite values" in err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [(Path(e["input"]).name, e["status"]) for e in manifest["inputs"]] == [("a_bad.nii.gz", "failed"),
+                                                                                  ("b_good.nii.gz", "ok")]
+    assert not (tmp_path / "out" / "masks" / "a_bad.nii.gz.nii.gz").exists()
+    assert (tmp_path / "out" / "masks" / "b_good.nii.gz.nii.gz").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# 3 and 6. predict and pseudo-label: same stems, mixed good and bad files
+# --------------------------------------------------------------------------------------------------
+
+def test_predict_keeps_inputs_that_share_a_stem_apart(tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "best.pt")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, value in (("scan.png", 0), ("scan.jpg", 255), ("Scan.png", 255)):
+        Image.fromarray(np.full((16, 16), value, np.uint8)).save(inputs / name)
+    write_volume(inputs / "vol.nii", np.full((8, 8, 2), -1000.0, np.float32))
+    write_volume(inputs / "vol.nii.gz", np.full((8, 8, 2), 500.0, np.float32))
+    out = tmp_path / "out"
+    (out / "masks").mkdir(parents=True)
+    (out / "masks" / "stale.png").write_bytes(b"from an earlier run")
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--out", str(out)]) == 0
+    assert "for 5 input(s)" in capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    masks = {Path(e["input"]).name: e["mask"] for e in manifest["inputs"]}
+    assert len(set(masks.values())) == 5 and manifest["written"] == 5 and manifest["failed"] == 0
+    assert all((out / m).is_file() for m in masks.values())
+    assert not np.asarray(Image.open(out / masks["scan.png"])).any()
+    assert np.asarray(Image.open(out / masks["scan.jpg"])).all()
+    assert "stale.png" not in json.dumps(manifest)
+
+
+def test_predict_reports_a_bad_file_and_predicts_the_rest_of_its_batch(tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "best.pt")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "c", "d"):
+        Image.fromarray(np.full((16, 16), 200, np.uint8)).save(inputs / f"{name}.png")
+    (inputs / "b.png").write_bytes(b"not a png")
+    rc = main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--out", str(tmp_path / "out"),
+               "--batch-size", "4"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "b.png: failed:" in err and "1 input(s) failed: b.png" in err
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["a.png.png", "c.png.png", "d.png.png"]
+
+
+def test_pseudo_label_reports_a_bad_file_and_labels_the_rest(tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "best.pt")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "c"):
+        Image.fromarray(np.full((16, 16), 250, np.uint8)).save(inputs / f"{name}.png")
+    (inputs / "b.png").write_bytes(b"not a png")
+    rc = main(["pseudo-label", "--checkpoint", str(checkpoint), "--input", str(inputs),
+               "--out", str(tmp_path / "pseudo"), "--batch-size", "4"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "b: failed:" in err
+    summary = json.loads((tmp_path / "pseudo" / "summary.json").read_text())
+    assert summary["failed"] == 1 and summary["failures"][0]["name"] == "b" and summary["total"] == 3
+    assert sorted(p.name for p in (tmp_path / "pseudo" / "GT").iterdir()) == ["a.png", "c.png"]
+
+
+# --------------------------------------------------------------------------------------------------
+# 9 and layering: progress, seeds
+# --------------------------------------------------------------------------------------------------
+
+def test_progress_without_a_terminal_prints_lines_with_an_eta():
+    import io
+    stream = io.StringIO()
+    assert list(runtime.progress(range(4), total=4, desc="predict", unit="file", stream=stream, interval=0)) == \
+        [0, 1, 2, 3]
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("predict: 1/4 files (25.0%)") and "ETA" in lines[0] and lines[-1].endswith("done")
+
+
+def test_epoch_order_seeds_do_not_alias_across_runs():
+    """seed*100_003+epoch made seed 1 epoch 0 replay seed 0 epoch 100003."""
+    from cares.sampling import EpochSampler
+    first, second = EpochSampler(64, seed=1), EpochSampler(64, seed=0)
+    second.set_epoch(100_003)
+    assert first.epoch_indices() != second.epoch_indices()
+
+
+def test_model_options_parse_the_same_from_flags_and_brackets():
+    from cares.config import _model_option
+    from cares.models import parse_model_spec
+    for text in ("dropout=1e-3", "base_channels=16", "upsampler=deconv", "flag=true"):
+        key, value = _model_option(text)
+        assert parse_model_spec(f"fcn[{text}]")[1] == {key: value}
