@@ -63,9 +63,10 @@ GPU_PLAN = DemoPlan(image_size=256, width=64, train_samples=256, eval_samples=32
 
 
 def add_arguments(parser) -> None:
+    from cares.runtime import DEVICE_CHOICES
     parser.add_argument("--out", default="runs/demo", metavar="DIR", help="folder for report.md and everything else")
     parser.add_argument("--quick", action="store_true", help="a tiny run that finishes in well under a minute (tests)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = cuda when available")
     parser.add_argument("--epochs", type=int, default=None, metavar="N", help="override the plan's epochs")
     parser.add_argument("--minutes", type=float, default=None, metavar="M", help="override the training time budget")
     parser.add_argument("--seed", type=int, default=0, help="seed of the run")

@@ -41,9 +41,11 @@ def add_inference_arguments(parser, *, workers: bool = True) -> None:
     """Flags shared by evaluate, predict and pseudo-label (the model comes from the checkpoint)."""
     parser.add_argument("--checkpoint", required=True, metavar="CKPT",
                         help="best.pt or last.pt written by `cares train` (it records model and input size)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
+    from cares.runtime import AMP_CHOICES, DEVICE_CHOICES
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = cuda when available")
     parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per forward pass")
-    parser.add_argument("--amp", choices=("off", "fp16", "bf16"), default="off", help="mixed-precision inference")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="off",
+                        help="mixed-precision inference (auto = bf16 where the device computes it fast)")
     parser.add_argument("--tta", action="store_true", help="average the probabilities over horizontal/vertical flips")
     if workers:
         parser.add_argument("--num-workers", type=int, default=0, metavar="N", help="DataLoader worker processes")

@@ -2,7 +2,7 @@
 
 One epoch:  set the epoch's data order and augmentation  ->  train steps (AMP, DDP)  ->  validate
             (threshold-0.5 Dice, see `validation_dice`)  ->  step the LR schedule  ->  write
-            last.pt (and best.pt when the validation Dice improved), log.csv, TensorBoard.
+            best.pt (when the validation Dice improved) and then last.pt, log.csv, TensorBoard.
 
 Run folder (--out):
     config.yaml     every setting of the run (the resolved TrainConfig)
@@ -12,6 +12,11 @@ Run folder (--out):
     log.csv         one row per epoch: loss, validation Dice, learning rate, time, throughput
     loss_curve.png  training loss and validation Dice per epoch
     folds.json      with --fold all: the best validation Dice of each fold and their mean
+    .lock           held (fcntl.flock) while a run writes here: a second run into the folder is refused
+
+Before anything is written, every setting, the model and its options, the folder and (with --resume)
+the checkpoint's fit are checked, so a refused run leaves the folder as it was. See
+cares.checkpoint.save_epoch_checkpoints for why best.pt is written first.
 
 Exact resume: checkpoints are written at epoch ends. The data order and augmentation of epoch e
 are functions of (seed, e) (see cares.sampling and cares.data's set_epoch), the DataLoader's worker
@@ -295,7 +300,6 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
 
     started = time.monotonic()   # --time-limit counts from here
     run_dir = Path(config.out)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     device = context.device
     check_output_dir(run_dir)
 
