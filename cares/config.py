@@ -35,6 +35,7 @@ class TrainConfig:
     val_split: str | None = None              # a split of `data` to validate on when --folds is 1
     pseudo: str | None = None                 # folder with Imgs/ + GT/ written by `cares pseudo-label`
     cache_data: bool = True                   # decode and resize the training slices once, keep them in memory
+    data_on_device: bool | None = None        # keep them on the training device, batch and augment there (None: on CUDA)
     synthetic_samples: int | None = None      # slices in the synthetic training split (None: cares.data's 64)
     image_size: int = 256
     augment: bool = True
@@ -167,6 +168,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--num-workers", type=int, metavar="N", help="DataLoader worker processes")
     flag("--cache-data", action=argparse.BooleanOptionalAction,
          help="decode and resize the training slices once and keep them in memory (S*S*5 bytes each)")
+    flag("--data-on-device", action=argparse.BooleanOptionalAction,
+         help="keep the training slices on the training device and build and augment batches there, "
+              "without a DataLoader (default: on for CUDA)")
 
     group = parser.add_argument_group("model")
     flag("--model", metavar="NAME", help=f"architecture (its --model-option keys in parentheses): {models_help()}")

@@ -41,7 +41,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -309,7 +309,9 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
     # checkpoints keep the settings as given (`settings`), so a resumed run on other hardware re-resolves them.
     settings = config
     config = dataclasses.replace(config, amp=resolve_amp(config.amp, device),
-                                 channels_last=resolve_channels_last(config.channels_last, config.amp, device))
+                                 channels_last=resolve_channels_last(config.channels_last, config.amp, device),
+                                 data_on_device=(device.type == "cuda" if config.data_on_device is None
+                                                 else config.data_on_device))
     seed_everything(config.seed)
     training_set, num_labelled, num_pseudo, validation_set = build_datasets(config)
     model = build_model_for(config)
@@ -466,6 +468,11 @@ def _train_epochs(config, settings, context, started, resumed: _Resumed, model, 
 
     sampler = EpochSampler(num_labelled, num_pseudo, seed=config.seed, rank=context.rank,
                            world_size=context.world_size)
+    # Batches built on the device give the same batches as the DataLoader (cares.data.device_batches).
+    device_batches = None
+    if config.data_on_device:
+        from cares.data import DeviceBatches
+        device_batches = DeviceBatches(training_set, device, config.batch_size)
     writer = _tensorboard_writer(run_dir, start_epoch + 1) if context.is_main else None
     if context.is_main:
         print(f"training {config.model} on {config.data} ({num_labelled} labelled"
@@ -487,9 +494,13 @@ def _train_epochs(config, settings, context, started, resumed: _Resumed, model, 
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
         set_dataset_epoch(training_set, epoch)
-        loader = DataLoader(training_set, batch_size=config.batch_size, sampler=sampler,
-                            num_workers=config.num_workers, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(derive_seed(config.seed, _LOADER_SEED_TAG, epoch)))
+        if device_batches is not None:
+            loader = device_batches.epoch_batches(sampler)
+        else:
+            loader = DataLoader(training_set, batch_size=config.batch_size, sampler=sampler,
+                                num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                                generator=torch.Generator().manual_seed(derive_seed(config.seed, _LOADER_SEED_TAG,
+                                                                                    epoch)))
         lr = optimizer.param_groups[0]["lr"]
         epoch_started = time.monotonic()
         train_loss, images = _train_one_epoch(stepper, loader, config, context, epoch, run_dir)
@@ -586,7 +597,7 @@ class _Stepper:
         return torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
 
 
-def _train_one_epoch(stepper: _Stepper, loader: DataLoader, config: TrainConfig, context: DistributedContext,
+def _train_one_epoch(stepper: _Stepper, loader: Iterable[dict[str, Any]], config: TrainConfig, context: DistributedContext,
                      epoch: int, run_dir: Path) -> tuple[float, int]:
     """One pass over the epoch's samples; returns (mean loss, number of images), both over all processes.
 

@@ -535,3 +535,71 @@ def test_nifti_functions_explain_how_to_install_nibabel(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_nibabel)
     with pytest.raises(ImportError, match="pip install nibabel"):
         nifti_module.write_nifti(tmp_path / "x.nii.gz", np.zeros((1, 2, 2), np.uint8), np.eye(4))
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched augmentation and data on the device
+# --------------------------------------------------------------------------------------------------
+
+def test_augment_batch_equals_each_item_augmented_alone():
+    from cares.data import augment_batch, draw_augment
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(24, 1, 40, 40, generator=generator)
+    masks = (torch.rand(24, 1, 40, 40, generator=generator) > 0.7).float()
+    draws = [draw_augment(item_generator(1, 2, index)) for index in range(24)]
+    # The batch mixes every step: flips, each quarter turn, warped and unwarped, jittered and not.
+    assert {d.quarter_turns for d in draws} == {0, 1, 2, 3}
+    assert {d.affine is None for d in draws} == {True, False} == {d.intensity is None for d in draws}
+    batch_images, batch_masks = augment_batch(images, masks, draws)
+    for index in range(24):
+        image, mask = augment_pair(images[index], masks[index], item_generator(1, 2, index))
+        torch.testing.assert_close(batch_images[index], image, rtol=0, atol=1e-6)
+        assert torch.equal(batch_masks[index], mask)
+    assert torch.equal(images, images.clone()) and batch_images.data_ptr() != images.data_ptr()  # inputs untouched
+
+
+def test_augment_batch_rejects_mismatched_arguments():
+    from cares.data import augment_batch, draw_augment
+    draws = [draw_augment(item_generator(0, 0, i)) for i in range(2)]
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 1, S, S\)"):
+        augment_batch(torch.rand(2, 3, 8, 8), None, draws)
+    with pytest.raises(ValueError, match="masks shape"):
+        augment_batch(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 4, 4), draws)
+    with pytest.raises(ValueError, match="3 draws for a batch of 2"):
+        augment_batch(torch.rand(2, 1, 8, 8), None, draws + draws[:1])
+
+
+def test_device_batches_serve_the_dataloaders_batches():
+    from torch.utils.data import ConcatDataset, DataLoader, Subset
+
+    from cares.data import DeviceBatches
+    from cares.sampling import EpochSampler, set_dataset_epoch
+    labelled = Subset(SyntheticCT(num_samples=10, image_size=32, augment=True, seed=4), [1, 3, 4, 6, 7, 9])
+    pseudo = SyntheticCT(num_samples=5, image_size=32, augment=True, seed=9)
+    dataset = ConcatDataset([labelled, pseudo])
+    sampler = EpochSampler(6, 5, seed=2)
+    device_batches = DeviceBatches(dataset, "cpu", batch_size=4)
+    for epoch in (0, 3):
+        sampler.set_epoch(epoch)
+        set_dataset_epoch(dataset, epoch)
+        expected = list(DataLoader(dataset, batch_size=4, sampler=sampler))
+        served = device_batches.epoch_batches(sampler)
+        assert len(served) == len(expected) == 3                        # 12 items, the last batch full
+        for mine, theirs in zip(served, expected, strict=True):
+            assert mine["name"] == list(theirs["name"])
+            torch.testing.assert_close(mine["image"], theirs["image"], rtol=0, atol=1e-6)
+            assert torch.equal(mine["mask"], theirs["mask"])
+
+
+def test_device_batches_refuse_what_cannot_stack_or_train(tmp_path):
+    from cares.data import DeviceBatches
+    write_pair(tmp_path / "Imgs", tmp_path / "GT", "a", size=(20, 30))
+    write_pair(tmp_path / "Imgs", tmp_path / "GT", "b", size=(24, 30))
+    with pytest.raises(ValueError, match="image_size"):
+        DeviceBatches(ImageFolderDataset(tmp_path / "Imgs", tmp_path / "GT", image_size=None), "cpu", 2)
+    with pytest.raises(ValueError, match="need masks"):
+        DeviceBatches(SyntheticCT(num_samples=2, image_size=16, labeled=False), "cpu", 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        DeviceBatches(SyntheticCT(num_samples=2, image_size=16), "cpu", 0)
+    with pytest.raises(TypeError, match="cares.data datasets"):
+        DeviceBatches(torch.utils.data.TensorDataset(torch.zeros(2, 1, 8, 8)), "cpu", 2)

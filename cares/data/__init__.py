@@ -11,7 +11,9 @@ Entry point: `build_dataset(source, split, image_size, augment, seed, labeled)`,
 `cares.data.datasets` for the layout rules). Modules:
     io          load_image, load_mask, save_png
     nifti       read_nifti, window_hu, write_nifti (nibabel optional; axis convention documented)
-    transforms  resize_image, resize_mask, augment_pair, AugmentConfig, item_generator
+    transforms  resize_image, resize_mask, augment_pair, augment_batch, draw_augment, AugmentConfig,
+                item_generator
+    device_batches  DeviceBatches: a cached training set kept on the device, batched and augmented there
     synthetic   SyntheticCT
     datasets    ImageFolderDataset, NiftiSliceDataset, build_dataset, default_data_dir
 """
@@ -22,11 +24,13 @@ from .datasets import (ImageFolderDataset, NiftiSliceDataset, build_dataset, def
 from .io import load_image, load_mask, save_png
 from .nifti import read_nifti, window_hu, write_nifti
 from .synthetic import SyntheticCT, render_synthetic_slice
-from .transforms import AugmentConfig, augment_pair, item_generator, resize_image, resize_mask
+from .device_batches import DeviceBatches
+from .transforms import (AugmentConfig, AugmentDraw, augment_batch, augment_pair, draw_augment, item_generator,
+                         resize_image, resize_mask)
 
 __all__ = [
-    "AugmentConfig", "ImageFolderDataset", "NiftiSliceDataset", "SliceDataset", "SyntheticCT",
-    "augment_pair", "build_dataset", "default_data_dir", "find_nifti_mask", "item_generator",
+    "AugmentConfig", "AugmentDraw", "DeviceBatches", "ImageFolderDataset", "NiftiSliceDataset", "SliceDataset", "SyntheticCT",
+    "augment_batch", "augment_pair", "build_dataset", "default_data_dir", "draw_augment", "find_nifti_mask", "item_generator",
     "load_image", "load_mask", "read_nifti", "render_synthetic_slice", "resize_image", "resize_mask",
     "save_png", "transforms", "window_hu", "write_nifti",
 ]

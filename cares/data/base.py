@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import DEFAULT_AUGMENT, AugmentConfig, augment_pair, item_generator, resize_image, resize_mask
+from .transforms import (DEFAULT_AUGMENT, AugmentConfig, AugmentDraw, apply_augment, draw_augment, item_generator,
+                         resize_image, resize_mask)
 
 
 def check_common_arguments(image_size, augment, seed, labeled) -> None:
@@ -92,6 +93,19 @@ class SliceDataset(Dataset):
             mask = None if mask is None else resize_mask(mask, self.image_size)
         return image, None if mask is None else mask > 0.5, name, (int(height), int(width))
 
+    def augment_draw(self, index: int) -> AugmentDraw | None:
+        """The augmentation of item `index` in the current epoch (None when augmentation is off):
+        a function of (seed, epoch, index) only, whoever asks (a DataLoader worker or `DeviceBatches`)."""
+        if self.augment_config is None:
+            return None
+        return draw_augment(item_generator(self.seed, self.epoch, index), self.augment_config)
+
+    def decoded(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None, str, tuple[int, int]]:
+        """(image (1, S, S), bool mask (1, S, S) or None, name, (h, w) before resizing) of slice
+        `index`, before augmentation: from the cache when `cache_in_memory` ran, else decoded now."""
+        index = self._normalise_index(index)
+        return self._decoded[index] if self._decoded is not None else self._decode(index)
+
     def load_slice(self, index: int) -> tuple[np.ndarray, np.ndarray | None, str]:
         """Return (image float32 (H, W) in [0, 1], mask bool (H, W) or None, name) of slice index.
         The mask is None when the dataset is unlabeled."""
@@ -110,11 +124,11 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, index) -> dict:
         index = self._normalise_index(index)
-        image, mask, name, orig_size = self._decoded[index] if self._decoded is not None else self._decode(index)
+        image, mask, name, orig_size = self.decoded(index)
         mask = None if mask is None else mask.float()
-        if self.augment_config is not None:
-            generator = item_generator(self.seed, self.epoch, index)
-            image, mask = augment_pair(image, mask, generator, self.augment_config)
+        draw = self.augment_draw(index)
+        if draw is not None:
+            image, mask = apply_augment(image, mask, draw)
 
         item = {"image": image, "name": name, "orig_size": orig_size}
         if mask is not None:

@@ -124,56 +124,21 @@ def _chance(generator: torch.Generator, probability: float) -> bool:
     return torch.rand((), generator=generator).item() < probability
 
 
-def _affine_warp(image: torch.Tensor, mask: torch.Tensor | None, angle_rad: float, scale: float,
-                 shift_x: float, shift_y: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rotate by angle_rad, zoom by scale and shift by (shift_x, shift_y) fractions of the side.
-
-    One sampling grid serves both tensors (bilinear for the image, nearest for the mask), so the
-    two stay aligned. Reflection padding fills the corners the warp uncovers with nearby content,
-    in the image and the mask alike.
-    """
-    cos, sin = math.cos(angle_rad), math.sin(angle_rad)
-    # affine_grid maps output coordinates to input coordinates in [-1, 1] units; a zoom-in by
-    # `scale` samples the input at coordinates divided by scale; a shift of f of the side is 2f units.
-    theta = torch.tensor([[cos / scale, -sin / scale, -2.0 * shift_x],
-                          [sin / scale, cos / scale, -2.0 * shift_y]], dtype=torch.float32)
-    grid = F.affine_grid(theta[None], size=(1, 1, *image.shape[-2:]), align_corners=False)
-    warped_image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="reflection",
-                                 align_corners=False)[0].clamp_(0.0, 1.0)
-    warped_mask = None
-    if mask is not None:
-        warped_mask = F.grid_sample(mask[None], grid, mode="nearest", padding_mode="reflection",
-                                    align_corners=False)[0]
-    return warped_image, warped_mask
+@dataclass(frozen=True)
+class AugmentDraw:
+    """The random choices of one item's augmentation (drawn by `draw_augment`)."""
+    flip_left_right: bool
+    flip_up_down: bool
+    quarter_turns: int          # 0 when the config has rot90 off
+    affine: tuple[float, float, float, float] | None   # (angle_rad, scale, shift_x, shift_y), or None
+    intensity: tuple[float, float, float] | None       # (gamma, contrast, brightness), or None
 
 
-def _jitter_intensity(image: torch.Tensor, gamma: float, contrast: float, brightness: float) -> torch.Tensor:
-    image = image.clamp(0.0, 1.0) ** gamma
-    mean = image.mean()
-    return ((image - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
-
-
-def augment_pair(image: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator,
-                 config: AugmentConfig = DEFAULT_AUGMENT) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Randomly flip, rotate, warp and intensity-jitter a square (1, S, S) image and its mask.
-
-    mask may be None (unlabeled data). Every random number is drawn from `generator`, always in the
-    same order and whether or not a step ends up applied, so results depend only on the generator's
-    seed and `config`. Returns new tensors: image float32 in [0, 1], mask float32 in {0, 1}.
-    """
-    _check_chw(image, "image")
-    if image.shape[-1] != image.shape[-2]:
-        raise ValueError(f"augment_pair expects a square image, got {tuple(image.shape)}; resize first")
-    if mask is not None:
-        _check_chw(mask, "mask")
-        if mask.shape != image.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} differs from image shape {tuple(image.shape)}")
-        mask = mask.float()
+def draw_augment(generator: torch.Generator, config: AugmentConfig = DEFAULT_AUGMENT) -> AugmentDraw:
+    """Draw one item's augmentation. Every number is drawn, always in the same order and whether or
+    not its step ends up applied, so the draw depends only on the generator's seed and `config`."""
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    image = image.float()
-
-    # Draw everything first, in a fixed order.
     flip_left_right = _chance(generator, config.flip_prob)
     flip_up_down = _chance(generator, config.flip_prob)
     quarter_turns = int(torch.randint(0, 4, (), generator=generator).item())
@@ -186,20 +151,101 @@ def augment_pair(image: torch.Tensor, mask: torch.Tensor | None, generator: torc
     gamma = math.exp(_uniform(generator, *(math.log(g) for g in config.gamma_range)))
     contrast = _uniform(generator, 1.0 - config.contrast, 1.0 + config.contrast)
     brightness = _uniform(generator, -config.brightness, config.brightness)
+    return AugmentDraw(flip_left_right=flip_left_right, flip_up_down=flip_up_down,
+                       quarter_turns=quarter_turns if config.rot90 else 0,
+                       affine=(angle_rad, scale, shift_x, shift_y) if do_affine else None,
+                       intensity=(gamma, contrast, brightness) if do_intensity else None)
 
-    def geometric(step):
-        nonlocal image, mask
-        image = step(image)
-        mask = None if mask is None else step(mask)
 
-    if flip_left_right:
-        geometric(lambda t: torch.flip(t, dims=(-1,)))
-    if flip_up_down:
-        geometric(lambda t: torch.flip(t, dims=(-2,)))
-    if config.rot90 and quarter_turns:
-        geometric(lambda t: torch.rot90(t, k=quarter_turns, dims=(-2, -1)))
-    if do_affine:
-        image, mask = _affine_warp(image, mask, angle_rad, scale, shift_x, shift_y)
-    if do_intensity:
-        image = _jitter_intensity(image, gamma, contrast, brightness)
-    return image.contiguous(), None if mask is None else mask.contiguous()
+def augment_pair(image: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator,
+                 config: AugmentConfig = DEFAULT_AUGMENT) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Randomly flip, rotate, warp and intensity-jitter a square (1, S, S) image and its mask.
+
+    mask may be None (unlabeled data). The random choices come from `draw_augment(generator, config)`,
+    so results depend only on the generator's seed and `config`. Returns new tensors: image float32
+    in [0, 1], mask float32 in {0, 1}. `augment_batch` applies the same draws to a whole batch at once
+    (on any device) and gives the same result.
+    """
+    _check_chw(image, "image")
+    if image.shape[-1] != image.shape[-2]:
+        raise ValueError(f"augment_pair expects a square image, got {tuple(image.shape)}; resize first")
+    if mask is not None:
+        _check_chw(mask, "mask")
+        if mask.shape != image.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} differs from image shape {tuple(image.shape)}")
+        mask = mask.float()
+    return apply_augment(image.float(), mask, draw_augment(generator, config))
+
+
+def apply_augment(image: torch.Tensor, mask: torch.Tensor | None,
+                  draw: AugmentDraw) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply one item's draw to a square (1, S, S) image and mask (or None): `augment_batch` of one."""
+    images, masks = augment_batch(image[None], None if mask is None else mask[None], [draw])
+    return images[0], None if masks is None else masks[0]
+
+
+def augment_batch(images: torch.Tensor, masks: torch.Tensor | None,
+                  draws: list[AugmentDraw]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply item i's `draws[i]` to images[i] and masks[i] of a (B, 1, S, S) batch, on the batch's device.
+
+    The draws are host-side numbers, so choosing which items a step touches needs no device sync;
+    each step runs once for the items that take it (one batched grid_sample for every warped item).
+    Returns new float32 tensors: images in [0, 1], masks in {0, 1} (None when masks is None).
+    """
+    if images.dim() != 4 or images.shape[1] != 1 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"images must have shape (B, 1, S, S), got {tuple(images.shape)}")
+    if masks is not None and masks.shape != images.shape:
+        raise ValueError(f"masks shape {tuple(masks.shape)} differs from images shape {tuple(images.shape)}")
+    if len(draws) != len(images):
+        raise ValueError(f"got {len(draws)} draws for a batch of {len(images)} images")
+    images = images.float().clone()
+    masks = None if masks is None else masks.float().clone()
+
+    def apply(selected: list[int], step) -> None:
+        if not selected:
+            return
+        index = torch.tensor(selected, device=images.device)
+        images[index] = step(images[index])
+        if masks is not None:
+            masks[index] = step(masks[index])
+
+    apply([i for i, d in enumerate(draws) if d.flip_left_right], lambda t: torch.flip(t, dims=(-1,)))
+    apply([i for i, d in enumerate(draws) if d.flip_up_down], lambda t: torch.flip(t, dims=(-2,)))
+    for turns in (1, 2, 3):
+        apply([i for i, d in enumerate(draws) if d.quarter_turns == turns],
+              lambda t, turns=turns: torch.rot90(t, k=turns, dims=(-2, -1)))
+
+    warped = [i for i, d in enumerate(draws) if d.affine is not None]
+    if warped:
+        index = torch.tensor(warped, device=images.device)
+        theta = torch.stack([_affine_theta(*draws[i].affine) for i in warped]).to(images.device)
+        grid = F.affine_grid(theta, size=(len(warped), 1, *images.shape[-2:]), align_corners=False)
+        images[index] = F.grid_sample(images[index], grid, mode="bilinear", padding_mode="reflection",
+                                      align_corners=False).clamp_(0.0, 1.0)
+        if masks is not None:
+            masks[index] = F.grid_sample(masks[index], grid, mode="nearest", padding_mode="reflection",
+                                         align_corners=False)
+
+    jittered = [i for i, d in enumerate(draws) if d.intensity is not None]
+    if jittered:
+        index = torch.tensor(jittered, device=images.device)
+        gamma, contrast, brightness = (torch.tensor(values, dtype=torch.float32, device=images.device).view(-1, 1, 1, 1)
+                                       for values in zip(*(draws[i].intensity for i in jittered)))
+        selected = images[index].clamp(0.0, 1.0) ** gamma
+        mean = selected.mean(dim=(1, 2, 3), keepdim=True)
+        images[index] = ((selected - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+    return images.contiguous(), None if masks is None else masks.contiguous()
+
+
+def _affine_theta(angle_rad: float, scale: float, shift_x: float, shift_y: float) -> torch.Tensor:
+    """The (2, 3) affine_grid matrix that rotates by angle_rad, zooms by scale and shifts by
+    (shift_x, shift_y) fractions of the side.
+
+    affine_grid maps output coordinates to input coordinates in [-1, 1] units; a zoom-in by `scale`
+    samples the input at coordinates divided by scale; a shift of f of the side is 2f units. One
+    sampling grid serves image and mask (bilinear for the image, nearest for the mask), so the two
+    stay aligned; reflection padding fills the corners the warp uncovers with nearby content.
+    """
+    cos, sin = math.cos(angle_rad), math.sin(angle_rad)
+    return torch.tensor([[cos / scale, -sin / scale, -2.0 * shift_x],
+                         [sin / scale, cos / scale, -2.0 * shift_y]], dtype=torch.float32)
