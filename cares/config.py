@@ -67,6 +67,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     deterministic: bool = False
+    checkpoint_every: int = 1                 # write last.pt every N epochs (and at the end, at a stop, when best.pt changes)
     time_limit: float | None = None           # minutes; stop at the last epoch end that keeps within it
     out: str = "runs/train"
     resume: bool = False
@@ -211,6 +212,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--seed", type=int, help="seed for weights, data order and augmentation")
     flag("--deterministic", action=argparse.BooleanOptionalAction,
          help="torch.use_deterministic_algorithms (slower on GPU)")
+    flag("--checkpoint-every", type=_positive_int("--checkpoint-every"), metavar="N",
+         help="write last.pt every N epochs, and always at the last epoch, when the run stops early and when "
+              "best.pt changes (a killed run resumes from the last one written; large models on fast GPUs "
+              "spend less time writing)")
     flag("--time-limit", type=float, metavar="MINUTES",
          help="stop at an epoch end when one more epoch (as long as the last) would pass this time; "
               "--resume continues")
@@ -288,6 +293,8 @@ def validate(config: TrainConfig) -> None:
     need(isinstance(config.epochs, int) and config.epochs >= 1, f"--epochs must be >= 1, got {config.epochs!r}")
     need(isinstance(config.batch_size, int) and config.batch_size >= 1,
          f"--batch-size must be >= 1, got {config.batch_size!r}")
+    need(isinstance(config.checkpoint_every, int) and not isinstance(config.checkpoint_every, bool)
+         and config.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {config.checkpoint_every!r}")
     need(isinstance(config.num_workers, int) and config.num_workers >= 0,
          f"--num-workers must be >= 0, got {config.num_workers!r}")
     need(config.synthetic_samples is None or (isinstance(config.synthetic_samples, int)

@@ -516,13 +516,27 @@ def _train_epochs(config, settings, context, started, resumed: _Resumed, model, 
         if improved:
             best_val_dice, best_epoch = val_dice, epoch + 1
         history.append(_history_row(epoch + 1, train_loss, val_dice, lr, images, seconds))
-        rng = all_gather_objects(context, capture_rng_state())
+
+        # Decide whether the run stops here before saving, so the epoch it stops at is always saved.
+        # --time-limit: stop when another epoch as long as this one would end past the limit, so the run
+        # ends within it (rank 0 decides: the processes' clocks differ slightly).
+        now = time.monotonic()
+        out_of_time = (config.time_limit is not None
+                       and (now - started) + (now - epoch_started) > 60 * config.time_limit)
+        out_of_time = broadcast_object(context, out_of_time) and not is_last_epoch
+        stop_asked = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not is_last_epoch
+        # last.pt every --checkpoint-every epochs, and whenever the run ends or best.pt changes (so the
+        # pair stays consistent: see cares.checkpoint.save_epoch_checkpoints).
+        save = ((epoch + 1) % config.checkpoint_every == 0 or is_last_epoch or improved
+                or out_of_time or stop_asked)
+        rng = all_gather_objects(context, capture_rng_state()) if save else None
         if context.is_main:
-            save_epoch_checkpoints(
-                run_dir,
-                full_state(settings, model, optimizer, scheduler, scaler, epoch + 1, best_val_dice, best_epoch,
-                           history, rng),
-                weights_state(settings, model, epoch + 1, best_val_dice, best_epoch, history) if improved else None)
+            if save:
+                save_epoch_checkpoints(
+                    run_dir,
+                    full_state(settings, model, optimizer, scheduler, scaler, epoch + 1, best_val_dice, best_epoch,
+                               history, rng),
+                    weights_state(settings, model, epoch + 1, best_val_dice, best_epoch, history) if improved else None)
             write_log_csv(run_dir / "log.csv", history)
             if writer is not None:
                 writer.add_scalar("train/loss", train_loss, epoch + 1)
@@ -536,15 +550,10 @@ def _train_epochs(config, settings, context, started, resumed: _Resumed, model, 
             if on_epoch_end is not None:
                 on_epoch_end(history[-1])
 
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and not is_last_epoch:
+        if stop_asked:
             stopped_early = True
             break
-        # Stop when another epoch as long as this one would end past the limit, so the run ends
-        # within it (rank 0 decides: the processes' clocks differ slightly).
-        now = time.monotonic()
-        out_of_time = (config.time_limit is not None
-                       and (now - started) + (now - epoch_started) > 60 * config.time_limit)
-        if broadcast_object(context, out_of_time) and not is_last_epoch:
+        if out_of_time:
             if context.is_main:
                 tqdm.write(f"stopping after epoch {epoch + 1}: another epoch would pass --time-limit "
                            f"{config.time_limit} min; continue with --resume", file=sys.stderr)

@@ -182,6 +182,7 @@ def test_yaml_then_cli_flags_override(tmp_path):
     (dict(epochs=0), "--epochs"), (dict(lr=-1.0), "--lr"), (dict(folds=2, fold=2), "--fold"),
     (dict(amp="fp8"), "--amp"), (dict(fold="all"), "--fold all"), (dict(device="tpu"), "--device"),
     (dict(folds=2, val_split="val"), "--val-split"), (dict(pseudo="/no/such/folder"), "--pseudo"),
+    (dict(checkpoint_every=0), "--checkpoint-every"),
 ])
 def test_bad_settings_name_the_flag(settings, flag):
     with pytest.raises(ValueError, match=flag):
@@ -238,6 +239,37 @@ def test_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert any("slow_buffer" in s for s in state["optimizer"]["state"].values())
     assert [row["epoch"] for row in state["history"]] == [1, 2, 3, 4]
     assert len(list(csv.DictReader(io.StringIO((tmp_path / "resumed" / "log.csv").read_text())))) == 4
+
+
+def test_checkpoint_every_n_epochs_still_saves_the_end_and_stops_and_resumes_exactly(tmp_path, monkeypatch):
+    import cares.train as train_module
+    saved: list[tuple[str, int]] = []
+    real_save = train_module.save_epoch_checkpoints
+
+    def recording_save(run_dir, last_state, best_state):
+        saved.append((Path(run_dir).name, last_state["epoch"]))
+        real_save(run_dir, last_state, best_state)
+
+    monkeypatch.setattr(train_module, "save_epoch_checkpoints", recording_save)
+    settings = dict(epochs=5, checkpoint_every=3, val_split=None, scheduler="cosine")
+    train(tiny_config(tmp_path / "straight", **settings))
+    train(tiny_config(tmp_path / "resumed", **settings), stop_after_epoch=2)
+    train(tiny_config(tmp_path / "resumed", resume=True, **settings))
+    assert saved == [("straight", 3), ("straight", 5), ("resumed", 2), ("resumed", 3), ("resumed", 5)]
+    assert_checkpoints_equal(tmp_path / "straight" / "last.pt", tmp_path / "resumed" / "last.pt")
+    # An improving validation Dice saves at once, so best.pt never runs ahead of an unsaved last.pt.
+    saved.clear()
+    result = train(tiny_config(tmp_path / "validated", epochs=4, checkpoint_every=10))
+    improving = [row["epoch"] for row, best in zip(result.history, _running_best(result.history)) if best]
+    assert saved == [("validated", epoch) for epoch in sorted(set(improving) | {4})]
+
+
+def _running_best(history):
+    best = None
+    for row in history:
+        improved = best is None or row["val_dice"] > best
+        best = row["val_dice"] if improved else best
+        yield improved
 
 
 def test_data_on_device_trains_like_the_dataloader_and_resumes_exactly(tmp_path):
