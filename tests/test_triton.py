@@ -33,6 +33,7 @@ from conftest import (
 import carafe_kernels
 from carafe_kernels import BackendUnavailableError, CARAFEPack, backend_status, carafe, carafe_flops, carafe_fused
 from carafe_kernels import triton as triton_backend
+from carafe_kernels.contract import SCHEMAS
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -91,7 +92,7 @@ def _check_against_oracle(op, shape, dtype, *, device=DEVICE, layout=None):
     want = oracle(op, features, second, k, G, s)
     reference_errs = [None] * 3
     if dtype != torch.float32:
-        # DESIGN §4: error vs the float64 oracle at most 2x that of the reference run in the same dtype.
+        # docs/design.md#test-tolerances: error vs the float64 oracle at most 2x that of the reference run in the same dtype.
         ref = forward_backward(lambda f, m: run_op(op, "reference", f, m, k, G, s), features, second)
         reference_errs = [max_abs_err(r, w) for r, w in zip(ref, want)]
     for what, actual, expected, ref_err in zip(("output", "grad features", f"grad {op} masks"), got, want,
@@ -178,6 +179,14 @@ def test_opcheck(name):
     torch.library.opcheck(op, _op_args(name))
 
 
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_schema_is_the_contracts(name):
+    """The Triton ops have the schemas of carafe_kernels.contract.SCHEMAS, like the C++ ops."""
+    triton_backend._ops()
+    base = name.removeprefix("triton_")
+    assert str(getattr(OPS_NS, name).default._schema) == f"carafe_kernels::{name}{SCHEMAS[base]}"
+
+
 def test_ops_registered_next_to_native_ops():
     """The Triton ops live in the carafe_kernels namespace whether or not the C++ library (which defines
     it with TORCH_LIBRARY) is loaded; see also test_namespace_shared_with_torch_library."""
@@ -203,32 +212,33 @@ def test_public_api_and_module_use_the_triton_ops():
     torch.testing.assert_close(pack(features), ref(features), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(k=13), "kernel_size must be odd and in"),
-    (dict(k=4), "kernel_size must be odd and in"),
-    (dict(s=9), "scale_factor must be in"),
-    (dict(dtype=torch.float64), "supports float16, bfloat16 and float32"),
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(k=13), ValueError, "kernel_size must be odd and in"),
+    (dict(k=4), ValueError, "kernel_size must be odd and in"),
+    (dict(s=9), ValueError, "scale_factor must be in"),
+    (dict(dtype=torch.float64), TypeError, "features must be one of float16, bfloat16, float32"),
 ], ids=["k13", "k4", "s9", "fp64"])
-def test_ops_raise_value_error_beyond_limits(kwargs, match):
+def test_ops_raise_beyond_limits(kwargs, exc, match):
+    """The contract's exception types (TypeError for a dtype, as the C++ ops raise)."""
     k, s, dtype = kwargs.get("k", 3), kwargs.get("s", 2), kwargs.get("dtype", torch.float32)
     features = torch.randn(1, 2, 3, 3, dtype=dtype, device=DEVICE)
     masks = torch.rand(1, k * k, 3 * s, 3 * s, dtype=dtype, device=DEVICE)
     logits = torch.randn(1, k * k * s * s, 3, 3, dtype=dtype, device=DEVICE)
     triton_backend._ops()
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(exc, match=match):
         OPS_NS.triton_carafe(features, masks, k, 1, s)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(exc, match=match):
         OPS_NS.triton_carafe_fused(features, logits, k, 1, s)
 
 
 def test_ops_raise_value_error_on_bad_shapes():
     triton_backend._ops()
     features = torch.randn(1, 4, 3, 3, device=DEVICE)
-    with pytest.raises(ValueError, match="masks must have shape"):
+    with pytest.raises(ValueError, match="masks must be 6x6 spatially"):
         OPS_NS.triton_carafe(features, torch.rand(1, 9, 5, 6, device=DEVICE), 3, 1, 2)
     with pytest.raises(ValueError, match="group_size=3 must divide"):
         OPS_NS.triton_carafe(features, torch.rand(1, 27, 6, 6, device=DEVICE), 3, 3, 2)
-    with pytest.raises(ValueError, match="same dtype"):
+    with pytest.raises(TypeError, match="same dtype"):
         OPS_NS.triton_carafe(features, torch.rand(1, 9, 6, 6, device=DEVICE).half(), 3, 1, 2)
 
 
