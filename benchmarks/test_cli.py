@@ -58,3 +58,16 @@ def test_cost_model():
     assert cli.least_bytes(shape, "fwd", 4) == 4 * (2 * 256 * 44 * 44 + 2 * 100 * 44 * 44 + out)
     peaks = {"gbps": 1.0, "gflops": 1e6}  # memory-bound
     assert abs(cli.floor_ms(shape, "fwd", 4, peaks) - cli.least_bytes(shape, "fwd", 4) / 1e9 * 1e3) < 1e-9
+
+
+def test_overhead_benchmark_runs(capsys):
+    """benchmarks/overhead.py (public call vs direct op call) runs and reports a ratio."""
+    import pytest
+
+    from benchmarks import overhead
+    from carafe_kernels import backend_status
+
+    if backend_status()["cpu"] is not None:
+        pytest.skip(f"cpu: {backend_status()['cpu']}")
+    assert overhead.main(["--min-run-time", "0.05"]) == 0
+    assert "ratio" in capsys.readouterr().out

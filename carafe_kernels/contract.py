@@ -75,6 +75,32 @@ def expected_second_shape(features_shape, k: int, G: int, s: int, *, fused: bool
     return (N, G * k * k * s * s, H, W) if fused else (N, G * k * k, H * s, W * s)
 
 
+def _fast_accept(features, masks, k, G, s, fused, dtypes, limits, same_dtype, grad_output) -> bool:
+    """True when a call with concrete shapes passes every check below, decided with a few cheap
+    comparisons (the public API's per-call cost; docs/design.md#the-call-path). False sends the call
+    through the checks one by one, which say what is wrong (or pass symbolic shapes to torch._check)."""
+    fs, ms = features.shape, masks.shape
+    if len(fs) != 4 or len(ms) != 4 or grad_output is not None:
+        return False
+    N, C, H, W = fs
+    if type(N) is not int or type(C) is not int or type(H) is not int or type(W) is not int:
+        return False  # symbolic (fake tensors with dynamic shapes)
+    dtype = features.dtype
+    if dtypes is None:
+        if not (features.is_floating_point() and masks.is_floating_point()):
+            return False
+    elif dtype not in dtypes:
+        return False
+    if (same_dtype and masks.dtype != dtype) or features.device != masks.device:
+        return False
+    if k < 1 or k % 2 == 0 or s < 1 or G < 1 or C % G != 0:
+        return False
+    if limits and (k > MAX_KERNEL_SIZE or s > MAX_SCALE_FACTOR):
+        return False
+    expected = (N, G * k * k * s * s, H, W) if fused else (N, G * k * k, H * s, W * s)
+    return ms == expected
+
+
 def check_arguments(features, masks, k: int, G: int, s: int, *, fused: bool, op: str | None = None,
                     dtypes: tuple[torch.dtype, ...] | None = None, limits: bool = False,
                     same_dtype: bool = True, grad_output=None) -> None:
@@ -87,6 +113,8 @@ def check_arguments(features, masks, k: int, G: int, s: int, *, fused: bool, op:
     (False under torch.autocast, which casts both). grad_output: checked against the output's shape
     and dtype when given (backward ops).
     """
+    if _fast_accept(features, masks, k, G, s, fused, dtypes, limits, same_dtype, grad_output):
+        return
     pre = f"{op}: " if op else ""
     m = "mask_logits" if fused else "masks"
     for name, t in (("features", features), (m, masks)):

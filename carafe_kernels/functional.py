@@ -2,12 +2,14 @@
 registry, call it.
 
 The call path is kept thin: the arguments are checked once here (the C++ ops check again, in C++, for
-callers of torch.ops that skip this module); under torch.autocast the inputs are cast once, by the
-op's own autocast kernel, or here for the reference backend, which has none; backend availability is
-asked once per process (registry.Backend.reason). benchmarks/overhead.py measures what this adds
-to a direct torch.ops call.
+callers of torch.ops that skip this module), and a repeated call with the same metadata reuses the
+outcome (_PLANS); under torch.autocast the inputs are cast once, by the op's own autocast kernel, or
+here for the reference backend, which has none; backend availability is asked once per process
+(registry.Backend.reason). benchmarks/overhead.py measures what this adds to a direct torch.ops call.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -27,7 +29,9 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-def _run(fused: bool, features, masks, kernel_size, group_size, scale_factor, backend: str) -> torch.Tensor:
+def _plan(fused: bool, features, masks, kernel_size, group_size, scale_factor, backend: str,
+          autocast: torch.dtype | None):
+    """Validates one call and picks its backend: (backend, cast the inputs?, k, G, s)."""
     masks_name = "mask_logits" if fused else "masks"
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
@@ -36,14 +40,50 @@ def _run(fused: bool, features, masks, kernel_size, group_size, scale_factor, ba
     k = check_int("kernel_size", kernel_size, odd=True)
     G = check_int("group_size", group_size)
     s = check_int("scale_factor", scale_factor)
-    autocast = _autocast_dtype(features.device.type)
     # Under autocast both inputs run in the autocast dtype (like a convolution), so they may differ.
     check_arguments(features, masks, k, G, s, fused=fused, same_dtype=autocast is None)
     chosen = select_backend(backend, features, k, s, autocast)
-    if autocast is not None and not (chosen.own_autocast and _ops.AUTOCAST_ERROR is None):
-        # The reference has no autocast kernel (it would promote mixed inputs to float32).
-        features, masks = features.to(autocast), masks.to(autocast)
-    return (chosen.carafe_fused if fused else chosen.carafe)(features, masks, k, G, s)
+    # The reference has no autocast kernel (it would promote mixed inputs to float32): cast for it.
+    cast = autocast is not None and not (chosen.own_autocast and _ops.AUTOCAST_ERROR is None)
+    return chosen, cast, k, G, s
+
+
+# The outcome of _plan depends only on the call's metadata (shapes, dtypes, devices, ints, the backend
+# request and the autocast state), never on tensor values, so it is kept per metadata: a repeated call
+# (every training step) skips re-validation and re-selection. Bounded; not used while torch.compile
+# traces (symbolic shapes). The Triton backend's availability also depends on TRITON_INTERPRET,
+# which is stored with it and compared.
+_PLANS: dict[tuple, tuple] = {}
+_MAX_PLANS = 1024
+
+
+def _run(fused: bool, features, masks, kernel_size, group_size, scale_factor, backend) -> torch.Tensor:
+    if (type(kernel_size) is int and type(group_size) is int and type(scale_factor) is int and type(backend) is str
+            and isinstance(features, torch.Tensor) and isinstance(masks, torch.Tensor)
+            and not torch.compiler.is_compiling()):
+        autocast = _autocast_dtype(features.device.type)
+        key = (fused, features.shape, masks.shape, features.dtype, masks.dtype, features.device, masks.device,
+               kernel_size, group_size, scale_factor, backend,
+               os.environ.get("CARAFE_BACKEND") if backend == "auto" else None, autocast)
+        plan = _PLANS.get(key)
+        if plan is None or (plan[-1] is not None and plan[-1] != os.environ.get("TRITON_INTERPRET")):
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            chosen, cast, k, G, s = _plan(fused, features, masks, kernel_size, group_size, scale_factor, backend,
+                                          autocast)
+            impl = chosen.carafe_fused if fused else chosen.carafe
+            triton_env = os.environ.get("TRITON_INTERPRET") if chosen.name == "triton" else None
+            plan = _PLANS[key] = (impl, cast and autocast, triton_env)
+        impl, cast_to, _ = plan
+    else:  # integral floats, numpy ints, bad arguments (which raise here), or torch.compile tracing
+        autocast = _autocast_dtype(features.device.type) if isinstance(features, torch.Tensor) else None
+        chosen, cast, kernel_size, group_size, scale_factor = _plan(
+            fused, features, masks, kernel_size, group_size, scale_factor, backend, autocast)
+        impl = chosen.carafe_fused if fused else chosen.carafe
+        cast_to = cast and autocast
+    if cast_to:
+        features, masks = features.to(cast_to), masks.to(cast_to)
+    return impl(features, masks, kernel_size, group_size, scale_factor)
 
 
 def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,

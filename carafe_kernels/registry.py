@@ -35,7 +35,9 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call; the message says why."""
 
 
-@dataclass(frozen=True)
+# eq=False: a Backend is hashed by identity (the availability cache's key; hashing its fields would
+# cost a microsecond per call).
+@dataclass(frozen=True, eq=False)
 class Backend:
     name: str
     # Device types it runs on; a function of the environment for Triton (its interpreter runs on CPU).

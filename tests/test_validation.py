@@ -232,3 +232,28 @@ def test_cpu_backend_limits_and_auto_fallback():
     assert registry.select_backend("auto", features, 13, 2).name == "reference"
     torch.testing.assert_close(carafe(features, masks, 13, 1, 2),
                                carafe(features, masks, 13, 1, 2, backend="reference"))
+
+
+def test_repeated_calls_are_validated_once(monkeypatch):
+    """The checks and the backend choice depend only on the call's metadata, so a repeated call reuses
+    them; any change in that metadata (shape, argument type, environment) is validated anew."""
+    from carafe_kernels import functional
+
+    calls = []
+    real = functional.check_arguments
+    monkeypatch.setattr(functional, "check_arguments", lambda *a, **kw: (calls.append(1), real(*a, **kw)))
+    monkeypatch.setattr(functional, "_PLANS", {})
+    monkeypatch.delenv("CARAFE_BACKEND", raising=False)
+    features, masks = _good(False)
+    for _ in range(3):
+        carafe(features, masks, K, G, S)
+    assert len(calls) == 1
+    carafe(features[:, :, :2], masks[:, :, :4], K, G, S)
+    assert len(calls) == 2
+    with pytest.raises(TypeError, match="kernel_size must be an int, got bool"):
+        carafe(features, torch.rand(1, 2, 6, 6), True, G, S)
+    with pytest.raises(ValueError, match=r"masks must have G\*k\*k"):
+        carafe(features, masks[:, :-1], K, G, S)
+    monkeypatch.setenv("CARAFE_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        carafe(features, masks, K, G, S)
