@@ -20,7 +20,8 @@ fwdbwd) or a p20-p80 spread above --spread-limit is re-timed in a fresh process 
 otherwise marked INVALID, never shown as a result.
 
 Columns: ms median (p20-p80); GB/s = least bytes / time; floor% = floor / time, where
-floor = max(FLOPs / FMA rate, least bytes / bandwidth) (docs/design.md#cost-model-and-floor; ceilings from benchmarks/machine.py);
+floor = max(FLOPs / FMA rate, least bytes / bandwidth) (docs/design.md#cost-model-and-floor; ceilings
+from benchmarks/machine.py);
 peak memory of one call (and in output sizes); speedups vs unfold, vs the reference backend, and (fused
 op) vs the same backend's unfused pipeline.
 

@@ -368,7 +368,7 @@ CPU_REASON = carafe_kernels.backend_status()["cpu"]
 @pytest.mark.parametrize("op", OPS)
 def test_cpu_tiny_calls_stay_on_one_thread(op):
     """A tiny call runs inline: fanning it out costs a wake-up per thread, and on a loaded machine a
-    scheduler tick (8 ms instead of 0.04 ms measured). A large one still uses every thread."""
+    wait for the scheduler (docs/design.md#cost-model-and-floor). A large one still uses every thread."""
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -91,7 +91,8 @@ def _check_against_oracle(op, shape, dtype, *, device=DEVICE, layout=None):
     want = oracle(op, features, second, k, G, s)
     reference_errs = [None] * 3
     if dtype != torch.float32:
-        # docs/design.md#test-tolerances: error vs the float64 oracle at most 2x that of the reference run in the same dtype.
+        # docs/design.md#test-tolerances: error vs the float64 oracle at most 2x that of the reference
+        # run in the same dtype.
         ref = forward_backward(lambda f, m: run_op(op, "reference", f, m, k, G, s), features, second)
         reference_errs = [max_abs_err(r, w) for r, w in zip(ref, want)]
     for what, actual, expected, ref_err in zip(("output", "grad features", f"grad {op} masks"), got, want,

@@ -227,7 +227,8 @@ def test_native_op_checks_with_the_contracts_exception_types(args, exc, pattern)
 def test_cpu_backend_limits_and_auto_fallback():
     """Beyond the limits, an explicit 'cpu' says why and 'auto' runs the reference."""
     features, masks = torch.randn(1, 2, 3, 3), torch.rand(1, 169, 6, 6)
-    with pytest.raises(BackendUnavailableError, match=r"'cpu' cannot run this call: supports kernel_size <= 11, got 13"):
+    with pytest.raises(BackendUnavailableError,
+                       match=r"'cpu' cannot run this call: supports kernel_size <= 11, got 13"):
         carafe(features, masks, 13, 1, 2, backend="cpu")
     assert registry.select_backend("auto", features, 13, 2).name == "reference"
     torch.testing.assert_close(carafe(features, masks, 13, 1, 2),

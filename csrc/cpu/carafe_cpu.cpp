@@ -5,8 +5,8 @@
 //   carafe_fused_backward(grad_output, features, mask_logits, k, G, s) -> (grad_features, grad_mask_logits)
 //
 // This file holds the torch glue: argument checks (csrc/carafe_checks.h, shared with the CUDA glue),
-// .contiguous() on the inputs, allocation of the contiguous NCHW outputs, the task partition over at::parallel_for and the
-// registration. The kernels themselves are in carafe_cpu_kernel.h, compiled once per instruction set
+// .contiguous() on the inputs, allocation of the contiguous NCHW outputs, the task partition over
+// at::parallel_for and the registration. The kernels themselves are in carafe_cpu_kernel.h, compiled once per instruction set
 // (carafe_cpu_isa_{avx512,avx2,default}.cpp); the widest one that both the machine and ATen's CPU
 // capability (ATEN_CPU_CAPABILITY) allow runs.
 #include <ATen/ATen.h>
@@ -82,9 +82,10 @@ void advise_huge_pages(const at::Tensor& t) {
 
 // Work (multiply-adds) one thread must have before at::parallel_for hands tasks to a second one.
 // Waking a thread costs microseconds on an idle machine, but on a loaded one the call then waits for
-// the slowest thread to be scheduled: a tiny call fanned out to 2 threads on a busy 2-core machine
-// took ~8 ms (a scheduler tick) instead of 0.04 ms. 2^21 multiply-adds is ~0.1-0.5 ms of one core,
-// so only calls that long are split, and a split call gives every thread at least that much.
+// the other thread to be scheduled: a small forward (N2-C16-H8-W8-k5-g1-s2) took 16 ms on 2 threads
+// against 0.07 ms on 1 on the busy 2-core test machine (docs/design.md#cost-model-and-floor). Only
+// calls of more than 2^21 multiply-adds (a fraction of a millisecond of one core) are split, and a
+// split call gives every thread at least that much.
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 21;
 
 // Threads (at::parallel_for chunks) that ran the last call's tasks; read by tests through the

@@ -20,9 +20,10 @@
 // (de-interleaved). In that view every operand of CARAFE is contiguous along the low-res w:
 //   out[c][ij][h][w] = sum_{ky,kx} F[c][h+ky-r][w+kx-r] * M[g][ij][t][h][w],    t = ky*k + kx
 // so a vector of L consecutive w covers L low-res positions, the feature vector loaded for one tap
-// serves all s*s sub-pixels (the (C x kk) @ (kk x ss) product per position of docs/design.md#cost-model-and-floor), the mask
-// logits are already in this layout (channel (g*kk + t)*ss + ij), and only masks, grad_output and
-// the outputs of full resolution are (de-)interleaved, once per row, in per-thread scratch.
+// serves all s*s sub-pixels (the (C x kk) @ (kk x ss) product per position of
+// docs/design.md#cost-model-and-floor), the mask logits are already in this layout (channel
+// (g*kk + t)*ss + ij), and only masks, grad_output and the outputs of full resolution are
+// (de-)interleaved, once per row, in per-thread scratch.
 //
 // Scratch rows are zero-padded to Wp = Wv + 2r (Wv = W rounded up to the vector length, data at
 // offset r), so a tap's shifted vector load never leaves the row and the zero padding of CARAFE is
