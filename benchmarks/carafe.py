@@ -14,10 +14,14 @@ Rows, for each op (--ops; "fused" = carafe_fused, the default; "plain" = carafe)
                       normalize_mask_logits for the fused op); it materialises a k*k-fold tensor, and is
                       skipped (with a note) where that would not fit in --max-baseline-gb
 Every row is checked against the float64 reference (output and both gradients) before it is timed; a
-row that fails is skipped, loudly, and listed in the JSON.
+row that fails is skipped, loudly, and listed in the JSON. The timed rows pass a consistency gate
+(docs/design.md#benchmarks): an implementation with a part slower than the whole (fwd or bwd above
+fwdbwd) or a p20-p80 spread above --spread-limit is re-timed in a fresh process (--retime times) and
+otherwise marked INVALID, never shown as a result.
 
 Columns: ms median (p20-p80); GB/s = least bytes / time; floor% = floor / time, where
-floor = max(FLOPs / FMA rate, least bytes / bandwidth) (DESIGN §2; ceilings from benchmarks/machine.py);
+floor = max(FLOPs / FMA rate, least bytes / bandwidth) (docs/design.md#cost-model-and-floor; ceilings
+from benchmarks/machine.py);
 peak memory of one call (and in output sizes); speedups vs unfold, vs the reference backend, and (fused
 op) vs the same backend's unfused pipeline.
 
@@ -25,6 +29,7 @@ Least bytes (b bytes per element; M = masks/logits elements = N*G*k*k*s*s*H*W; O
     fwd     b * (N*C*H*W + M + O)                  read features, masks/logits; write output
     bwd     b * (O + 2*N*C*H*W + 2*M)              read grad_out, features, masks/logits; write both grads
     fwdbwd  the sum of the two
+bwd and fwdbwd both call torch.autograd.grad(..., retain_graph=True), so they are timed the same way.
 FLOPs: fwd 2*O*k*k (one multiply-add per tap per output element), bwd twice that, fwdbwd three times.
 """
 from __future__ import annotations
@@ -62,6 +67,7 @@ from .machine import (  # noqa: E402
     measure_peaks,
     peak_memory_bytes,
     time_fn,
+    torch_threads,
 )
 from .shapes import PRESETS, Shape, parse_shapes  # noqa: E402
 
@@ -129,8 +135,9 @@ def make_inputs(op: str, shape: Shape, dtype: torch.dtype, device: str, seed: in
 
 
 def mode_fn(fn, mode: str, features, second, grad_out) -> Callable[[], object]:
-    """The callable timed for a mode. fwd: no autograd graph; bwd: the backward of a retained graph;
-    fwdbwd: both."""
+    """The callable timed for a mode. fwd: no autograd graph; bwd: the backward of a graph built once;
+    fwdbwd: both. bwd and fwdbwd run the backward the same way (retain_graph=True; bwd needs it to
+    run the same graph again), so fwdbwd - bwd is the forward with autograd recording."""
     if mode == "fwd":
         f, m = features.detach(), second.detach()
 
@@ -143,7 +150,7 @@ def mode_fn(fn, mode: str, features, second, grad_out) -> Callable[[], object]:
     if mode == "bwd":
         out = fn(f, m)
         return lambda: torch.autograd.grad(out, (f, m), grad_out, retain_graph=True)
-    return lambda: torch.autograd.grad(fn(f, m), (f, m), grad_out)
+    return lambda: torch.autograd.grad(fn(f, m), (f, m), grad_out, retain_graph=True)
 
 
 class Oracle:
@@ -185,6 +192,91 @@ def check_impl(op, impl, shape, dtype, features, second, grad_out, oracle: Oracl
         if not err / scale <= CHECK_TOL[dtype]:  # also catches NaN
             return f"{name}: max error {err:.3g} (scale {scale:.3g}) > tolerance {CHECK_TOL[dtype]:g}"
     return None
+
+
+# --- the consistency gate ------------------------------------------------------------------------------
+
+SPREAD_LIMIT = 1.5  # p80 / p20 above this: the machine was not steady while the row was timed
+
+
+def inconsistencies(rows: list[dict], spread_limit: float = SPREAD_LIMIT) -> dict[str, str]:
+    """{impl: why} for the impls whose rows (one op, shape, dtype; any modes) cannot all be right: a
+    part slower than the whole (fwd or bwd above fwdbwd), or a p20-p80 spread above spread_limit."""
+    problems: dict[str, list[str]] = {}
+    by_impl: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_impl.setdefault(row["impl"], {})[row["mode"]] = row
+    for impl, modes in by_impl.items():
+        whole = modes.get("fwdbwd")
+        for part in ("fwd", "bwd"):
+            if whole is not None and part in modes and modes[part]["ms"] > whole["ms"]:
+                problems.setdefault(impl, []).append(
+                    f"{part} {_fmt_ms(modes[part]['ms'])} ms > fwdbwd {_fmt_ms(whole['ms'])} ms")
+        for mode, row in modes.items():
+            if row["p20"] > 0 and row["p80"] / row["p20"] > spread_limit:
+                problems.setdefault(impl, []).append(
+                    f"{mode} p20-p80 spread {row['p80'] / row['p20']:.2f}x > {spread_limit:g}x")
+    return {impl: "; ".join(why) for impl, why in problems.items()}
+
+
+def retime_in_fresh_process(args, op: str, shape: Shape, dtype_name: str, modes: list[str], impls: list[str],
+                            backends: list[str], peaks: dict) -> list[dict]:
+    """The rows of `impls` timed again by `python -m benchmarks.carafe` in a new process (fresh
+    allocator and thread pool state; the machine's load may also have changed)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "retime.json"
+        cmd = [sys.executable, "-m", "benchmarks.carafe", "--shapes", shape.id, "--ops", op, "--dtypes", dtype_name,
+               "--modes", ",".join(modes), "--backends", ",".join(backends), "--impls", ",".join(impls),
+               "--device", args.device, "--threads", str(args.threads), "--min-run-time", str(args.min_run_time),
+               "--peak-gbps", str(peaks["gbps"]), "--peak-gflops", str(peaks["gflops"]), "--retime", "0",
+               "--spread-limit", str(args.spread_limit), "--json", str(out)]
+        if args.max_baseline_gb:
+            cmd += ["--max-baseline-gb", str(args.max_baseline_gb)]
+        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            print(f"   !! the re-timing process failed ({proc.returncode}): {proc.stderr[-500:]}")
+            return []
+        rows = json.loads(out.read_text())["rows"]
+    for row in rows:
+        row.pop("invalid", None)  # the caller judges the merged rows
+    return rows
+
+
+def gate_block(args, block: list[dict], op, shape, dtype_name, modes, backends, peaks) -> None:
+    """Re-times inconsistent impls in fresh processes (up to args.retime times), then marks what is still
+    inconsistent INVALID (row["invalid"] = why): such rows are listed, never reported as results."""
+    problems = inconsistencies(block, args.spread_limit)
+    attempt = 0
+    while problems and attempt < args.retime:
+        attempt += 1
+        for impl, why in problems.items():
+            print(f"   re-timing {impl} at {op} {shape.id} {dtype_name} in a fresh process ({why})", flush=True)
+        fresh = retime_in_fresh_process(args, op, shape, dtype_name, modes, sorted(problems), backends, peaks)
+        replacements = {(row["impl"], row["mode"]): row for row in fresh}
+        for i, row in enumerate(block):
+            new = replacements.get((row["impl"], row["mode"]))
+            if new is not None:
+                block[i] = {**new, "preset": row["preset"], "retimed": attempt}
+        problems = inconsistencies(block, args.spread_limit)
+    for row in block:
+        if row["impl"] in problems:
+            row["invalid"] = problems[row["impl"]]
+
+
+def regate(rows: list[dict], spread_limit: float = SPREAD_LIMIT) -> None:
+    """Marks the inconsistent rows of a results file INVALID (files written before the gate existed,
+    or judged with another --spread-limit); nothing is re-timed."""
+    blocks: dict[tuple, list[dict]] = {}
+    for row in rows:
+        blocks.setdefault((row["op"], row["shape"], row["dtype"], row.get("device")), []).append(row)
+    for block in blocks.values():
+        problems = inconsistencies(block, spread_limit)
+        for row in block:
+            if row["impl"] in problems:
+                row["invalid"] = problems[row["impl"]]
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -248,7 +340,6 @@ def unfold_bytes(shape: Shape, element_bytes: int) -> int:
 
 def run(args) -> dict:
     device = args.device
-    torch.set_num_threads(args.threads)
     try:
         shapes = parse_shapes(args.shapes)
     except ValueError as exc:
@@ -297,6 +388,8 @@ def run(args) -> dict:
                 if op == "fused":
                     impls += [f"unfused:{b}" for b in plan.backends if b != "reference"]
                 impls.append("unfold")
+                if args.impls:  # a re-timing run: only these
+                    impls = [impl for impl in impls if impl in args.impls.split(",")]
                 features, second, grad_out = make_inputs(op, shape, dtype, device)
                 need_grads = any(m != "fwd" for m in modes)
                 for impl in list(impls):
@@ -315,8 +408,8 @@ def run(args) -> dict:
                         failures.append({"op": op, "shape": shape.id, "dtype": dtype_name, "impl": impl,
                                          "reason": reason, "kind": "failed check"})
                         impls.remove(impl)
+                block: list[dict] = []
                 for mode in modes:
-                    group = []
                     for impl in impls:
                         fn = mode_fn(impl_fn(op, impl, shape), mode, features, second, grad_out)
                         timing = time_fn(fn, device, threads=args.threads, min_run_time=args.min_run_time)
@@ -331,12 +424,16 @@ def run(args) -> dict:
                             "floor_ms": floor_ms(shape, mode, element_bytes, peaks),
                             "peak_bytes": peak, "out_bytes": out_bytes,
                         }
+                        block.append(row)
+                gate_block(args, block, op, shape, dtype_name, modes, plan.backends, peaks)
+                for mode in modes:
+                    group = [row for row in block if row["mode"] == mode]
+                    for row in group:
                         row["gbps"] = row["bytes"] / (row["ms"] * 1e-3) / 1e9
                         row["floor_fraction"] = row["floor_ms"] / row["ms"]
-                        group.append(row)
                     _add_speedups(group)
+                    print_table(group, header=not rows)
                     rows.extend(group)
-                    print_table(group, header=not rows[:-len(group)] if group else False)
                 del features, second, grad_out
     result = {"schema": 1, "machine": info, "peaks": peaks, "args": vars(args), "backends": plan.backends,
               "notes": plan.notes, "rows": rows, "skipped": failures}
@@ -345,7 +442,7 @@ def run(args) -> dict:
 
 
 def _add_speedups(group: list[dict]) -> None:
-    times = {row["impl"]: row["ms"] for row in group}
+    times = {row["impl"]: row["ms"] for row in group if not row.get("invalid")}
     for row in group:
         row["vs_unfold"] = times["unfold"] / row["ms"] if "unfold" in times else None
         row["vs_reference"] = times["reference"] / row["ms"] if "reference" in times else None
@@ -368,6 +465,9 @@ def _fmt_x(v) -> str:
 
 
 def format_row(row: dict) -> list[str]:
+    if row.get("invalid"):  # listed, never shown as a result
+        return [row["op"], row["shape"], row["dtype"], row["mode"], row["impl"], "INVALID", "-", "-", "-", "-",
+                "-", "-"]
     return [row["op"], row["shape"], row["dtype"], row["mode"], row["impl"],
             f"{_fmt_ms(row['ms'])} ({_fmt_ms(row['p20'])}-{_fmt_ms(row['p80'])})",
             f"{row['gbps']:.1f}", f"{100 * row['floor_fraction']:.1f}",
@@ -391,7 +491,7 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
     def find(impl, mode, op="fused"):
         for row in rows:
             if (row["shape"] == TARGET.id and row["dtype"] == "fp32" and row["op"] == op and row["mode"] == mode
-                    and row["impl"] == impl and row["device"] == "cpu"):
+                    and row["impl"] == impl and row["device"] == "cpu" and not row.get("invalid")):
                 return row
         return None
 
@@ -433,6 +533,14 @@ def print_targets(targets: list[dict]) -> None:
         print(f"  [{'PASS' if t['passed'] else 'FAIL'}] {t['target']}: {t['detail']} ({t['threads']} threads)")
 
 
+def print_invalid(rows: list[dict]) -> None:
+    invalid = [row for row in rows if row.get("invalid")]
+    if invalid:
+        print("\nINVALID (a part slower than fwdbwd, or a wide p20-p80 spread, after any re-timing; not results):")
+        for row in invalid:
+            print(f"  {row['impl']} at {row['op']} {row['shape']} {row['dtype']} {row['mode']}: {row['invalid']}")
+
+
 def print_skipped(skipped: list[dict]) -> None:
     if skipped:
         print("\nNot timed:")
@@ -445,7 +553,7 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["impl"] != "unfold"]
+    rows = [r for r in result["rows"] if r["impl"] != "unfold" and not r.get("invalid")]
     labels = [f"{r['op']} {r['shape']} {r['dtype']} {r['mode']}\n{r['impl']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(14, max(4.0, 0.32 * len(rows) + 1.5)), sharey=True)
     ys = range(len(rows))
@@ -454,7 +562,7 @@ def plot(result: dict, path: str) -> None:
     axes[0].axvline(1, color="k", lw=0.8)
     axes[0].set_xlabel("speedup vs the unfold formulation (log)")
     axes[1].barh(ys, [100 * r["floor_fraction"] for r in rows], color="tab:green")
-    axes[1].set_xlabel("% of the floor (DESIGN §2)")
+    axes[1].set_xlabel("% of the floor (docs/design.md#cost-model-and-floor)")
     axes[0].set_yticks(list(ys), labels, fontsize=6)
     axes[0].invert_yaxis()
     fig.suptitle(machine_line(result["machine"]), fontsize=8)
@@ -484,6 +592,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-baseline-gb", type=float,
                         help="skip the unfold baseline where its intermediate exceeds this (default: 40%% of "
                              "the available memory)")
+    parser.add_argument("--retime", type=int, default=2,
+                        help="re-time an inconsistent implementation (a part slower than fwdbwd, or a p20-p80 "
+                             "spread above --spread-limit) in a fresh process up to this many times before "
+                             "marking it INVALID (default 2; 0: mark at once)")
+    parser.add_argument("--spread-limit", type=float, default=SPREAD_LIMIT,
+                        help=f"largest p80/p20 ratio of a valid row (default {SPREAD_LIMIT})")
+    parser.add_argument("--impls", help=argparse.SUPPRESS)  # re-timing runs: time only these rows
     parser.add_argument("--json", help="write machine, versions, git sha, ceilings and every row here")
     parser.add_argument("--plot", help="draw speedups and fractions of the floor to this image (matplotlib)")
     parser.add_argument("--from-json", help="re-print (and --plot) a previous run instead of running")
@@ -497,6 +612,7 @@ def main(argv=None) -> int:
                          "(pip install matplotlib, or the project's [plot] extra)")
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
+        regate(result["rows"], args.spread_limit)
         print(machine_line(result["machine"]))
         print_table(result["rows"])
     else:
@@ -504,12 +620,10 @@ def main(argv=None) -> int:
             parser.error("--device cuda: torch.cuda.is_available() is False")
         if args.min_run_time is None:
             args.min_run_time = 0.25 if args.device == "cuda" else 1.0
-        threads = torch.get_num_threads()
-        try:
+        with torch_threads(args.threads):
             result = run(args)
-        finally:
-            torch.set_num_threads(threads)
     print_targets(result.get("targets", []))
+    print_invalid(result.get("rows", []))
     print_skipped(result.get("skipped", []))
     if args.json and not args.from_json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,28 @@ OPTIONS = {
 }
 
 
+def _machine_report(threads: int) -> tuple[str, str | None]:
+    from benchmarks.machine import load_warning, machine_info, machine_line
+
+    info = machine_info(threads=threads)
+    return machine_line(info), load_warning(info)
+
+
+def pytest_report_header(config):
+    """The machine line, and the CLI's warning when the machine is busy (timings then unreliable)."""
+    line, warning = _machine_report(int(config.getoption("--carafe-threads")))
+    return [line] + ([warning] if warning else [])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # Repeated at the end, beside the timing table, where it is read; only when something was timed.
+    if config.getoption("benchmark_disable", default=False) or not terminalreporter.stats.get("passed"):
+        return
+    _, warning = _machine_report(int(config.getoption("--carafe-threads")))
+    if warning:
+        terminalreporter.write_line(warning, yellow=True, bold=True)
+
+
 def pytest_addoption(parser):
     group = parser.getgroup("carafe", "CARAFE benchmark cases")
     for name, (default, help_text) in OPTIONS.items():

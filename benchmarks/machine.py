@@ -14,7 +14,7 @@ Peak memory (bytes allocated by one call above what was allocated before it; inc
        made through c10's CPU allocator (all tensors), on every thread; not memory malloc'ed privately
        by a library (oneDNN scratch, OpenMP stacks). tracemalloc would see neither.
 
-Ceilings (for the floor of DESIGN §2: max(FLOPs / FMA rate, bytes / bandwidth))
+Ceilings (for the floor of docs/design.md#cost-model-and-floor: max(FLOPs / FMA rate, bytes / bandwidth))
   bandwidth: a large fp32 copy (dst.copy_(src), 256 MiB each on CPU, 1 GiB on GPU): bytes read +
              written per second;
   FMA rate:  a large fp32 matmul (TF32 off on GPU): 2*M*N*K / time.
@@ -22,6 +22,7 @@ Ceilings (for the floor of DESIGN §2: max(FLOPs / FMA rate, bytes / bandwidth))
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 
@@ -30,7 +31,20 @@ import torch.utils.benchmark as torch_benchmark
 
 from carafe_kernels.provenance import machine_info, machine_line
 
-__all__ = ["machine_info", "machine_line", "load_warning", "measure_peaks", "time_fn", "peak_memory_bytes"]
+__all__ = ["machine_info", "machine_line", "load_warning", "measure_peaks", "time_fn", "peak_memory_bytes",
+           "torch_threads"]
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op thread count set to `threads` inside, and the previous count restored after, so
+    a benchmark does not leave its setting to whatever runs next in the process (the tests)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 def load_warning(info: dict) -> str | None:
     """A warning when the machine was busy (1-minute load above the usable CPUs) as the run started."""

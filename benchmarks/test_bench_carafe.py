@@ -22,6 +22,7 @@ from benchmarks.carafe import (
     mode_fn,
     resolve_backends,
 )
+from benchmarks.machine import torch_threads
 from benchmarks.shapes import parse_shapes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,10 +53,17 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("bench_case", cases)
 
 
-def test_carafe(benchmark, bench_case, pytestconfig):
+@pytest.fixture
+def bench_threads(pytestconfig):
+    """The --carafe-threads thread count for one case, then the previous count back (the rest of the
+    session, tests included, must not inherit it)."""
+    with torch_threads(int(pytestconfig.getoption("--carafe-threads"))):
+        yield
+
+
+def test_carafe(benchmark, bench_case, bench_threads):
     op, shape, dtype_name, mode, impl = bench_case
     dtype = DTYPES[dtype_name]
-    torch.set_num_threads(int(pytestconfig.getoption("--carafe-threads")))
     features, second, grad_out = make_inputs(op, shape, dtype, DEVICE)
     reason = check_impl(op, impl, shape, dtype, features, second, grad_out, _ORACLE, need_grads=mode != "fwd")
     assert reason is None, f"{impl} fails the correctness check: {reason}"

@@ -9,8 +9,9 @@ import torch
 
 from benchmarks import carafe as cli
 
+# --spread-limit: 10 ms of timing on a shared machine is not steady; these tests check the plumbing.
 FAST = ["--shapes", "N1-C4-H3-W4-k3-g2-s2", "--min-run-time", "0.01", "--peak-gbps", "10", "--peak-gflops", "100",
-        "--threads", "1"]
+        "--threads", "1", "--retime", "0", "--spread-limit", "1000"]
 
 
 def test_cli_writes_json(tmp_path, capsys):
@@ -58,3 +59,89 @@ def test_cost_model():
     assert cli.least_bytes(shape, "fwd", 4) == 4 * (2 * 256 * 44 * 44 + 2 * 100 * 44 * 44 + out)
     peaks = {"gbps": 1.0, "gflops": 1e6}  # memory-bound
     assert abs(cli.floor_ms(shape, "fwd", 4, peaks) - cli.least_bytes(shape, "fwd", 4) / 1e9 * 1e3) < 1e-9
+
+
+def test_overhead_benchmark_runs(capsys):
+    """benchmarks/overhead.py (public call vs direct op call) runs and reports a ratio."""
+    import pytest
+
+    from benchmarks import overhead
+    from carafe_kernels import backend_status
+
+    if backend_status()["cpu"] is not None:
+        pytest.skip(f"cpu: {backend_status()['cpu']}")
+    assert overhead.main(["--min-run-time", "0.05"]) == 0
+    assert "ratio" in capsys.readouterr().out
+
+
+def _row(impl, mode, ms, p20=None, p80=None):
+    return {"impl": impl, "mode": mode, "ms": ms, "p20": p20 or ms, "p80": p80 or ms}
+
+
+def test_gate_finds_parts_slower_than_the_whole_and_wide_spreads():
+    rows = [_row("cpu", "fwd", 82.0), _row("cpu", "bwd", 10.0), _row("cpu", "fwdbwd", 21.0),
+            _row("reference", "fwd", 5.0), _row("reference", "bwd", 30.0), _row("reference", "fwdbwd", 20.0),
+            _row("unfold", "fwd", 5.0, 4.0, 9.0), _row("unfold", "fwdbwd", 20.0),
+            _row("unfused:cpu", "fwd", 5.0, 4.9, 5.2), _row("unfused:cpu", "fwdbwd", 20.0)]
+    problems = cli.inconsistencies(rows, spread_limit=1.5)
+    assert set(problems) == {"cpu", "reference", "unfold"}
+    assert "fwd 82.000 ms > fwdbwd 21.000 ms" in problems["cpu"]
+    assert "bwd 30.000 ms > fwdbwd 20.000 ms" in problems["reference"]
+    assert "spread 2.25x" in problems["unfold"]
+
+
+def _slow_forward_timer(monkeypatch):
+    """time_fn that reports every fwd as slower than its fwdbwd (the README's 82 ms vs 21 ms row)."""
+    real = cli.time_fn
+
+    def fake(fn, device, **kwargs):
+        timing = real(fn, device, **kwargs)
+        if fn.__name__ == "forward":  # mode_fn's fwd callable
+            return {**timing, "ms": 1e3, "p20": 1e3, "p80": 1e3}
+        return timing
+    monkeypatch.setattr(cli, "time_fn", fake)
+
+
+def test_inconsistent_rows_are_marked_invalid_not_printed(monkeypatch, tmp_path, capsys):
+    _slow_forward_timer(monkeypatch)
+    out = tmp_path / "run.json"
+    args = FAST + ["--modes", "fwd,fwdbwd", "--backends", "reference", "--json", str(out)]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "INVALID" in text and "1000.0" not in text.split("INVALID (a part")[0]
+    result = json.loads(out.read_text())
+    fwd_rows = [row for row in result["rows"] if row["mode"] == "fwd"]
+    assert fwd_rows and all("fwd 1000.0 ms > fwdbwd" in row["invalid"] for row in fwd_rows)
+    assert result["targets"] == []  # no target is computed from an invalid row
+
+
+def test_inconsistent_rows_are_retimed_in_a_fresh_process(monkeypatch, tmp_path, capsys):
+    _slow_forward_timer(monkeypatch)
+    out = tmp_path / "run.json"
+    args = [a if a != "0" else "1" for a in FAST]  # --retime 1
+    assert cli.main(args + ["--modes", "fwd,fwdbwd", "--backends", "reference", "--ops", "plain",
+                            "--json", str(out)]) == 0
+    assert "in a fresh process" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["impl"] for row in rows if row.get("retimed") == 1} == {"reference", "unfold"}
+    assert all(row["ms"] < 1e3 for row in rows), "the fresh process's times replace the bad ones"
+
+
+def test_thread_count_is_restored():
+    """The CLI and the pytest-benchmark suite (its bench_threads fixture) set torch's thread count
+    through machine.torch_threads, which gives the previous count back, also after an error."""
+    from benchmarks.machine import torch_threads
+
+    previous = torch.get_num_threads()
+    other = 1 if previous != 1 else 2
+    with torch_threads(other):
+        assert torch.get_num_threads() == other
+    assert torch.get_num_threads() == previous
+    try:
+        with torch_threads(other):
+            raise KeyError("boom")
+    except KeyError:
+        pass
+    assert torch.get_num_threads() == previous
+    assert cli.main(FAST + ["--modes", "fwd", "--backends", "reference", "--threads", str(other)]) == 0
+    assert torch.get_num_threads() == previous

@@ -10,7 +10,6 @@ import os
 import torch
 
 HAS_NATIVE = False
-HAS_NATIVE_CUDA = False
 NATIVE_ERROR: str | None = None
 
 if os.environ.get("CARAFE_NO_NATIVE", "0").lower() in ("1", "true", "yes", "on"):

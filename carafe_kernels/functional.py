@@ -1,91 +1,89 @@
-"""carafe() and carafe_fused(): validate the arguments, pick a backend from the registry, call it."""
+"""carafe() and carafe_fused(): validate once (carafe_kernels.contract), pick a backend from the
+registry, call it.
+
+The call path is kept thin: the arguments are checked once here (the C++ ops check again, in C++, for
+callers of torch.ops that skip this module), and a repeated call with the same metadata reuses the
+outcome (_PLANS); under torch.autocast the inputs are cast once, by the op's own autocast kernel, or
+here for the reference backend, which has none; backend availability is asked once per process
+(registry.Backend.reason). benchmarks/overhead.py measures what this adds to a direct torch.ops call.
+"""
 from __future__ import annotations
 
-import numbers
+import os
 
 import torch
 
+from . import ops as _ops
+from .contract import check_arguments, check_int
 from .registry import select_backend
 
 __all__ = ["carafe", "carafe_fused"]
 
 
-def _check_int(name: str, value, *, odd: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"{name} must be an integer, got {value}")
-        value = int(value)
-    value = int(value)
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    if odd and value % 2 == 0:
-        raise ValueError(f"{name} must be odd, got {value}")
-    return value
-
-
-def _check_tensor(name: str, value) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-    return value
-
-
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype when torch.autocast is enabled for this device type, else None. Device types
     without autocast (meta, ...) give None: ``torch.is_autocast_enabled`` raises for them."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    if device_type in ("cpu", "cuda") or torch.amp.is_autocast_available(device_type):
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
     return None
 
 
-def _autocast_inputs(features: torch.Tensor, masks: torch.Tensor):
-    """Under torch.autocast, both inputs in the autocast dtype (like a convolution), whatever the
-    backend: the C++/Triton ops also do this in their Autocast kernels (ops.py), the pure-PyTorch
-    reference would otherwise promote mixed inputs to float32."""
-    dtype = _autocast_dtype(features.device.type)
-    if dtype is None:
-        return features, masks
-    return features.to(dtype), masks.to(dtype)
-
-
-def _validate(features, masks, kernel_size, group_size, scale_factor, *, fused: bool):
-    """Checks every argument; returns (kernel_size, group_size, scale_factor) as ints."""
+def _plan(fused: bool, features, masks, kernel_size, group_size, scale_factor, backend: str,
+          autocast: torch.dtype | None):
+    """Validates one call and picks its backend: (backend, cast the inputs?, k, G, s)."""
     masks_name = "mask_logits" if fused else "masks"
-    features = _check_tensor("features", features)
-    masks = _check_tensor(masks_name, masks)
-    k = _check_int("kernel_size", kernel_size, odd=True)
-    G = _check_int("group_size", group_size)
-    s = _check_int("scale_factor", scale_factor)
-    N, C, H, W = features.shape
-    if C % G != 0:
-        raise ValueError(f"group_size={G} must divide the channels of features {tuple(features.shape)}")
-    if fused:
-        expected = (N, G * k * k * s * s, H, W)
-        what = f"G*k*k*s*s = {G}*{k}*{k}*{s}*{s}"
-    else:
-        expected = (N, G * k * k, H * s, W * s)
-        what = f"G*k*k = {G}*{k}*{k}"
-    if masks.shape[0] != N:
-        raise ValueError(f"{masks_name} batch {masks.shape[0]} != features batch {N} "
-                         f"(features {tuple(features.shape)}, {masks_name} {tuple(masks.shape)})")
-    if masks.shape[1] != expected[1]:
-        raise ValueError(f"{masks_name} must have {what} = {expected[1]} channels, got shape "
-                         f"{tuple(masks.shape)} (features {tuple(features.shape)})")
-    if tuple(masks.shape[2:]) != expected[2:]:
-        raise ValueError(f"{masks_name} must be {expected[2]}x{expected[3]} spatially for features "
-                         f"{tuple(features.shape)} and scale_factor={s}, got shape {tuple(masks.shape)}")
-    if features.device != masks.device:
-        raise ValueError(f"features and {masks_name} must be on the same device, got {features.device} "
-                         f"and {masks.device}")
-    if features.dtype != masks.dtype and _autocast_dtype(features.device.type) is None:
-        raise TypeError(f"features and {masks_name} must have the same dtype (outside torch.autocast), "
-                        f"got {features.dtype} and {masks.dtype}")
-    return k, G, s
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if not isinstance(masks, torch.Tensor):
+        raise TypeError(f"{masks_name} must be a torch.Tensor, got {type(masks).__name__}")
+    k = check_int("kernel_size", kernel_size, odd=True)
+    G = check_int("group_size", group_size)
+    s = check_int("scale_factor", scale_factor)
+    # Under autocast both inputs run in the autocast dtype (like a convolution), so they may differ.
+    check_arguments(features, masks, k, G, s, fused=fused, same_dtype=autocast is None)
+    chosen = select_backend(backend, features, k, s, autocast)
+    # The reference has no autocast kernel (it would promote mixed inputs to float32): cast for it.
+    cast = autocast is not None and not (chosen.own_autocast and _ops.AUTOCAST_ERROR is None)
+    return chosen, cast, k, G, s
+
+
+# The outcome of _plan depends only on the call's metadata (shapes, dtypes, devices, ints, the backend
+# request and the autocast state), never on tensor values, so it is kept per metadata: a repeated call
+# (every training step) skips re-validation and re-selection. Bounded; not used while torch.compile
+# traces (symbolic shapes). The Triton backend's availability also depends on TRITON_INTERPRET,
+# which is stored with it and compared.
+_PLANS: dict[tuple, tuple] = {}
+_MAX_PLANS = 1024
+
+
+def _run(fused: bool, features, masks, kernel_size, group_size, scale_factor, backend) -> torch.Tensor:
+    if (type(kernel_size) is int and type(group_size) is int and type(scale_factor) is int and type(backend) is str
+            and isinstance(features, torch.Tensor) and isinstance(masks, torch.Tensor)
+            and not torch.compiler.is_compiling()):
+        autocast = _autocast_dtype(features.device.type)
+        key = (fused, features.shape, masks.shape, features.dtype, masks.dtype, features.device, masks.device,
+               kernel_size, group_size, scale_factor, backend,
+               os.environ.get("CARAFE_BACKEND") if backend == "auto" else None, autocast)
+        plan = _PLANS.get(key)
+        if plan is None or (plan[-1] is not None and plan[-1] != os.environ.get("TRITON_INTERPRET")):
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            chosen, cast, k, G, s = _plan(fused, features, masks, kernel_size, group_size, scale_factor, backend,
+                                          autocast)
+            impl = chosen.carafe_fused if fused else chosen.carafe
+            triton_env = os.environ.get("TRITON_INTERPRET") if chosen.name == "triton" else None
+            plan = _PLANS[key] = (impl, cast and autocast, triton_env)
+        impl, cast_to, _ = plan
+    else:  # integral floats, numpy ints, bad arguments (which raise here), or torch.compile tracing
+        autocast = _autocast_dtype(features.device.type) if isinstance(features, torch.Tensor) else None
+        chosen, cast, kernel_size, group_size, scale_factor = _plan(
+            fused, features, masks, kernel_size, group_size, scale_factor, backend, autocast)
+        impl = chosen.carafe_fused if fused else chosen.carafe
+        cast_to = cast and autocast
+    if cast_to:
+        features, masks = features.to(cast_to), masks.to(cast_to)
+    return impl(features, masks, kernel_size, group_size, scale_factor)
 
 
 def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,
@@ -116,9 +114,7 @@ def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_
         >>> carafe(f, m, kernel_size=5, group_size=1, scale_factor=2).shape
         torch.Size([2, 64, 16, 16])
     """
-    k, G, s = _validate(features, masks, kernel_size, group_size, scale_factor, fused=False)
-    features, masks = _autocast_inputs(features, masks)
-    return select_backend(backend, features, k, s).carafe(features, masks, k, G, s)
+    return _run(False, features, masks, kernel_size, group_size, scale_factor, backend)
 
 
 def carafe_fused(features: torch.Tensor, mask_logits: torch.Tensor, kernel_size: int, group_size: int,
@@ -142,6 +138,4 @@ def carafe_fused(features: torch.Tensor, mask_logits: torch.Tensor, kernel_size:
         >>> carafe_fused(f, logits, 5, 1, 2).shape
         torch.Size([2, 64, 16, 16])
     """
-    k, G, s = _validate(features, mask_logits, kernel_size, group_size, scale_factor, fused=True)
-    features, mask_logits = _autocast_inputs(features, mask_logits)
-    return select_backend(backend, features, k, s).carafe_fused(features, mask_logits, k, G, s)
+    return _run(True, features, mask_logits, kernel_size, group_size, scale_factor, backend)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import _check_int, carafe, carafe_fused
+from .contract import check_int as _check_int
+from .functional import carafe, carafe_fused
 from .registry import requested_backend
 
 __all__ = ["CARAFE", "CARAFEPack"]

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from . import _native
+from .contract import MAX_KERNEL_SIZE, MAX_SCALE_FACTOR, NATIVE_DTYPES, TRITON_DTYPES
 from .reference import carafe_fused_reference, carafe_reference
 
 __all__ = ["Backend", "BackendUnavailableError", "BACKENDS", "AUTO_ORDER", "backend_status", "select_backend"]
@@ -34,31 +35,49 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call; the message says why."""
 
 
-@dataclass(frozen=True)
+# eq=False: a Backend is hashed by identity (the availability cache's key; hashing its fields would
+# cost a microsecond per call).
+@dataclass(frozen=True, eq=False)
 class Backend:
     name: str
     # Device types it runs on; a function of the environment for Triton (its interpreter runs on CPU).
     device_types: Callable[[], tuple[str, ...]]
-    # None when usable on this machine, otherwise the reason.
+    # None when usable on this machine, otherwise the reason. Asked once per process (per value of
+    # TRITON_INTERPRET): see reason().
     unavailable_reason: Callable[[], str | None]
     # The implementations: (features, masks_or_logits, kernel_size, group_size, scale_factor) -> out.
     carafe: Callable[..., torch.Tensor]
     carafe_fused: Callable[..., torch.Tensor]
     max_kernel_size: int | None = None
     max_scale_factor: int | None = None
-    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    notes: str = field(default="", compare=False)
+    dtypes: tuple[torch.dtype, ...] = NATIVE_DTYPES
+    # True when its ops have their own autocast kernels (carafe_kernels/ops.py), so the caller need not
+    # cast under torch.autocast; the reference has none and is given cast inputs.
+    own_autocast: bool = False
 
-    def call_unsupported_reason(self, features: torch.Tensor, kernel_size: int, scale_factor: int) -> str | None:
-        """Why this backend cannot run this particular call, or None."""
-        reason = self.unavailable_reason()
+    def reason(self) -> str | None:
+        """unavailable_reason(), cached: it imports modules and probes devices, which a call should not
+        repeat. The Triton answer depends on TRITON_INTERPRET, so that is part of the key."""
+        key = (self, os.environ.get("TRITON_INTERPRET"))
+        try:
+            return _REASONS[key]
+        except KeyError:
+            reason = _REASONS[key] = self.unavailable_reason()
+            return reason
+
+    def call_unsupported_reason(self, features: torch.Tensor, kernel_size: int, scale_factor: int,
+                                dtype: torch.dtype | None = None) -> str | None:
+        """Why this backend cannot run this particular call, or None. dtype: the dtype the call will run
+        in, when not features.dtype (the autocast dtype)."""
+        reason = self.reason()
         if reason is not None:
             return reason
         device_types = self.device_types()
         if features.device.type not in device_types:
             return f"runs on {'/'.join(device_types)} tensors, got a {features.device.type} tensor"
-        if features.dtype not in self.dtypes:
-            return f"does not support dtype {features.dtype}"
+        dtype = features.dtype if dtype is None else dtype
+        if dtype not in self.dtypes:
+            return f"does not support dtype {dtype}"
         if self.max_kernel_size is not None and kernel_size > self.max_kernel_size:
             return f"supports kernel_size <= {self.max_kernel_size}, got {kernel_size}"
         if self.max_scale_factor is not None and scale_factor > self.max_scale_factor:
@@ -66,9 +85,24 @@ class Backend:
         return None
 
 
+_REASONS: dict[tuple[Backend, str | None], str | None] = {}
+
+
+def clear_cache() -> None:
+    """Forget the cached availability answers (for tests that change the environment)."""
+    _REASONS.clear()
+
+
 def _native_op(name: str) -> Callable[..., torch.Tensor]:
+    """Calls torch.ops.carafe_kernels.<name>.default, looked up on the first call (the ops exist only
+    when the extension is loaded) and kept."""
+    op = None
+
     def call(*args):
-        return getattr(torch.ops.carafe_kernels, name)(*args)
+        nonlocal op
+        if op is None:
+            op = getattr(torch.ops.carafe_kernels, name).default
+        return op(*args)
     call.__name__ = f"carafe_kernels_{name}"
     return call
 
@@ -90,10 +124,9 @@ def _triton_device_types() -> tuple[str, ...]:
 
 
 def _triton_call(name: str) -> Callable[..., torch.Tensor]:
-    def call(*args):
-        return getattr(_triton_module(), name)(*args)
-    call.__name__ = f"triton_{name}"
-    return call
+    """Calls the Triton op directly: the registry has already checked availability (which loads the
+    ops), so carafe_kernels.triton.<name>'s own check would be the second one."""
+    return _native_op(f"triton_{name}")
 
 
 def _always_available() -> str | None:
@@ -103,24 +136,23 @@ def _always_available() -> str | None:
 BACKENDS: dict[str, Backend] = {
     b.name: b for b in (
         Backend("reference", lambda: ("cpu", "cuda", "mps", "xpu", "meta"), _always_available,
-                carafe_reference, carafe_fused_reference,
-                notes="pure PyTorch; any device and float dtype; the float64 test oracle"),
-        Backend("cpu", lambda: ("cpu",), _native.cpu_unavailable_reason, _native_op("carafe"), _native_op("carafe_fused"),
-                notes="C++ kernels: at::parallel_for, vector code built per ISA (AVX-512/AVX2/baseline)"),
+                carafe_reference, carafe_fused_reference),
+        Backend("cpu", lambda: ("cpu",), _native.cpu_unavailable_reason, _native_op("carafe"),
+                _native_op("carafe_fused"), max_kernel_size=MAX_KERNEL_SIZE, max_scale_factor=MAX_SCALE_FACTOR,
+                own_autocast=True),
         Backend("cuda", lambda: ("cuda",), _native.cuda_unavailable_reason, _native_op("carafe"),
-                _native_op("carafe_fused"), max_kernel_size=11, max_scale_factor=8,
-                notes="CUDA C++ kernels"),
+                _native_op("carafe_fused"), max_kernel_size=MAX_KERNEL_SIZE, max_scale_factor=MAX_SCALE_FACTOR,
+                own_autocast=True),
         Backend("triton", _triton_device_types, _triton_reason, _triton_call("carafe"),
-                _triton_call("carafe_fused"), max_kernel_size=11, max_scale_factor=8,
-                dtypes=(torch.float16, torch.bfloat16, torch.float32),
-                notes="Triton kernels; on CPU only under TRITON_INTERPRET=1"),
+                _triton_call("carafe_fused"), max_kernel_size=MAX_KERNEL_SIZE, max_scale_factor=MAX_SCALE_FACTOR,
+                dtypes=TRITON_DTYPES, own_autocast=True),
     )
 }
 
 
 def backend_status() -> dict[str, str | None]:
     """Every backend name mapped to None when it is usable on this machine, or the reason it is not."""
-    return {name: backend.unavailable_reason() for name, backend in BACKENDS.items()}
+    return {name: backend.reason() for name, backend in BACKENDS.items()}
 
 
 _logged: set[str] = set()
@@ -143,18 +175,20 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
-def select_backend(backend: str, features: torch.Tensor, kernel_size: int, scale_factor: int) -> Backend:
-    """The backend that will run this call. An explicit name runs or raises BackendUnavailableError."""
+def select_backend(backend: str, features: torch.Tensor, kernel_size: int, scale_factor: int,
+                   dtype: torch.dtype | None = None) -> Backend:
+    """The backend that will run this call (in dtype, default features.dtype). An explicit name runs or
+    raises BackendUnavailableError."""
     name = requested_backend(backend)
     if name != "auto":
         chosen = BACKENDS[name]
-        reason = chosen.call_unsupported_reason(features, kernel_size, scale_factor)
+        reason = chosen.call_unsupported_reason(features, kernel_size, scale_factor, dtype)
         if reason is not None:
             raise BackendUnavailableError(f"CARAFE backend {name!r} cannot run this call: {reason}")
         return chosen
     for candidate in AUTO_ORDER.get(features.device.type, ("reference",)):
         chosen = BACKENDS[candidate]
-        reason = chosen.call_unsupported_reason(features, kernel_size, scale_factor)
+        reason = chosen.call_unsupported_reason(features, kernel_size, scale_factor, dtype)
         if reason is None:
             return chosen
         _log_once(f"carafe_kernels: backend {candidate!r} skipped: {reason}")

@@ -384,7 +384,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
+        from carafe_kernels.provenance import machine_info
+        provenance = machine_info()  # commit, torch version and machine, in every row: the file stays a list
+        path.write_text(json.dumps([{**asdict(row), "provenance": provenance} for row in rows], indent=2) + "\n")
         log(f"wrote {path}")
     if args.markdown:
         is_cli = sys.argv[1:2] == ["complexity"]

@@ -10,7 +10,7 @@ No data to download: cares.data's synthetic slices (lungs, vessels, ground-glass
 Output (--out, default runs/demo): report.md, loss_curve.png, qualitative.png, metrics.json,
 metrics.md, train/ (the run folder: checkpoints, log.csv, config.yaml).
 
-On CPU the demo uses a narrower CARes-UNet when cares.models offers a width option, and small
+On CPU the demo uses a narrower CARes-UNet (the base_channels option), and small
 images, so that it ends within 10 minutes on 2 cores; --quick shrinks everything for tests.
 """
 from __future__ import annotations

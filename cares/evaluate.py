@@ -111,6 +111,7 @@ def evaluate(checkpoint, data, split: str = "test", out=None, *, tta: bool = Fal
 
     if not rows:
         raise ValueError(f"{data} [{split}] holds no images")
+    from carafe_kernels.provenance import machine_info
     result = {
         "checkpoint": str(checkpoint),
         "model": {"name": state["model"]["name"], "options": state["model"]["options"],
@@ -118,6 +119,7 @@ def evaluate(checkpoint, data, split: str = "test", out=None, *, tta: bool = Fal
         "data": str(data), "split": split, "tta": tta, "num_images": len(rows),
         "protocols": {p: summarize([row[p] for row in rows]) for p in PROTOCOLS},
         "protocol_notes": PROTOCOL_NOTES,
+        "provenance": machine_info(),  # commit, torch version and machine of this result
         "per_image": rows,
     }
     if out is not None:

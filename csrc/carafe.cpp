@@ -2,10 +2,15 @@
 // cpu/carafe_cpu.cpp (CPU) and cuda/carafe_cuda.cpp (CUDA); autograd, fake tensors and autocast
 // are registered from Python (carafe_kernels/ops.py), so every caller of the dispatcher gets them.
 //
-// (cpu/carafe_cpu.cpp adds one introspection op, _cpu_kernel_isa() -> str, the instruction set its
-// kernels were dispatched to; it belongs to the CPU library and is not part of the CARAFE contract.)
+// The same schemas are in carafe_kernels/contract.py (SCHEMAS), for the ops defined in Python (Triton
+// and the tests' stand-in); tests/test_ops.py checks that every registered op matches them.
 //
-// Contract (see DESIGN.md §1), k = kernel_size, G = group_size, s = scale_factor:
+// Introspection ops, not part of the CARAFE contract: _native_limits() -> [max kernel_size, max
+// scale_factor] (carafe_common.h; tests compare it with carafe_kernels/contract.py), and in
+// cpu/carafe_cpu.cpp _cpu_kernel_isa() (the instruction set the CPU kernels were dispatched to) and
+// _cpu_last_call_threads() (threads that ran the last CPU call).
+//
+// Contract (docs/design.md#the-contract), k = kernel_size, G = group_size, s = scale_factor:
 //   features    (N, C, H, W)
 //   masks       (N, G*k*k, H*s, W*s)        normalised reassembly kernels (mmcv semantics)
 //   mask_logits (N, G*k*k*s*s, H, W)        content-encoder output; channel (g*k*k + t)*s*s + i*s + j
@@ -13,6 +18,10 @@
 //   output      (N, C, H*s, W*s)
 #include <Python.h>
 #include <torch/library.h>
+
+#include <vector>
+
+#include "carafe_common.h"
 
 extern "C" {
 // Importing carafe_kernels._C runs the static initialisers below that register the ops;
@@ -34,4 +43,6 @@ TORCH_LIBRARY(carafe_kernels, m) {
   m.def(
       "carafe_fused_backward(Tensor grad_output, Tensor features, Tensor mask_logits, int kernel_size, "
       "int group_size, int scale_factor) -> (Tensor grad_features, Tensor grad_mask_logits)");
+  m.def("_native_limits() -> int[]",
+        []() { return std::vector<int64_t>{carafe::kMaxKernelSize, carafe::kMaxScaleFactor}; });
 }

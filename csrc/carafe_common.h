@@ -10,6 +10,18 @@
 
 namespace carafe {
 
+// The largest kernel_size and scale_factor the native kernels (CPU and CUDA) accept; the Triton
+// kernels share them through carafe_kernels/contract.py, and tests/test_registry.py checks that the
+// two agree (through the _native_limits op of csrc/carafe.cpp). They bound the CUDA kernels'
+// register tiles and the CPU kernels' per-thread scratch, which grows as s*s*k*k*(W + k).
+// (Macros as well, so static messages can spell the numbers.)
+#define CARAFE_MAX_KERNEL_SIZE 11
+#define CARAFE_MAX_SCALE_FACTOR 8
+#define CARAFE_STRINGIFY_(x) #x
+#define CARAFE_STRINGIFY(x) CARAFE_STRINGIFY_(x)
+constexpr int64_t kMaxKernelSize = CARAFE_MAX_KERNEL_SIZE;
+constexpr int64_t kMaxScaleFactor = CARAFE_MAX_SCALE_FACTOR;
+
 // Shape of one call. All extents are 64-bit so that offsets never overflow (mmcv's backward
 // overflows int32 on large inputs).
 struct Shape {

@@ -20,7 +20,7 @@ from carafe_kernels.reference import carafe_fused_reference, carafe_reference  #
 
 # (rtol, atol) of a backend's result against the float64 oracle, by the dtype the backend ran in.
 # For fp16/bf16 the tests also require the error to be at most 2x that of the reference run in the
-# same dtype (DESIGN §4); these bounds are the outer safety net.
+# same dtype (docs/design.md#test-tolerances); these bounds are the outer safety net.
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),
     torch.float32: dict(rtol=1e-5, atol=1e-5),

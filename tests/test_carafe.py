@@ -84,7 +84,7 @@ def _cached_oracle(op, shape, dtype, *, with_reference_errors: bool):
     if not with_reference_errors:
         return want, (None, None, None)
     if key + ("errors",) not in _ORACLES:
-        # The same computation by the reference in the same dtype: the error budget (DESIGN §4).
+        # The same computation by the reference in the same dtype: the error budget (docs/design.md#test-tolerances).
         ref = reference_op(op)
         got = forward_backward(lambda f, m: ref(f, m, k, G, s), features, second)
         _ORACLES[key + ("errors",)] = tuple(max_abs_err(a, b) for a, b in zip(got, want))
@@ -359,3 +359,26 @@ def test_large_tensor_offsets(backend, device):
     want_f, want_l = torch.autograd.grad(want, (crop_f, crop_l), grad_out[:, :, (H - rows) * s:].double())
     torch.testing.assert_close(grad_f[:, :, H - rows:].double(), want_f, **TOLERANCES[torch.float16])
     torch.testing.assert_close(grad_l[:, :, H - rows:].double(), want_l, **TOLERANCES[torch.float16])
+
+
+CPU_REASON = carafe_kernels.backend_status()["cpu"]
+
+
+@pytest.mark.skipif(CPU_REASON is not None, reason=f"cpu: {CPU_REASON}")
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_tiny_calls_stay_on_one_thread(op):
+    """A tiny call runs inline: fanning it out costs a wake-up per thread, and on a loaded machine a
+    wait for the scheduler (docs/design.md#cost-model-and-floor). A large one still uses every thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for shape, expected in (((2, 16, 8, 8, 5, 1, 2), 1), ((2, 64, 64, 64, 5, 1, 2), 2)):
+            N, C, H, W, k, G, s = shape
+            features, second = make_inputs(*shape, fused=op == "fused")
+            features.requires_grad_(True)
+            out = run_op(op, "cpu", features, second, k, G, s)
+            assert torch.ops.carafe_kernels._cpu_last_call_threads() == expected, (shape, "forward")
+            out.sum().backward()
+            assert torch.ops.carafe_kernels._cpu_last_call_threads() == expected, (shape, "backward")
+    finally:
+        torch.set_num_threads(previous)

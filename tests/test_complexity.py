@@ -192,6 +192,7 @@ def test_command_writes_json_and_markdown(tmp_path, capsys):
         assert {"model", "params", "macs", "flops", "madd", "latency_ms"} <= row.keys()
         assert row["flops"] == 2 * row["macs"] > 0 and row["latency_ms"] > 0
         assert row["input_shape"] == [1, 1, 32, 32]
+        assert row["provenance"]["torch"] == torch.__version__ and "sha" in row["provenance"]["git"]
     document = markdown_path.read_text()
     assert "| Model | Params (M) |" in document and "| unet_resnet34 |" in document
     assert "MAdd" in document and "torchstat" in document

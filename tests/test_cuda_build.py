@@ -125,7 +125,7 @@ def ptxas_reports(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProce
     out_dir = tmp_path_factory.mktemp("nvcc")
 
     def compile_arch(arch: str):
-        cmd = [nvcc, "-std=c++17", "-O3", f"-I{CSRC}", "-DCARAFE_HAS_CUDA=1", *TORCH_NVCC_DEFINES,
+        cmd = [nvcc, "-std=c++17", "-O3", f"-I{CSRC}", *TORCH_NVCC_DEFINES,
                f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-c", str(KERNELS_CU),
                "-o", str(out_dir / f"carafe_kernels_sm{arch}.o")]
         proc = _run(cmd)
@@ -136,6 +136,9 @@ def ptxas_reports(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProce
     return {arch: (proc, kernels) for arch, proc, kernels in results}
 
 
+# nvcc for two architectures takes minutes: marked slow (run `-m "not slow"` to skip while iterating;
+# CI runs them, nothing deselects them by default).
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
 def test_nvcc_compiles(ptxas_reports, arch):
     proc, kernels = ptxas_reports[arch]
@@ -147,6 +150,7 @@ def test_nvcc_compiles(ptxas_reports, arch):
         assert any(family in name for name in kernels), f"no {family} in the sm_{arch} object"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
 def test_no_register_spills(ptxas_reports, arch):
     proc, kernels = ptxas_reports[arch]
@@ -171,7 +175,7 @@ def test_torch_glue_syntax(tmp_path):
     if not any((p / "c10" / "cuda" / "CUDAGuard.h").exists() for p in includes):
         pytest.skip("this torch install has no c10/cuda headers")
     cmd = [cxx, "-fsyntax-only", "-std=c++17", *(f"-I{p}" for p in includes), f"-I{home / 'include'}",
-           f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}", "-DCARAFE_HAS_CUDA=1", str(GLUE_CPP)]
+           f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}", str(GLUE_CPP)]
     # CPU wheels of torch lack the generated c10/cuda/impl/cuda_cmake_macros.h (CUDA wheels have it).
     if not any((p / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists() for p in includes):
         cmd.insert(-1, "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
@@ -184,36 +188,7 @@ def test_torch_glue_syntax(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Host emulation of the kernels
 # ---------------------------------------------------------------------------------------------------
-EMU_SOURCE = r"""
-#include "cuda/carafe_kernels.cu"
-namespace {
-carafe::Shape shape_of(const long long* d) { return carafe::Shape{d[0], d[1], d[2], d[3], d[4], d[5], d[6]}; }
-carafe::cuda::LaunchParams params(int num_sms, long long max_blocks) {
-  carafe::cuda::LaunchParams lp;
-  lp.num_sms = num_sms;
-  lp.max_blocks = max_blocks;
-  return lp;
-}
-}  // namespace
-extern "C" {
-long long emu_misaligned_accesses() { return carafe::cuda::emu::misaligned_accesses(); }
-const char* emu_unsupported_reason(const long long* d) { return carafe::cuda::unsupported_reason(shape_of(d)); }
-int emu_forward(const long long* d, int dtype, int fused, const void* f, const void* m, void* out, int num_sms,
-                long long max_blocks) {
-  return carafe::cuda::carafe_forward(shape_of(d), static_cast<carafe::cuda::DType>(dtype), fused != 0, f, m, out,
-                                      params(num_sms, max_blocks));
-}
-unsigned long long emu_workspace_bytes(const long long* d, int dtype, int fused, int num_sms) {
-  return carafe::cuda::carafe_backward_workspace_bytes(shape_of(d), static_cast<carafe::cuda::DType>(dtype),
-                                                       fused != 0, params(num_sms, 1));
-}
-int emu_backward(const long long* d, int dtype, int fused, const void* go, const void* f, const void* m, void* gf,
-                 void* gm, void* ws, unsigned long long ws_bytes, int num_sms, long long max_blocks) {
-  return carafe::cuda::carafe_backward(shape_of(d), static_cast<carafe::cuda::DType>(dtype), fused != 0, go, f, m,
-                                       gf, gm, ws, ws_bytes, params(num_sms, max_blocks));
-}
-}
-"""
+EMU_SOURCE = Path(__file__).resolve().parent / "scripts" / "cuda_emulation.cpp"
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 CUDA_ERROR_INVALID_VALUE = 1
@@ -225,9 +200,8 @@ SENTINEL = -12288.0  # exactly representable in every dtype, never a plausible r
 def emu(tmp_path_factory):
     cxx, home = _host_toolchain_or_skip()
     d = tmp_path_factory.mktemp("emu")
-    (d / "emu.cpp").write_text(EMU_SOURCE)
     cmd = [cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-DCARAFE_CUDA_EMULATION", "-Wall", "-Wextra",
-           "-Wno-unknown-pragmas", f"-I{CSRC}", f"-I{home / 'include'}", str(d / "emu.cpp"), "-o", str(d / "emu.so")]
+           "-Wno-unknown-pragmas", f"-I{CSRC}", f"-I{home / 'include'}", str(EMU_SOURCE), "-o", str(d / "emu.so")]
     proc = _run(cmd)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-6000:]}"
     own = [line for line in proc.stderr.splitlines() if "carafe_kernels" in line and "warning" in line]

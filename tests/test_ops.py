@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from conftest import make_inputs, shape_id, to_layout
 
 from carafe_kernels import backend_status, carafe_flops
+from carafe_kernels import ops as carafe_ops
+from carafe_kernels.contract import SCHEMAS
 from carafe_kernels.ops import register_carafe_op_family
 from carafe_kernels.reference import carafe_fused_reference, carafe_reference, normalize_mask_logits
 
@@ -67,13 +69,8 @@ def analytic_carafe_fused_backward(grad_out, features, logits, k, G, s):
 
 
 _LIB = torch.library.Library("carafe_kernels_test", "DEF")
-_LIB.define("carafe(Tensor features, Tensor masks, int kernel_size, int group_size, int scale_factor) -> Tensor")
-_LIB.define("carafe_backward(Tensor grad_output, Tensor features, Tensor masks, int kernel_size, int group_size, "
-            "int scale_factor) -> (Tensor grad_features, Tensor grad_masks)")
-_LIB.define("carafe_fused(Tensor features, Tensor mask_logits, int kernel_size, int group_size, int scale_factor) "
-            "-> Tensor")
-_LIB.define("carafe_fused_backward(Tensor grad_output, Tensor features, Tensor mask_logits, int kernel_size, "
-            "int group_size, int scale_factor) -> (Tensor grad_features, Tensor grad_mask_logits)")
+for _name, _schema in SCHEMAS.items():
+    _LIB.define(_name + _schema)
 _LIB.impl("carafe", lambda f, m, k, g, s: _fresh(carafe_reference(f, m, k, g, s)), "CPU")
 _LIB.impl("carafe_fused", lambda f, m, k, g, s: _fresh(carafe_fused_reference(f, m, k, g, s)), "CPU")
 _LIB.impl("carafe_backward", analytic_carafe_backward, "CPU")
@@ -133,6 +130,65 @@ def test_analytic_backward_matches_reference_autograd(fused, shape):
     got = analytic(grad_out, features.detach(), second.detach(), k, G, s)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", OP_NAMES)
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_schema_is_the_contracts(namespace, name):
+    """Every registered op (the C++ ones from csrc/carafe.cpp, the stand-in) has contract.SCHEMAS'
+    schema; tests/test_triton.py checks the Triton ops the same way."""
+    assert str(_op(namespace, name)._schema) == f"{namespace}::{name}{SCHEMAS[name]}"
+
+
+def test_autocast_registration_works():
+    """The autocast kernels use private torch APIs (see carafe_kernels/ops.py for why): this fails
+    loudly when a torch upgrade breaks them, instead of the ops silently losing autocast."""
+    assert carafe_ops.AUTOCAST_ERROR is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_op_autocast_follows_the_region_dtype(namespace, dtype):
+    """The reason torch.library.register_autocast (one dtype fixed at registration) is not used: the
+    ops run in whatever dtype the autocast region asks for, as a convolution does."""
+    shape = N, C, H, W, k, G, s = (1, 4, 3, 3, 3, 2, 2)
+    features, logits = make_inputs(*shape, fused=True)
+    with torch.autocast("cpu", dtype=dtype):
+        out = _op(namespace, "carafe_fused")(features, logits, k, G, s)
+    assert out.dtype == dtype
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True)], ids=["features-only", "masks-only"])
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_backward_returns_only_the_requested_gradients(namespace, needs):
+    features, second, k, G, s = _op_args("carafe_fused", (1, 2, 3, 3, 3, 1, 2), torch.float64)
+    features.requires_grad_(needs[0])
+    second.requires_grad_(needs[1])
+    out = _op(namespace, "carafe_fused")(features, second, k, G, s)
+    wanted = features if needs[0] else second
+    (grad,) = torch.autograd.grad(out.sum(), (wanted,))
+    assert grad.shape == wanted.shape
+    assert (features.grad, second.grad) == (None, None)
+
+
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_fake_kernels_check_shapes(namespace):
+    """Under fake tensors (torch.compile, torch.export) a bad call fails as in eager, with the same
+    exception types: ValueError for a shape, TypeError for a dtype."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        features = torch.empty(1, 4, 3, 3)
+        with pytest.raises(ValueError, match=r"masks must have G\*k\*k = 1\*3\*3 = 9 channels"):
+            _op(namespace, "carafe")(features, torch.empty(1, 8, 6, 6), 3, 1, 2)
+        with pytest.raises(ValueError, match=r"mask_logits must be 3x3 spatially"):
+            _op(namespace, "carafe_fused")(features, torch.empty(1, 36, 3, 4), 3, 1, 2)
+        with pytest.raises(ValueError, match=r"kernel_size must be odd and in \[1, 11\]"):
+            _op(namespace, "carafe")(features, torch.empty(1, 169, 6, 6), 13, 1, 2)
+        with pytest.raises(TypeError, match=r"features and masks must have the same dtype"):
+            _op(namespace, "carafe")(features, torch.empty(1, 9, 6, 6, dtype=torch.float64), 3, 1, 2)
+        with pytest.raises(ValueError, match=r"grad_output must have the output's shape"):
+            _op(namespace, "carafe_backward")(torch.empty(1, 4, 6, 5), features, torch.empty(1, 9, 6, 6), 3, 1, 2)
 
 
 @pytest.mark.parametrize("name", ["carafe", "carafe_fused"])

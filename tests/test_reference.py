@@ -1,11 +1,8 @@
-"""The oracle itself: carafe_kernels.reference against a slow scalar loop written straight from the
-definition (DESIGN §1), against the unfold formulation, and against algebraic invariants. The
+"""The oracle itself: carafe_kernels.reference against carafe_kernels.naive, scalar loops written straight
+from the definition (docs/design.md#the-contract), against the unfold formulation, and against algebraic invariants. The
 invariants are cheap, so they run on every backend too.
 """
 from __future__ import annotations
-
-import itertools
-import math
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ from conftest import OPS, TOLERANCES, backend_cases, make_inputs, run_op, shape_
 
 from benchmarks.machine import peak_memory_bytes
 from carafe_kernels import carafe
+from carafe_kernels.naive import carafe_fused_naive, carafe_naive, normalize_mask_logits_naive
 from carafe_kernels.reference import (
     carafe_fused_reference,
     carafe_reference,
@@ -25,42 +23,6 @@ BACKENDS = backend_cases()
 EXACT = dict(rtol=1e-12, atol=1e-12)
 
 
-def scalar_carafe(features, masks, k, G, s):
-    """out[n, c, y, x] = sum_{ky, kx} features[n, c, y//s + ky - r, x//s + kx - r] * masks[n, g*k*k + ky*k + kx, y, x],
-    one output element at a time, taps outside the image skipped (zero padding)."""
-    N, C, H, W = features.shape
-    r = (k - 1) // 2
-    f = features.tolist()
-    m = masks.tolist()
-    out = torch.zeros(N, C, H * s, W * s, dtype=torch.float64)
-    for n, c, y, x in itertools.product(range(N), range(C), range(H * s), range(W * s)):
-        g = c // (C // G)
-        acc = 0.0
-        for ky, kx in itertools.product(range(k), range(k)):
-            iy, ix = y // s + ky - r, x // s + kx - r
-            if 0 <= iy < H and 0 <= ix < W:
-                acc += f[n][c][iy][ix] * m[n][g * k * k + ky * k + kx][y][x]
-        out[n, c, y, x] = acc
-    return out
-
-
-def scalar_normalize(logits, k, G, s):
-    """masks[n, g*k*k + t, y, x] = softmax over t of logits[n, (g*k*k + t)*s*s + (y%s)*s + (x%s), y//s, x//s]:
-    the channel order DESIGN §1 fixes, written without pixel_shuffle."""
-    N, _, H, W = logits.shape
-    lg = logits.tolist()
-    masks = torch.zeros(N, G * k * k, H * s, W * s, dtype=torch.float64)
-    for n, g, y, x in itertools.product(range(N), range(G), range(H * s), range(W * s)):
-        sub = (y % s) * s + (x % s)
-        values = [lg[n][(g * k * k + t) * s * s + sub][y // s][x // s] for t in range(k * k)]
-        top = max(values)
-        exps = [math.exp(v - top) for v in values]
-        total = sum(exps)
-        for t in range(k * k):
-            masks[n, g * k * k + t, y, x] = exps[t] / total
-    return masks
-
-
 SCALAR_SHAPES = [(1, 1, 1, 1, 1, 1, 1), (1, 2, 1, 1, 3, 1, 2), (2, 4, 3, 5, 3, 2, 2), (1, 2, 4, 3, 5, 1, 3),
                  (1, 3, 3, 4, 7, 3, 1), (2, 4, 2, 2, 3, 4, 4)]
 
@@ -69,7 +31,7 @@ SCALAR_SHAPES = [(1, 1, 1, 1, 1, 1, 1), (1, 2, 1, 1, 3, 1, 2), (2, 4, 3, 5, 3, 2
 def test_reference_matches_scalar_loop(shape):
     N, C, H, W, k, G, s = shape
     features, masks = make_inputs(*shape, fused=False, dtype=torch.float64)
-    torch.testing.assert_close(carafe_reference(features, masks, k, G, s), scalar_carafe(features, masks, k, G, s),
+    torch.testing.assert_close(carafe_reference(features, masks, k, G, s), carafe_naive(features, masks, k, G, s),
                                **EXACT)
 
 
@@ -77,10 +39,10 @@ def test_reference_matches_scalar_loop(shape):
 def test_fused_reference_matches_scalar_loop(shape):
     N, C, H, W, k, G, s = shape
     features, logits = make_inputs(*shape, fused=True, dtype=torch.float64)
-    masks = scalar_normalize(logits, k, G, s)
+    masks = normalize_mask_logits_naive(logits, k, G, s)
     torch.testing.assert_close(normalize_mask_logits(logits, k, G, s), masks, **EXACT)
     torch.testing.assert_close(carafe_fused_reference(features, logits, k, G, s),
-                               scalar_carafe(features, masks, k, G, s), **EXACT)
+                               carafe_fused_naive(features, logits, k, G, s), **EXACT)
 
 
 def test_normalize_matches_pixel_shuffle_then_softmax():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from carafe_kernels import backend_status, registry
+from carafe_kernels.contract import MAX_KERNEL_SIZE, MAX_SCALE_FACTOR
 from carafe_kernels.registry import AUTO_ORDER, BACKENDS, Backend, BackendUnavailableError, select_backend
 
 
@@ -24,7 +25,6 @@ def test_backend_status_matches_registry():
     for name, backend in BACKENDS.items():
         assert backend.name == name
         assert callable(backend.carafe) and callable(backend.carafe_fused)
-        assert backend.notes
         assert set(backend.device_types()) <= {"cpu", "cuda", "mps", "xpu", "meta"}
 
 
@@ -90,3 +90,30 @@ def test_native_ops_are_registered():
     for name in ("carafe", "carafe_backward", "carafe_fused", "carafe_fused_backward"):
         assert hasattr(torch.ops.carafe_kernels, name)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"carafe_kernels::{name}", "CPU")
+
+
+@pytest.mark.skipif(backend_status()["cpu"] is not None, reason=f"cpu: {backend_status()['cpu']}")
+def test_native_limits_equal_the_contract():
+    """csrc/carafe_common.h and carafe_kernels/contract.py state the same limits."""
+    assert list(torch.ops.carafe_kernels._native_limits()) == [MAX_KERNEL_SIZE, MAX_SCALE_FACTOR]
+
+
+def test_compiled_backends_use_the_contract_limits():
+    for name in ("cpu", "cuda", "triton"):
+        assert (BACKENDS[name].max_kernel_size, BACKENDS[name].max_scale_factor) == (MAX_KERNEL_SIZE,
+                                                                                    MAX_SCALE_FACTOR), name
+    assert BACKENDS["reference"].max_kernel_size is None and BACKENDS["reference"].max_scale_factor is None
+
+
+def test_availability_is_asked_once(monkeypatch):
+    """A call does not re-probe a backend (imports, device queries): the answer is cached."""
+    calls = []
+    backend = Backend("probe", lambda: ("cpu",), lambda: calls.append(1), lambda *a: None, lambda *a: None)
+    monkeypatch.setattr(registry, "_REASONS", {})
+    features = torch.randn(1, 4, 3, 3)
+    for _ in range(3):
+        assert backend.call_unsupported_reason(features, 3, 2) is None
+    assert len(calls) == 1
+    registry.clear_cache()
+    backend.call_unsupported_reason(features, 3, 2)
+    assert len(calls) == 2

@@ -2,8 +2,8 @@
 SIGKILL), NaN handling, k-fold selection, the epoch sampler, atomic checkpoints, 2-process DDP (gloo).
 
 The training mechanics are tested with a tiny registered model (`tiny_test_net`, 8 channels) so
-that every run takes seconds on 2 CPU cores; CARes-UNet itself runs in the demo test and in
-test_two_step_training_run when cares.models offers a width option.
+that every run takes seconds on 2 CPU cores; CARes-UNet itself (narrowed with base_channels) runs in
+the demo test and in test_two_step_training_run.
 Subprocess tests start `python <launcher> ...`: a launcher script that registers the same tiny
 model and then calls cares.cli.main.
 """

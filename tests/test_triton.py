@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ from conftest import (
 import carafe_kernels
 from carafe_kernels import BackendUnavailableError, CARAFEPack, backend_status, carafe, carafe_flops, carafe_fused
 from carafe_kernels import triton as triton_backend
+from carafe_kernels.contract import SCHEMAS
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -91,7 +91,8 @@ def _check_against_oracle(op, shape, dtype, *, device=DEVICE, layout=None):
     want = oracle(op, features, second, k, G, s)
     reference_errs = [None] * 3
     if dtype != torch.float32:
-        # DESIGN §4: error vs the float64 oracle at most 2x that of the reference run in the same dtype.
+        # docs/design.md#test-tolerances: error vs the float64 oracle at most 2x that of the reference
+        # run in the same dtype.
         ref = forward_backward(lambda f, m: run_op(op, "reference", f, m, k, G, s), features, second)
         reference_errs = [max_abs_err(r, w) for r, w in zip(ref, want)]
     for what, actual, expected, ref_err in zip(("output", "grad features", f"grad {op} masks"), got, want,
@@ -178,6 +179,14 @@ def test_opcheck(name):
     torch.library.opcheck(op, _op_args(name))
 
 
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_schema_is_the_contracts(name):
+    """The Triton ops have the schemas of carafe_kernels.contract.SCHEMAS, like the C++ ops."""
+    triton_backend._ops()
+    base = name.removeprefix("triton_")
+    assert str(getattr(OPS_NS, name).default._schema) == f"carafe_kernels::{name}{SCHEMAS[base]}"
+
+
 def test_ops_registered_next_to_native_ops():
     """The Triton ops live in the carafe_kernels namespace whether or not the C++ library (which defines
     it with TORCH_LIBRARY) is loaded; see also test_namespace_shared_with_torch_library."""
@@ -203,32 +212,33 @@ def test_public_api_and_module_use_the_triton_ops():
     torch.testing.assert_close(pack(features), ref(features), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(k=13), "kernel_size must be odd and in"),
-    (dict(k=4), "kernel_size must be odd and in"),
-    (dict(s=9), "scale_factor must be in"),
-    (dict(dtype=torch.float64), "supports float16, bfloat16 and float32"),
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(k=13), ValueError, "kernel_size must be odd and in"),
+    (dict(k=4), ValueError, "kernel_size must be odd and in"),
+    (dict(s=9), ValueError, "scale_factor must be in"),
+    (dict(dtype=torch.float64), TypeError, "features must be one of float16, bfloat16, float32"),
 ], ids=["k13", "k4", "s9", "fp64"])
-def test_ops_raise_value_error_beyond_limits(kwargs, match):
+def test_ops_raise_beyond_limits(kwargs, exc, match):
+    """The contract's exception types (TypeError for a dtype, as the C++ ops raise)."""
     k, s, dtype = kwargs.get("k", 3), kwargs.get("s", 2), kwargs.get("dtype", torch.float32)
     features = torch.randn(1, 2, 3, 3, dtype=dtype, device=DEVICE)
     masks = torch.rand(1, k * k, 3 * s, 3 * s, dtype=dtype, device=DEVICE)
     logits = torch.randn(1, k * k * s * s, 3, 3, dtype=dtype, device=DEVICE)
     triton_backend._ops()
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(exc, match=match):
         OPS_NS.triton_carafe(features, masks, k, 1, s)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(exc, match=match):
         OPS_NS.triton_carafe_fused(features, logits, k, 1, s)
 
 
 def test_ops_raise_value_error_on_bad_shapes():
     triton_backend._ops()
     features = torch.randn(1, 4, 3, 3, device=DEVICE)
-    with pytest.raises(ValueError, match="masks must have shape"):
+    with pytest.raises(ValueError, match="masks must be 6x6 spatially"):
         OPS_NS.triton_carafe(features, torch.rand(1, 9, 5, 6, device=DEVICE), 3, 1, 2)
     with pytest.raises(ValueError, match="group_size=3 must divide"):
         OPS_NS.triton_carafe(features, torch.rand(1, 27, 6, 6, device=DEVICE), 3, 3, 2)
-    with pytest.raises(ValueError, match="same dtype"):
+    with pytest.raises(TypeError, match="same dtype"):
         OPS_NS.triton_carafe(features, torch.rand(1, 9, 6, 6, device=DEVICE).half(), 3, 1, 2)
 
 
@@ -294,14 +304,18 @@ def test_torch_compile_fullgraph_matches_eager(op, compile_backend):
 # Availability, optional Triton, namespace sharing (each in a fresh interpreter process where needed)
 # --------------------------------------------------------------------------------------------------
 
-def _python(code: str, **env_overrides) -> subprocess.CompletedProcess:
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+def _run_script(name: str, *args: str, **env_overrides) -> subprocess.CompletedProcess:
+    """Runs tests/scripts/<name> in a fresh interpreter (env_overrides: None removes a variable)."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for key, value in env_overrides.items():
         if value is None:
             env.pop(key, None)
         else:
             env[key] = value
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *args], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     return proc
@@ -322,114 +336,13 @@ def test_unavailable_reason_without_cuda_or_interpreter(monkeypatch):
 
 
 def test_import_without_triton_installed():
-    """`import carafe_kernels` works without Triton (carafe_kernels.triton imports it lazily; torch
-    itself may try to, guarded); the backend then says why, and "auto" still works."""
-    _python("""
-        import sys
-        sys.modules["triton"] = None  # as if Triton were not installed: `import triton` raises ImportError
-        import torch, carafe_kernels
-        from carafe_kernels import backend_status, carafe
-        assert "Triton is not installed" in backend_status()["triton"], backend_status()["triton"]
-        out = carafe(torch.randn(1, 2, 3, 3), torch.rand(1, 9, 6, 6), 3, 1, 2)
-        assert out.shape == (1, 2, 6, 6)
-    """)
+    """`import carafe_kernels` works without Triton; the backend says why and "auto" still works."""
+    _run_script("import_without_triton.py")
 
 
 def test_namespace_shared_with_torch_library():
-    """csrc/carafe.cpp defines the carafe_kernels namespace with TORCH_LIBRARY (a DEF library); the Triton
-    ops are Python FRAGMENTs in it. Simulated here without the extension: a DEF library with the C++
-    schemas first, then the Triton ops, both usable."""
-    _python(f"""
-        import torch
-        lib = torch.library.Library("carafe_kernels", "DEF")  # what TORCH_LIBRARY(carafe_kernels, m) does
-        lib.define("carafe(Tensor features, Tensor masks, int kernel_size, int group_size, int scale_factor) -> Tensor")
-        import carafe_kernels
-        from carafe_kernels import carafe
-        assert not carafe_kernels._native.HAS_NATIVE
-        f = torch.randn(1, 2, 3, 3, device="{DEVICE}"); m = torch.rand(1, 9, 6, 6, device="{DEVICE}")
-        out = carafe(f, m, 3, 1, 2, backend="triton")
-        ref = carafe(f, m, 3, 1, 2, backend="reference")
-        torch.testing.assert_close(out, ref)
-        assert hasattr(torch.ops.carafe_kernels, "carafe") and hasattr(torch.ops.carafe_kernels, "triton_carafe")
-    """, CARAFE_NO_NATIVE="1")
-
-
-_SM90_CHECK = """
-    # The compiled (non-interpreted) path, checked without a GPU: a stand-in driver that targets sm_90.
-    import re, os, subprocess, tempfile, warnings
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-
-    class StandInDriver:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-        def get_current_device(self):
-            return 0
-        def get_current_stream(self, *args):
-            return 0
-
-    triton.runtime.driver.set_active(StandInDriver())
-    from carafe_kernels.triton import kernels as kk, ops  # noqa: F401  (registers the triton_ops)
-    assert not kk.INTERPRET
-
-    # 1. torch.compile's view of the triton_ops: forward and backward decompose into the kernels, and
-    #    the kernels' mutation analysis (from their TTIR) finds exactly the outputs, never the inputs.
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch._functorch.aot_autograd import aot_function
-    from functorch.compile import make_boxed_func
-    graphs = []
-    def keep(gm, example_inputs):
-        graphs.append(gm.code)
-        return make_boxed_func(gm.forward)
-    for fused, dtype in ((True, torch.float32), (False, torch.bfloat16)):
-        graphs.clear()
-        with FakeTensorMode():
-            f = torch.empty(2, 4, 3, 5, dtype=dtype, requires_grad=True)
-            m = torch.empty(*((2, 2 * 9 * 4, 3, 5) if fused else (2, 2 * 9, 6, 10)), dtype=dtype, requires_grad=True)
-            name = "triton_carafe_fused" if fused else "triton_carafe"
-            fn = aot_function(lambda a, b: getattr(torch.ops.carafe_kernels, name)(a, b, 3, 2, 2),
-                              fw_compiler=keep, bw_compiler=keep)
-            fn(f, m).sum().backward()
-        code = "\\n".join(graphs)
-        assert code.count("triton_kernel_wrapper_functional(") == 3, code
-        clones = re.findall(r"tensors_to_clone = (\\[[^\\]]*\\])", code)
-        # fp32 accumulates in grad_ptr itself; half types in the fp32 dp buffer. lse only when fused.
-        want = ["['out_ptr']", "['grad_ptr', 'lse_ptr']" if fused else "['dp_ptr', 'grad_ptr']", "['gfeat_ptr']"]
-        assert sorted(clones) == sorted(want), clones
-
-    # 2. Every autotune config that the early prune keeps compiles for sm_90 without local-memory spills.
-    from triton.compiler import ASTSource
-    ptxas_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    checked = 0
-    for shape in (dict(C=256, G=1, H=64, W=64, K=5, S=2), dict(C=16, G=1, H=16, W=16, K=11, S=8)):
-        ss_pad = kk.next_pow2(shape["S"] ** 2)
-        for fn, configs, extra in ((kk._carafe_fwd, kk._FWD_CONFIGS, {}),
-                                   (kk._carafe_bwd_feat, kk._BWD_FEAT_CONFIGS, {}),
-                                   (kk._carafe_bwd_mask, kk._BWD_MASK_CONFIGS, {"ACC_IN_GRAD": False})):
-            # the two configs with the largest fp32 tile per thread: the ones that could spill
-            fitted = [c for c in kk._fit_configs(configs, shape) if c.num_stages == 1]
-            fitted.sort(key=lambda c: -c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_P"] * ss_pad / c.num_warps)
-            for cfg in fitted[:2]:
-                consts = dict(K=shape["K"], S=shape["S"], SS_PAD=ss_pad, FUSED=True, **extra, **cfg.kwargs)
-                sig = {n: "constexpr" if n in consts else
-                       ("*fp32" if n in ("lse_ptr", "dp_ptr") else "*bf16") if n.endswith("_ptr") else "i32"
-                       for n in fn.arg_names}
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                              target=GPUTarget("cuda", 90, 32),
-                                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
-                    fh.write(compiled.asm["cubin"]); fh.flush()
-                    usage = subprocess.run([os.path.join(ptxas_dir, "cuobjdump"), "--dump-resource-usage", fh.name],
-                                           capture_output=True, text=True, check=True).stdout
-                local = int(re.search(r"LOCAL:(\\d+)", usage).group(1))
-                assert local == 0, (fn.__name__, consts, cfg, usage)
-                checked += 1
-    print("checked", checked)
-"""
+    """The Triton ops live in the carafe_kernels namespace that TORCH_LIBRARY defines (simulated)."""
+    _run_script("namespace_shared_with_torch_library.py", DEVICE, CARAFE_NO_NATIVE="1")
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real torch.compile and kernel runs cover this")
@@ -437,7 +350,7 @@ def test_compiled_path_without_gpu():
     """What the interpreter cannot show: the triton_op path that torch.compile takes on a GPU (traced with
     fake tensors), and that the kernels compile for sm_90 (H100/H200) without register spills."""
     pytest.importorskip("triton.backends.nvidia")
-    _python(_SM90_CHECK, TRITON_INTERPRET=None, CARAFE_NO_NATIVE="1", TRITON_DEFAULT_FP_FUSION="1")
+    _run_script("triton_sm90_compile.py", TRITON_INTERPRET=None, CARAFE_NO_NATIVE="1", TRITON_DEFAULT_FP_FUSION="1")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -198,3 +198,63 @@ def test_carafepack_wrong_input_channels():
     module = CARAFEPack(8, 2, up_kernel=3)
     with pytest.raises(RuntimeError):  # nn.Conv2d's own error, before CARAFE runs
         module(torch.randn(1, 4, 3, 3))
+
+
+# --- direct op calls (callers of torch.ops skip the Python validation) ---------------------------------------
+
+NATIVE_REASON = backend_status()["cpu"]
+
+
+@pytest.mark.skipif(NATIVE_REASON is not None, reason=f"cpu: {NATIVE_REASON}")
+@pytest.mark.parametrize("args, exc, pattern", [
+    ((torch.randn(1, 4, 3, 3), torch.rand(1, 169, 6, 6), 13, 1, 2), ValueError,
+     r"kernel_size must be odd and in \[1, 11\] for the native kernels, got 13"),
+    ((torch.randn(1, 4, 3, 3), torch.rand(1, 9, 27, 27), 3, 1, 9), ValueError,
+     r"scale_factor must be in \[1, 8\] for the native kernels, got 9"),
+    ((torch.randn(1, 4, 3, 3), torch.rand(1, 9, 6, 6).double(), 3, 1, 2), TypeError, r"must have the same dtype"),
+    ((torch.randn(1, 4, 3, 3).long(), torch.rand(1, 9, 6, 6).long(), 3, 1, 2), TypeError,
+     r"features must be float32, float64, float16 or bfloat16"),
+    ((torch.randn(1, 4, 3, 3), torch.rand(1, 9, 6, 5), 3, 1, 2), ValueError, r"masks must have shape \[1, 9, 6, 6\]"),
+], ids=["k13", "s9", "dtype-mismatch", "int-dtype", "masks-shape"])
+def test_native_op_checks_with_the_contracts_exception_types(args, exc, pattern):
+    """The C++ checks (csrc/carafe_checks.h): TypeError for a dtype, ValueError for a shape or value,
+    and the contract's limits on the cpu backend too (its scratch memory grows as k^3)."""
+    with pytest.raises(exc, match=pattern):
+        torch.ops.carafe_kernels.carafe(*args)
+
+
+@pytest.mark.skipif(NATIVE_REASON is not None, reason=f"cpu: {NATIVE_REASON}")
+def test_cpu_backend_limits_and_auto_fallback():
+    """Beyond the limits, an explicit 'cpu' says why and 'auto' runs the reference."""
+    features, masks = torch.randn(1, 2, 3, 3), torch.rand(1, 169, 6, 6)
+    with pytest.raises(BackendUnavailableError,
+                       match=r"'cpu' cannot run this call: supports kernel_size <= 11, got 13"):
+        carafe(features, masks, 13, 1, 2, backend="cpu")
+    assert registry.select_backend("auto", features, 13, 2).name == "reference"
+    torch.testing.assert_close(carafe(features, masks, 13, 1, 2),
+                               carafe(features, masks, 13, 1, 2, backend="reference"))
+
+
+def test_repeated_calls_are_validated_once(monkeypatch):
+    """The checks and the backend choice depend only on the call's metadata, so a repeated call reuses
+    them; any change in that metadata (shape, argument type, environment) is validated anew."""
+    from carafe_kernels import functional
+
+    calls = []
+    real = functional.check_arguments
+    monkeypatch.setattr(functional, "check_arguments", lambda *a, **kw: (calls.append(1), real(*a, **kw)))
+    monkeypatch.setattr(functional, "_PLANS", {})
+    monkeypatch.delenv("CARAFE_BACKEND", raising=False)
+    features, masks = _good(False)
+    for _ in range(3):
+        carafe(features, masks, K, G, S)
+    assert len(calls) == 1
+    carafe(features[:, :, :2], masks[:, :, :4], K, G, S)
+    assert len(calls) == 2
+    with pytest.raises(TypeError, match="kernel_size must be an int, got bool"):
+        carafe(features, torch.rand(1, 2, 6, 6), True, G, S)
+    with pytest.raises(ValueError, match=r"masks must have G\*k\*k"):
+        carafe(features, masks[:, :-1], K, G, S)
+    monkeypatch.setenv("CARAFE_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        carafe(features, masks, K, G, S)

@@ -9,7 +9,8 @@ and autocast attach to the ops.
 Triton is optional: this package imports nothing from it until the ops are first needed, so
 ``import carafe_kernels`` works without Triton installed. On CPU tensors the kernels run only in
 Triton's interpreter, which must be switched on (TRITON_INTERPRET=1) before Triton is imported.
-Supported: float16, bfloat16, float32 (fp32 accumulation); odd kernel_size <= 11; scale_factor <= 8.
+Supported: float16, bfloat16, float32 (fp32 accumulation); odd kernel_size <= 11; scale_factor <= 8
+(carafe_kernels.contract holds these limits for every compiled backend).
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ import os
 
 import torch
 
+from ..contract import MAX_KERNEL_SIZE, MAX_SCALE_FACTOR
+
 __all__ = ["unavailable_reason", "carafe", "carafe_fused", "MAX_KERNEL_SIZE", "MAX_SCALE_FACTOR"]
 
-MAX_KERNEL_SIZE = 11
-MAX_SCALE_FACTOR = 8
 _MIN_TORCH = (2, 6)
 
 _ops_module = None

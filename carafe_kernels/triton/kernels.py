@@ -1,6 +1,6 @@
 """@triton.jit kernels for CARAFE: forward, and an atomic-free backward, for masks and for mask logits.
 
-Shapes (DESIGN.md §1): features (N, C, H, W); masks (N, G*K*K, H*S, W*S); mask_logits
+Shapes (docs/design.md#the-contract): features (N, C, H, W); masks (N, G*K*K, H*S, W*S); mask_logits
 (N, G*K*K*S*S, H, W) whose channel (g*K*K + t)*S*S + i*S + j is tap t of group g for sub-pixel (i, j);
 output (N, C, H*S, W*S). Every tensor is contiguous NCHW (the wrappers in ops.py make it so).
 

@@ -24,62 +24,39 @@ import triton
 from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
+from ..contract import SCHEMAS, TRITON_DTYPES, check_arguments
 from ..ops import register_carafe_op_family
-from . import MAX_KERNEL_SIZE, MAX_SCALE_FACTOR
 from . import kernels as _k
 
 __all__ = ["triton_carafe", "triton_carafe_backward", "triton_carafe_fused", "triton_carafe_fused_backward"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NS = "carafe_kernels"
 
 
 def _define(name: str):
+    # The schema is given, not inferred from the Python signature: it is the contract's, shared with
+    # the C++ ops (tests/test_ops.py checks every registered op against contract.SCHEMAS).
+    schema = SCHEMAS[name.removeprefix("triton_")]
     if _k.INTERPRET:
-        return custom_op(f"{_NS}::{name}", mutates_args=())
-    return triton_op(f"{_NS}::{name}", mutates_args=())
+        return custom_op(f"{_NS}::{name}", mutates_args=(), schema=schema)
+    return triton_op(f"{_NS}::{name}", mutates_args=(), schema=schema)
 
 
 def _check(op: str, features: Tensor, masks: Tensor, k: int, G: int, s: int, *, fused: bool,
            grad_output: Tensor | None = None) -> None:
-    """ValueError naming the bad argument (the public API validates first; this guards direct op calls
-    and the limits that are specific to the Triton kernels)."""
-    what = "mask_logits" if fused else "masks"
-    if features.dim() != 4 or masks.dim() != 4:
-        raise ValueError(f"{op}: features and {what} must be 4-D, got {tuple(features.shape)} and "
-                         f"{tuple(masks.shape)}")
-    if k < 1 or k % 2 == 0 or k > MAX_KERNEL_SIZE:
-        raise ValueError(f"{op}: kernel_size must be odd and in [1, {MAX_KERNEL_SIZE}] for the Triton "
-                         f"backend, got {k}")
-    if s < 1 or s > MAX_SCALE_FACTOR:
-        raise ValueError(f"{op}: scale_factor must be in [1, {MAX_SCALE_FACTOR}] for the Triton backend, got {s}")
+    """The contract's checks for a direct op call (the public API has checked already, but callers of
+    torch.ops skip it), plus the 32-bit in-plane offsets of these kernels."""
+    check_arguments(features, masks, k, G, s, fused=fused, op=op, dtypes=TRITON_DTYPES, limits=True,
+                    grad_output=grad_output)
     N, C, H, W = features.shape
-    if G < 1 or C % G != 0:
-        raise ValueError(f"{op}: group_size={G} must divide the {C} channels of features {tuple(features.shape)}")
-    if features.dtype not in _DTYPES:
-        raise ValueError(f"{op}: the Triton backend supports float16, bfloat16 and float32, got {features.dtype}")
-    if masks.dtype != features.dtype:
-        raise ValueError(f"{op}: features and {what} must have the same dtype, got {features.dtype} and "
-                         f"{masks.dtype}")
-    if masks.device != features.device:
-        raise ValueError(f"{op}: features and {what} must be on the same device, got {features.device} and "
-                         f"{masks.device}")
-    expected = (N, G * k * k * s * s, H, W) if fused else (N, G * k * k, H * s, W * s)
-    if tuple(masks.shape) != expected:
-        raise ValueError(f"{op}: {what} must have shape {expected} for features {tuple(features.shape)}, "
-                         f"kernel_size={k}, group_size={G}, scale_factor={s}; got {tuple(masks.shape)}")
     if H * s * W * s >= 2 ** 31:
         raise ValueError(f"{op}: an output plane of {H * s} x {W * s} pixels exceeds the kernels' 32-bit "
                          "in-plane offsets")
-    if grad_output is not None and (tuple(grad_output.shape) != (N, C, H * s, W * s)
-                                    or grad_output.dtype != features.dtype):
-        raise ValueError(f"{op}: grad_output must be {(N, C, H * s, W * s)} of dtype {features.dtype}, got "
-                         f"{tuple(grad_output.shape)} of {grad_output.dtype}")
 
 
 # The four op bodies differ only in their names and the fused flag, so the checks and the launches
-# live in _forward / _backward; the op functions stay separate because their signatures are the
-# schemas (argument names included: masks vs mask_logits), which must match the C++ ops'.
+# live in _forward / _backward; the op functions stay separate because each is registered under its
+# own name and schema (argument names included: masks vs mask_logits).
 def _forward(op: str, features: Tensor, masks: Tensor, k: int, G: int, s: int, fused: bool) -> Tensor:
     _check(op, features, masks, k, G, s, fused=fused)
     features = features.contiguous()
@@ -160,5 +137,6 @@ def triton_carafe_fused_backward(grad_output: Tensor, features: Tensor, mask_log
                      scale_factor, True)
 
 
-register_carafe_op_family(f"{_NS}::triton_carafe", f"{_NS}::triton_carafe_backward")
-register_carafe_op_family(f"{_NS}::triton_carafe_fused", f"{_NS}::triton_carafe_fused_backward")
+register_carafe_op_family(f"{_NS}::triton_carafe", f"{_NS}::triton_carafe_backward", dtypes=TRITON_DTYPES)
+register_carafe_op_family(f"{_NS}::triton_carafe_fused", f"{_NS}::triton_carafe_fused_backward",
+                          dtypes=TRITON_DTYPES)

@@ -4,19 +4,18 @@
 //   carafe_fused(features, mask_logits, k, G, s) -> out
 //   carafe_fused_backward(grad_output, features, mask_logits, k, G, s) -> (grad_features, grad_mask_logits)
 //
-// This file holds the torch glue: argument checks (direct torch.ops calls skip the Python
-// validation, so every shape that the kernels index with is checked here), .contiguous() on the
-// inputs, allocation of the contiguous NCHW outputs, the task partition over at::parallel_for and the
-// registration. The kernels themselves are in carafe_cpu_kernel.h, compiled once per instruction set
+// This file holds the torch glue: argument checks (csrc/carafe_checks.h, shared with the CUDA glue),
+// .contiguous() on the inputs, allocation of the contiguous NCHW outputs, the task partition over
+// at::parallel_for and the registration. The kernels themselves are in carafe_cpu_kernel.h, compiled once per instruction set
 // (carafe_cpu_isa_{avx512,avx2,default}.cpp); the widest one that both the machine and ATen's CPU
 // capability (ATEN_CPU_CAPABILITY) allow runs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
-#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -24,6 +23,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "carafe_checks.h"
 #include "carafe_common.h"
 #include "cpu/carafe_cpu.h"
 
@@ -61,60 +61,6 @@ DType to_dtype(at::ScalarType t) {
   return DType::kFloat;
 }
 
-int64_t checked_mul(const char* op, std::initializer_list<int64_t> factors) {
-  int64_t product = 1;
-  for (int64_t f : factors)
-    TORCH_CHECK_VALUE(!c10::mul_overflows(product, f, &product), op, ": shape arithmetic overflows int64");
-  return product;
-}
-
-// Checks features and masks / mask_logits of one call and returns the call's Shape.
-Shape check_inputs(const char* op, const at::Tensor& features, const at::Tensor& masks, bool fused,
-                   int64_t kernel_size, int64_t group_size, int64_t scale_factor) {
-  const char* masks_name = fused ? "mask_logits" : "masks";
-  TORCH_CHECK_VALUE(features.dim() == 4, op, ": features must be 4-D (N, C, H, W), got shape ", features.sizes());
-  TORCH_CHECK_VALUE(masks.dim() == 4, op, ": ", masks_name, " must be 4-D, got shape ", masks.sizes());
-  TORCH_CHECK_VALUE(features.device().is_cpu() && masks.device().is_cpu(), op,
-                    ": the CPU kernel needs CPU tensors, got features on ", features.device(), " and ",
-                    masks_name, " on ", masks.device());
-  const auto dtype = features.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                   op, ": features must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK_TYPE(masks.scalar_type() == dtype, op, ": features and ", masks_name,
-                   " must have the same dtype, got ", dtype, " and ", masks.scalar_type());
-  TORCH_CHECK_VALUE(kernel_size >= 1 && kernel_size % 2 == 1, op, ": kernel_size must be odd and >= 1, got ",
-                    kernel_size);
-  TORCH_CHECK_VALUE(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);
-  TORCH_CHECK_VALUE(scale_factor >= 1, op, ": scale_factor must be >= 1, got ", scale_factor);
-  const int64_t N = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
-  TORCH_CHECK_VALUE(C % group_size == 0, op, ": group_size=", group_size, " must divide the channels of features ",
-                    features.sizes());
-  const int64_t k = kernel_size, G = group_size, s = scale_factor;
-  std::vector<int64_t> expected;
-  if (fused) {
-    expected = {N, checked_mul(op, {G, k, k, s, s}), H, W};
-  } else {
-    expected = {N, checked_mul(op, {G, k, k}), checked_mul(op, {H, s}), checked_mul(op, {W, s})};
-  }
-  TORCH_CHECK_VALUE(masks.sizes() == at::IntArrayRef(expected), op, ": ", masks_name, " must have shape ",
-                    at::IntArrayRef(expected), " for features ", features.sizes(), ", kernel_size=", k,
-                    ", group_size=", G, ", scale_factor=", s, " (", fused ? "G*k*k*s*s" : "G*k*k",
-                    " channels), got ", masks.sizes());
-  checked_mul(op, {N, C, H, s, W, s});  // the output's element count
-  return Shape{N, C, H, W, k, G, s};
-}
-
-void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& features, const Shape& p) {
-  TORCH_CHECK_VALUE(grad_output.device().is_cpu(), op, ": grad_output must be a CPU tensor, got ",
-                    grad_output.device());
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == features.scalar_type(), op,
-                   ": grad_output must have the dtype of features (", features.scalar_type(), "), got ",
-                   grad_output.scalar_type());
-  const std::vector<int64_t> expected{p.N, p.C, p.Ho(), p.Wo()};
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(expected), op, ": grad_output must have shape ",
-                    at::IntArrayRef(expected), " (the output's), got ", grad_output.sizes());
-}
-
 // NB: a large output is fresh memory from the allocator (glibc maps it anew on every call above
 // ~32 MiB), and with 4 KiB pages the kernel's first writes into it fault once per page: for a 134 MB
 // output that costs more than the whole computation (57 ms vs 25 ms on the 2-core test machine).
@@ -134,10 +80,29 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-// Parallel over tasks; a task costs about `work` multiply-adds. Small calls run inline.
+// Work (multiply-adds) one thread must have before at::parallel_for hands tasks to a second one.
+// Waking a thread costs microseconds on an idle machine, but on a loaded one the call then waits for
+// the other thread to be scheduled: a small forward (N2-C16-H8-W8-k5-g1-s2) took 16 ms on 2 threads
+// against 0.07 ms on 1 on the busy 2-core test machine (docs/design.md#cost-model-and-floor). Only
+// calls of more than 2^21 multiply-adds (a fraction of a millisecond of one core) are split, and a
+// split call gives every thread at least that much.
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 21;
+
+// Threads (at::parallel_for chunks) that ran the last call's tasks; read by tests through the
+// _cpu_last_call_threads op to check that tiny calls stay on one thread.
+std::atomic<int64_t> last_call_threads{0};
+
+// Parallel over tasks; a task costs about `work` multiply-adds. The grain (tasks per chunk) gives
+// each chunk at least kMinWorkPerThread, so calls smaller than that run inline on the caller.
 void run_tasks(RangeFn fn, const Args& args, int64_t tasks, int64_t work) {
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(work, 1));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) { fn(args, begin, end); });
+  const int64_t per_task = std::max<int64_t>(work, 1);
+  const int64_t grain = std::max<int64_t>(1, (kMinWorkPerThread + per_task - 1) / per_task);
+  std::atomic<int64_t> chunks{0};
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    chunks.fetch_add(1, std::memory_order_relaxed);
+    fn(args, begin, end);
+  });
+  last_call_threads.store(chunks.load(), std::memory_order_relaxed);
 }
 
 Args make_args(const Shape& p, const at::Tensor& features, const at::Tensor& masks) {
@@ -164,7 +129,7 @@ int64_t rows_per_task(const Shape& p, int64_t most) {
 
 at::Tensor forward_cpu(const char* op, bool fused, const at::Tensor& features_in, const at::Tensor& masks_in,
                        int64_t kernel_size, int64_t group_size, int64_t scale_factor) {
-  const Shape p = check_inputs(op, features_in, masks_in, fused, kernel_size, group_size, scale_factor);
+  const Shape p = check_inputs(op, "cpu", features_in, masks_in, fused, kernel_size, group_size, scale_factor);
   at::Tensor out = at::empty({p.N, p.C, p.Ho(), p.Wo()}, features_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   advise_huge_pages(out);
@@ -182,7 +147,7 @@ at::Tensor forward_cpu(const char* op, bool fused, const at::Tensor& features_in
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const char* op, bool fused, const at::Tensor& grad_output_in,
                                                 const at::Tensor& features_in, const at::Tensor& masks_in,
                                                 int64_t kernel_size, int64_t group_size, int64_t scale_factor) {
-  const Shape p = check_inputs(op, features_in, masks_in, fused, kernel_size, group_size, scale_factor);
+  const Shape p = check_inputs(op, "cpu", features_in, masks_in, fused, kernel_size, group_size, scale_factor);
   check_grad_output(op, grad_output_in, features_in, p);
   const auto contiguous = at::MemoryFormat::Contiguous;
   at::Tensor grad_features = at::empty(features_in.sizes(), features_in.options().memory_format(contiguous));
@@ -242,12 +207,15 @@ std::tuple<at::Tensor, at::Tensor> carafe_fused_backward_cpu(const at::Tensor& g
 // reports and tests.
 std::string cpu_kernel_isa() { return kernels().isa; }
 
+int64_t cpu_last_call_threads() { return last_call_threads.load(std::memory_order_relaxed); }
+
 }  // namespace
 }  // namespace cpu
 }  // namespace carafe
 
 TORCH_LIBRARY_FRAGMENT(carafe_kernels, m) {
   m.def("_cpu_kernel_isa() -> str", &carafe::cpu::cpu_kernel_isa);
+  m.def("_cpu_last_call_threads() -> int", &carafe::cpu::cpu_last_call_threads);
 }
 
 TORCH_LIBRARY_IMPL(carafe_kernels, CPU, m) {

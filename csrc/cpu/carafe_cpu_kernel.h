@@ -11,7 +11,7 @@
 //   CARAFE_CPU_VEC_BYTES   vector width in bytes (64, 32, 16)
 //   CARAFE_CPU_VEC_REGS    architectural vector registers (32 or 16): sizes the register blocking
 //
-// Notation (DESIGN.md §1): features (N, C, H, W); masks (N, G*k*k, H*s, W*s); mask_logits
+// Notation (docs/design.md#the-contract): features (N, C, H, W); masks (N, G*k*k, H*s, W*s); mask_logits
 // (N, G*k*k*s*s, H, W); output (N, C, H*s, W*s); r = (k-1)/2, kk = k*k, ss = s*s, Cg = C/G.
 // An output pixel (h*s + i, w*s + j) is "sub-pixel ij = i*s + j of the low-res position (h, w)".
 //
@@ -20,9 +20,10 @@
 // (de-interleaved). In that view every operand of CARAFE is contiguous along the low-res w:
 //   out[c][ij][h][w] = sum_{ky,kx} F[c][h+ky-r][w+kx-r] * M[g][ij][t][h][w],    t = ky*k + kx
 // so a vector of L consecutive w covers L low-res positions, the feature vector loaded for one tap
-// serves all s*s sub-pixels (the (C x kk) @ (kk x ss) product per position of DESIGN §2), the mask
-// logits are already in this layout (channel (g*kk + t)*ss + ij), and only masks, grad_output and
-// the outputs of full resolution are (de-)interleaved, once per row, in per-thread scratch.
+// serves all s*s sub-pixels (the (C x kk) @ (kk x ss) product per position of
+// docs/design.md#cost-model-and-floor), the mask logits are already in this layout (channel
+// (g*kk + t)*ss + ij), and only masks, grad_output and the outputs of full resolution are
+// (de-)interleaved, once per row, in per-thread scratch.
 //
 // Scratch rows are zero-padded to Wp = Wv + 2r (Wv = W rounded up to the vector length, data at
 // offset r), so a tap's shifted vector load never leaves the row and the zero padding of CARAFE is

@@ -1,5 +1,5 @@
-// Torch glue for the CARAFE CUDA kernels (carafe_kernels.cu): argument checks that name the argument
-// and its shape, contiguous inputs (strided and channels_last inputs are copied to NCHW), the device
+// Torch glue for the CARAFE CUDA kernels (carafe_kernels.cu): argument checks (csrc/carafe_checks.h,
+// shared with the CPU glue), contiguous inputs (strided and channels_last inputs are copied to NCHW), the device
 // guard, the current stream, dtype dispatch (fp32, fp64, fp16, bf16), empty-tensor early returns, the
 // backward's workspace (from the caching allocator), and the CUDA registrations of the four ops
 // declared in csrc/carafe.cpp. Autograd, fake tensors and autocast attach in carafe_kernels/ops.py.
@@ -15,6 +15,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "carafe_checks.h"
 #include "cuda/carafe_kernels.h"
 
 namespace carafe {
@@ -28,10 +29,6 @@ cuda::DType to_kernel_dtype(at::ScalarType t) {
     case at::kBFloat16: return cuda::DType::kBFloat16;
     default: TORCH_CHECK_TYPE(false, "carafe_kernels (cuda): unsupported dtype ", t);
   }
-}
-
-bool supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
 // Multiprocessors of a device, cached (c10 headers only: ATen/cuda/CUDAContext.h would pull in the
@@ -58,33 +55,11 @@ cuda::LaunchParams launch_params() {
   return lp;
 }
 
-// Checks features and masks (or mask_logits) against the contract of DESIGN.md §1 and the limits of
-// the kernels; returns the shape. `op` and `masks_name` make the messages name the call and argument.
-Shape check_args(const char* op, const at::Tensor& features, const at::Tensor& masks, const char* masks_name,
-                 int64_t k, int64_t G, int64_t s, bool fused) {
-  TORCH_CHECK_VALUE(features.dim() == 4, op, ": features must be 4-D (N, C, H, W), got shape ", features.sizes());
-  TORCH_CHECK_VALUE(masks.dim() == 4, op, ": ", masks_name, " must be 4-D, got shape ", masks.sizes());
-  TORCH_CHECK_VALUE(features.is_cuda() && masks.device() == features.device(), op, ": features and ", masks_name,
-                    " must be on the same CUDA device, got ", features.device(), " and ", masks.device());
-  TORCH_CHECK_TYPE(supported_dtype(features.scalar_type()), op,
-                   ": features must be float32, float64, float16 or bfloat16, got ", features.scalar_type());
-  TORCH_CHECK_TYPE(masks.scalar_type() == features.scalar_type(), op, ": features and ", masks_name,
-                   " must have the same dtype, got ", features.scalar_type(), " and ", masks.scalar_type());
-  TORCH_CHECK_VALUE(k >= 1 && k % 2 == 1, op, ": kernel_size must be odd and >= 1, got ", k);
-  TORCH_CHECK_VALUE(k <= cuda::kMaxKernelSize, op, ": the cuda backend supports kernel_size <= ",
-                    cuda::kMaxKernelSize, ", got ", k);
-  TORCH_CHECK_VALUE(s >= 1 && s <= cuda::kMaxScaleFactor, op, ": the cuda backend supports 1 <= scale_factor <= ",
-                    cuda::kMaxScaleFactor, ", got ", s);
-  const int64_t N = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
-  TORCH_CHECK_VALUE(G >= 1 && C % G == 0, op, ": group_size=", G, " must be >= 1 and divide the channels of features ",
-                    features.sizes());
-  const std::vector<int64_t> expected =
-      fused ? std::vector<int64_t>{N, G * k * k * s * s, H, W} : std::vector<int64_t>{N, G * k * k, H * s, W * s};
-  TORCH_CHECK_VALUE(masks.sizes() == at::IntArrayRef(expected), op, ": ", masks_name, " must have shape ",
-                    at::IntArrayRef(expected), fused ? " (N, G*k*k*s*s, H, W)" : " (N, G*k*k, H*s, W*s)",
-                    " for features ", features.sizes(), ", kernel_size=", k, ", group_size=", G, ", scale_factor=", s,
-                    "; got ", masks.sizes());
-  const Shape p{N, C, H, W, k, G, s};
+// The shared checks (csrc/carafe_checks.h), then the limits only these kernels have (32-bit in-plane
+// offsets), which cuda::unsupported_reason states.
+Shape check_args(const char* op, const at::Tensor& features, const at::Tensor& masks, int64_t k, int64_t G,
+                 int64_t s, bool fused) {
+  const Shape p = check_inputs(op, "cuda", features, masks, fused, k, G, s);
   const char* why = cuda::unsupported_reason(p);
   TORCH_CHECK_VALUE(why == nullptr, op, ": ", (why ? why : ""), " (features ", features.sizes(), ", kernel_size=", k,
                     ", scale_factor=", s, ")");
@@ -94,7 +69,7 @@ Shape check_args(const char* op, const at::Tensor& features, const at::Tensor& m
 at::Tensor forward(const at::Tensor& features, const at::Tensor& masks, int64_t k, int64_t G, int64_t s,
                    bool fused) {
   const char* op = fused ? "carafe_fused" : "carafe";
-  const Shape p = check_args(op, features, masks, fused ? "mask_logits" : "masks", k, G, s, fused);
+  const Shape p = check_args(op, features, masks, k, G, s, fused);
   const c10::cuda::CUDAGuard guard(features.device());
   const at::Tensor f = features.contiguous();
   const at::Tensor m = masks.contiguous();
@@ -108,14 +83,8 @@ at::Tensor forward(const at::Tensor& features, const at::Tensor& masks, int64_t 
 std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& features,
                                             const at::Tensor& masks, int64_t k, int64_t G, int64_t s, bool fused) {
   const char* op = fused ? "carafe_fused_backward" : "carafe_backward";
-  const Shape p = check_args(op, features, masks, fused ? "mask_logits" : "masks", k, G, s, fused);
-  TORCH_CHECK_VALUE(grad_output.device() == features.device(), op, ": grad_output must be on ", features.device(),
-                    ", got ", grad_output.device());
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == features.scalar_type(), op, ": grad_output must have dtype ",
-                   features.scalar_type(), ", got ", grad_output.scalar_type());
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef({p.N, p.C, p.Ho(), p.Wo()}), op,
-                    ": grad_output must have the output's shape (N, C, H*s, W*s) = ",
-                    at::IntArrayRef({p.N, p.C, p.Ho(), p.Wo()}), ", got ", grad_output.sizes());
+  const Shape p = check_args(op, features, masks, k, G, s, fused);
+  check_grad_output(op, grad_output, features, p);
   const c10::cuda::CUDAGuard guard(features.device());
   const at::Tensor go = grad_output.contiguous();
   const at::Tensor f = features.contiguous();

@@ -7,8 +7,9 @@
 // kernel uses __syncthreads: every thread is independent, and shared memory (generic kernels only) is
 // a per-thread scratch column.
 //
-// Design (DESIGN.md §2). Symbols: k taps per side (K when a template argument), r = (k-1)/2, s the
-// scale (S), G groups, Cg = C/G channels per group, one "position" = one low-res pixel (h, w).
+// Design (docs/design.md#cost-model-and-floor). Symbols: k taps per side (K when a template
+// argument), r = (k-1)/2, s the scale (S), G groups, Cg = C/G channels per group, one "position" =
+// one low-res pixel (h, w).
 // Templated kernels ("tiled") cover k in {1,3,5,7} x s in {1,2,4} for fp32/fp16/bf16; the rest runs on
 // the generic kernels.
 //
@@ -33,9 +34,9 @@
 //                     partial sums to a workspace that a second kernel adds in chunk order. The fused
 //                     backward first writes the softmax probabilities (fp32, logits' layout) to the
 //                     workspace: both gradients read them. No atomics anywhere: bitwise deterministic.
-//   generic           runtime k <= 11 and s <= 8 (also fp64, pointers not 16-byte aligned, and (k, s)
-//                     whose masks exceed the register budget): one thread per output pixel with its
-//                     masks or accumulators in a per-thread column of shared memory; the gather reads
+//   generic           runtime k <= kMaxKernelSize and s <= kMaxScaleFactor (also fp64, pointers not
+//                     16-byte aligned, and (k, s) whose masks exceed the register budget): one thread
+//                     per output pixel with its masks or accumulators in a per-thread column of shared memory; the gather reads
 //                     masks per channel.
 //
 // Not done (yet): shared-memory feature tiles with a halo of r. At the CARes planes (16 to 128 pixels
@@ -1113,8 +1114,9 @@ cudaError_t backward_impl(const Shape& p, bool fused, const T* grad_out, const T
 const char* unsupported_reason(const Shape& p) {
   if (p.N < 0 || p.C < 0 || p.H < 0 || p.W < 0) return "negative extent";
   if (p.k < 1 || p.k % 2 == 0) return "kernel_size must be odd and >= 1";
-  if (p.k > kMaxKernelSize) return "the CUDA kernels support kernel_size <= 11";
-  if (p.s < 1 || p.s > kMaxScaleFactor) return "the CUDA kernels support 1 <= scale_factor <= 8";
+  if (p.k > kMaxKernelSize) return "the CUDA kernels support kernel_size <= " CARAFE_STRINGIFY(CARAFE_MAX_KERNEL_SIZE);
+  if (p.s < 1 || p.s > kMaxScaleFactor)
+    return "the CUDA kernels support 1 <= scale_factor <= " CARAFE_STRINGIFY(CARAFE_MAX_SCALE_FACTOR);
   if (p.G < 1 || p.C % p.G != 0) return "group_size must be >= 1 and divide the channels";
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
   // In-plane offsets are 32-bit: one output plane (H*s x W*s) must stay below 2^31 elements, and so

@@ -4,7 +4,7 @@
 // index maths on CPU). The torch glue (carafe_cuda.cpp) validates arguments, makes tensors contiguous,
 // allocates outputs and the backward workspace, and calls these on the current stream.
 //
-// Layouts (contiguous NCHW), k = kernel_size, G = group_size, s = scale_factor, see DESIGN.md §1:
+// Layouts (contiguous NCHW), k = kernel_size, G = group_size, s = scale_factor, see docs/design.md#the-contract:
 //   features    (N, C, H, W)
 //   masks       (N, G*k*k, H*s, W*s)      normalised reassembly kernels (carafe)
 //   mask_logits (N, G*k*k*s*s, H, W)      encoder output (carafe_fused); channel (g*k*k + t)*s*s + i*s + j
@@ -21,9 +21,7 @@
 namespace carafe {
 namespace cuda {
 
-// Largest kernel_size and scale_factor the kernels accept (carafe_kernels/registry.py declares the same).
-constexpr int64_t kMaxKernelSize = 11;
-constexpr int64_t kMaxScaleFactor = 8;
+// The kernels accept kernel_size <= kMaxKernelSize and scale_factor <= kMaxScaleFactor (carafe_common.h).
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
