@@ -209,13 +209,12 @@ def train_settings(experiment: Experiment, spec: RunSpec, *, seed: int, data: st
     from cares.config import resolve_config
     values = {**experiment.train, **spec.train, **(experiment.semi_train if semi else {}),
               "data": data, "out": out, "seed": seed, "model": spec.model,
-              "model_options": dict(spec.model_options), "resume": True}
-    if pseudo is not None:
-        values["pseudo"] = pseudo
-    if init_from is not None:
-        values["init_from"] = init_from
-    config = resolve_config({k: v for k, v in values.items() if k not in ("pseudo", "init_from")})
-    return dataclasses.replace(config, pseudo=pseudo, init_from=init_from) if (pseudo or init_from) else config
+              "model_options": dict(spec.model_options), "resume": False}
+    # The experiment's settings are the whole truth: resolved with resume off, so a run folder's saved
+    # config.yaml (say, from a copy of committed results without checkpoints) is never merged in.
+    # pseudo and init_from are set afterwards: the earlier steps that write them have not run yet.
+    config = resolve_config(values)
+    return dataclasses.replace(config, resume=True, pseudo=pseudo, init_from=init_from)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -482,14 +481,17 @@ def table_markdown(table: dict[str, Any]) -> str:
 
 
 def _loss_curves(out: Path, plan) -> None:
+    """loss_curves.png from each run's log.csv (kept with the results, unlike the checkpoints)."""
+    import csv
+
     from cares.figures import line_plot
-    from cares.checkpoint import load_checkpoint
     series = {}
     for spec, seed, steps in plan:
-        last = out / spec.name / f"seed_{seed}" / "train" / "last.pt"
-        if last.is_file():
-            history = load_checkpoint(last)["history"]
-            series[f"{spec.label} s{seed}"] = [(row["epoch"], row["train_loss"]) for row in history]
+        log = out / spec.name / f"seed_{seed}" / "train" / "log.csv"
+        if log.is_file():
+            with open(log, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            series[f"{spec.label} s{seed}"] = [(int(row["epoch"]), float(row["train_loss"])) for row in rows]
     if series:
         line_plot(out / "loss_curves.png", series, title="Training loss (Dice + BCE) per epoch", x_label="epoch",
                   y_label="loss", size=(800, 480))
@@ -507,6 +509,11 @@ def _comparison(experiment: Experiment, data: str, out: Path, plan) -> None:
         if seed is not None:
             models.append((spec.label, out / spec.name / f"seed_{seed}" / "train" / "last.pt"))
     if not models:
+        return
+    missing = [str(checkpoint) for _, checkpoint in models if not checkpoint.is_file()]
+    if missing:   # results kept without their checkpoints: the figure already there stays
+        print(f"reproduce: qualitative.png not redrawn: {len(missing)} checkpoint(s) missing, e.g. {missing[0]}",
+              file=sys.stderr)
         return
     dataset = None
     rows: list[tuple[str, Any, Any, list]] = []

@@ -3,6 +3,7 @@ experiment continued by rerunning it, the table's contents, and the errors for b
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,13 @@ def test_tiny_experiment_end_to_end_and_continued_after_an_interruption(dataset,
     # A third call has nothing left to do.
     again = reproduce(experiment, str(dataset), out)
     assert again["rows"] == table["rows"]
+
+    # Results committed without their checkpoints (as results/ holds them): rerunning the command on
+    # a copy rebuilds the table from the records; the saved config.yaml files, which name checkpoints
+    # that are gone, are not read back as settings.
+    copy = tmp_path / "committed"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.pt"))
+    assert reproduce(experiment, str(dataset), copy)["rows"] == table["rows"]
 
 
 def test_a_killed_training_resumes_when_the_command_is_rerun(dataset, tmp_path):
