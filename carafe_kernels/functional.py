@@ -7,7 +7,7 @@ import torch
 
 from .registry import select_backend
 
-__all__ = ["carafe", "carafe_fused"]
+__all__ = ["carafe", "carafe_fused", "carafe_naive"]
 
 
 def _check_int(name: str, value, *, odd: bool = False) -> int:
@@ -118,6 +118,9 @@ def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_
     """
     k, G, s = _validate(features, masks, kernel_size, group_size, scale_factor, fused=False)
     features, masks = _autocast_inputs(features, masks)
+    if torch.onnx.is_in_onnx_export():  # the exported graph is the same for every backend
+        from .onnx import export_call
+        return export_call(False, features, masks, k, G, s)
     return select_backend(backend, features, k, s).carafe(features, masks, k, G, s)
 
 
@@ -144,4 +147,15 @@ def carafe_fused(features: torch.Tensor, mask_logits: torch.Tensor, kernel_size:
     """
     k, G, s = _validate(features, mask_logits, kernel_size, group_size, scale_factor, fused=True)
     features, mask_logits = _autocast_inputs(features, mask_logits)
+    if torch.onnx.is_in_onnx_export():  # the exported graph is the same for every backend
+        from .onnx import export_call
+        return export_call(True, features, mask_logits, k, G, s)
     return select_backend(backend, features, k, s).carafe_fused(features, mask_logits, k, G, s)
+
+
+def carafe_naive(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,
+                 scale_factor: int) -> torch.Tensor:
+    """mmcv's ``carafe_naive``: the same function as :func:`carafe` (mmcv keeps it as the simple
+    reference kernel beside the optimised one); here it runs the pure-PyTorch reference backend, on any
+    device, with autograd by PyTorch."""
+    return carafe(features, masks, kernel_size, group_size, scale_factor, backend="reference")

@@ -7,7 +7,7 @@ from torch import nn
 from .functional import _check_int, carafe, carafe_fused
 from .registry import requested_backend
 
-__all__ = ["CARAFE", "CARAFEPack"]
+__all__ = ["CARAFE", "CARAFENaive", "CARAFEPack"]
 
 
 class CARAFE(nn.Module):
@@ -37,6 +37,14 @@ class CARAFE(nn.Module):
     def extra_repr(self) -> str:
         return (f"kernel_size={self.kernel_size}, group_size={self.group_size}, "
                 f"scale_factor={self.scale_factor}, backend={self.backend!r}")
+
+
+class CARAFENaive(CARAFE):
+    """mmcv's ``CARAFENaive``: :class:`CARAFE` on the pure-PyTorch reference backend (see
+    :func:`carafe_naive`); same constructor (kernel_size, group_size, scale_factor) and forward."""
+
+    def __init__(self, kernel_size: int, group_size: int, scale_factor: int):
+        super().__init__(kernel_size, group_size, scale_factor, backend="reference")
 
 
 class CARAFEPack(nn.Module):
