@@ -10,6 +10,14 @@ from .registry import requested_backend
 __all__ = ["CARAFE", "CARAFENaive", "CARAFEPack"]
 
 
+def _refuse_torchscript(module: nn.Module) -> nn.Module:
+    # torch.jit.script calls this first; the backend dispatch behind forward is Python, so scripting would
+    # fail deep inside with an unrelated message (e.g. on the keyword-only backend argument).
+    raise TypeError(f"{type(module).__name__} does not support torch.jit.script (TorchScript cannot follow "
+                    "its backend dispatch). Use torch.export.export, torch.compile, or "
+                    "torch.onnx.export(..., dynamo=True) instead; see carafe_kernels.onnx.")
+
+
 class CARAFE(nn.Module):
     """CARAFE reassembly with given (already normalised) masks; mmcv's ``CARAFE``.
 
@@ -30,6 +38,8 @@ class CARAFE(nn.Module):
         self.scale_factor = _check_int("scale_factor", scale_factor)
         requested_backend(backend)  # fail early on an unknown name
         self.backend = backend
+
+    __prepare_scriptable__ = _refuse_torchscript
 
     def forward(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return carafe(features, masks, self.kernel_size, self.group_size, self.scale_factor, backend=self.backend)
@@ -104,6 +114,8 @@ class CARAFEPack(nn.Module):
             nn.init.zeros_(m.bias)
         # NB: near-zero logits start every reassembly kernel close to a uniform average.
         nn.init.normal_(self.content_encoder.weight, std=0.001)
+
+    __prepare_scriptable__ = _refuse_torchscript
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.content_encoder(self.channel_compressor(x))
