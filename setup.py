@@ -53,7 +53,8 @@ def no_torch_message():
         "on purpose: it would download a different torch than yours and build an extension that does not "
         "load. Install torch first, then build without isolation:\n\n"
         f"    pip install torch=={TESTED_TORCH} && pip install --no-build-isolation .\n\n"
-        "(any torch >= 2.6 works in place of the pin; add -e or extras such as \".[cares]\" as needed), "
+        f"(tested with torch {TESTED_TORCH} and 2.14.1; pyproject.toml accepts torch >= 2.6; add -e or extras such "
+        "as \".[cares]\" as needed), "
         "or set CARAFE_NO_NATIVE=1 to install without native kernels (reference/Triton backends only).")
 
 
@@ -116,8 +117,9 @@ def native_extensions():
 
     debug = _flag("CARAFE_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    # No -std: torch's BuildExtension adds the C++ standard its own headers need (C++17 up to torch 2.x,
-    # C++20 where the headers require it); hard-coding one breaks the build against other torch versions.
+    # No -std: torch's BuildExtension adds the C++ standard its own headers need (-std=c++20 for both
+    # host and nvcc in torch 2.13 and 2.14, whose ATen refuses C++17); a hard-coded one breaks the build
+    # against another torch.
     cxx_flags = opt + ["-fopenmp"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
