@@ -2,11 +2,12 @@
 and whole models, each beside PyTorch eager on the same machine.
 
     python -m benchmarks.onnx_carafe                       # CARAFEPack shapes + CARes-UNet, both decompositions
+    python -m benchmarks.onnx_carafe --cases cares-unet-demo --decompositions matmul
     python -m benchmarks.onnx_carafe --threads 1 --json out.json
 
 Every case is exported with torch.onnx.export(dynamo=True) with dynamic batch and spatial size, run in
 onnxruntime's CPU provider (intra-op threads = --threads) and checked against PyTorch (max relative
-error printed); times are medians over >= --min-time seconds of repeated runs.
+error printed; the export's own wall time too); times are medians over >= --min-time seconds of repeated runs.
 """
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ def ort_session(onnx_bytes: bytes, threads: int):
 
 
 def compare(model: torch.nn.Module, example: torch.Tensor, threads: int, min_time: float) -> dict:
+    start = time.perf_counter()
     onnx_bytes = export_onnx(model, example)
+    export_s = time.perf_counter() - start
     session = ort_session(onnx_bytes, threads)
     feed = {session.get_inputs()[0].name: example.numpy()}
     with torch.inference_mode():
@@ -66,7 +69,7 @@ def compare(model: torch.nn.Module, example: torch.Tensor, threads: int, min_tim
         eager_s = _median_seconds(lambda: model(example), min_time)
     got = torch.from_numpy(session.run(None, feed)[0])
     ort_s = _median_seconds(lambda: session.run(None, feed), min_time)
-    return {"ort_ms": ort_s * 1e3, "eager_ms": eager_s * 1e3,
+    return {"export_s": export_s, "ort_ms": ort_s * 1e3, "eager_ms": eager_s * 1e3,
             "max_rel_err": float((got - expected).abs().max() / expected.abs().max()),
             "onnx_nodes": len(__import__("onnx").load_from_string(onnx_bytes).graph.node)}
 
@@ -82,6 +85,9 @@ def cases(names: list[str]):
         elif name == "cares-unet":       # the paper's model (base width 64) on one 256x256 CT slice
             from cares.models import build_model
             yield name, lambda: build_model("cares_unet"), torch.randn(1, 1, 256, 256)
+        elif name == "cares-unet-demo":  # the demo's model (base width 8) on 4 96x96 slices
+            from cares.models import build_model
+            yield name, lambda: build_model("cares_unet", base_channels=8), torch.randn(4, 1, 96, 96)
         else:
             raise SystemExit(f"unknown case {name!r}")
 
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"{label:18s} {str(tuple(example.shape)):20s} {decomposition:8s} onnxruntime "
                   f"{row['ort_ms']:8.2f} ms   eager {row['eager_ms']:8.2f} ms   max rel err "
-                  f"{row['max_rel_err']:.1e}   {row['onnx_nodes']} nodes", flush=True)
+                  f"{row['max_rel_err']:.1e}   {row['onnx_nodes']} nodes   export {row['export_s']:.0f} s", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "threads": args.threads, "load_warning": warning, "rows": rows}, f, indent=1)
