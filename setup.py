@@ -118,8 +118,8 @@ def native_extensions():
     debug = _flag("CARAFE_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No -std: torch's BuildExtension adds the C++ standard its own headers need (-std=c++20 for both
-    # host and nvcc in torch 2.13 and 2.14, whose ATen refuses C++17); a hard-coded one breaks the build
-    # against another torch.
+    # host and nvcc in torch 2.13 and 2.14); a hard-coded one breaks the build against another torch
+    # (torch 2.14's ATen refuses the -std=c++17 this file used to force).
     cxx_flags = opt + ["-fopenmp"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
