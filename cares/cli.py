@@ -51,7 +51,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 # A missing optional dependency -> the extra of the carafe-kernels distribution that installs it.
 EXTRA_OF_MODULE = {"numpy": "cares", "PIL": "cares", "tqdm": "cares", "yaml": "cares", "nibabel": "nifti",
-                   "matplotlib": "plot"}
+                   "matplotlib": "plot", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx"}
 
 
 def main(argv: list[str] | None = None) -> int:
