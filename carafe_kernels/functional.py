@@ -17,7 +17,7 @@ from . import ops as _ops
 from .contract import check_arguments, check_int
 from .registry import select_backend
 
-__all__ = ["carafe", "carafe_fused"]
+__all__ = ["carafe", "carafe_fused", "carafe_naive"]
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -83,6 +83,9 @@ def _run(fused: bool, features, masks, kernel_size, group_size, scale_factor, ba
         cast_to = cast and autocast
     if cast_to:
         features, masks = features.to(cast_to), masks.to(cast_to)
+    if torch.onnx.is_in_onnx_export():  # the exported graph is the same for every backend
+        from .onnx import export_call
+        return export_call(fused, features, masks, kernel_size, group_size, scale_factor)
     return impl(features, masks, kernel_size, group_size, scale_factor)
 
 
@@ -139,3 +142,11 @@ def carafe_fused(features: torch.Tensor, mask_logits: torch.Tensor, kernel_size:
         torch.Size([2, 64, 16, 16])
     """
     return _run(True, features, mask_logits, kernel_size, group_size, scale_factor, backend)
+
+
+def carafe_naive(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,
+                 scale_factor: int) -> torch.Tensor:
+    """mmcv's ``carafe_naive``: the same function as :func:`carafe` (mmcv keeps it as the simple
+    reference kernel beside the optimised one); here it runs the pure-PyTorch reference backend, on any
+    device, with autograd by PyTorch."""
+    return carafe(features, masks, kernel_size, group_size, scale_factor, backend="reference")

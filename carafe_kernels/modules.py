@@ -8,7 +8,15 @@ from .contract import check_int as _check_int
 from .functional import carafe, carafe_fused
 from .registry import requested_backend
 
-__all__ = ["CARAFE", "CARAFEPack"]
+__all__ = ["CARAFE", "CARAFENaive", "CARAFEPack"]
+
+
+def _refuse_torchscript(module: nn.Module) -> nn.Module:
+    # torch.jit.script calls this first; the backend dispatch behind forward is Python, so scripting would
+    # fail deep inside with an unrelated message (e.g. on the keyword-only backend argument).
+    raise TypeError(f"{type(module).__name__} does not support torch.jit.script (TorchScript cannot follow "
+                    "its backend dispatch). Use torch.export.export, torch.compile, or "
+                    "torch.onnx.export(..., dynamo=True) instead; see carafe_kernels.onnx.")
 
 
 class CARAFE(nn.Module):
@@ -32,12 +40,22 @@ class CARAFE(nn.Module):
         requested_backend(backend)  # fail early on an unknown name
         self.backend = backend
 
+    __prepare_scriptable__ = _refuse_torchscript
+
     def forward(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return carafe(features, masks, self.kernel_size, self.group_size, self.scale_factor, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"kernel_size={self.kernel_size}, group_size={self.group_size}, "
                 f"scale_factor={self.scale_factor}, backend={self.backend!r}")
+
+
+class CARAFENaive(CARAFE):
+    """mmcv's ``CARAFENaive``: :class:`CARAFE` on the pure-PyTorch reference backend (see
+    :func:`carafe_naive`); same constructor (kernel_size, group_size, scale_factor) and forward."""
+
+    def __init__(self, kernel_size: int, group_size: int, scale_factor: int):
+        super().__init__(kernel_size, group_size, scale_factor, backend="reference")
 
 
 class CARAFEPack(nn.Module):
@@ -97,6 +115,8 @@ class CARAFEPack(nn.Module):
             nn.init.zeros_(m.bias)
         # NB: near-zero logits start every reassembly kernel close to a uniform average.
         nn.init.normal_(self.content_encoder.weight, std=0.001)
+
+    __prepare_scriptable__ = _refuse_torchscript
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.content_encoder(self.channel_compressor(x))

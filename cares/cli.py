@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pseudo-label": ("cares.pseudo_label", "pseudo-label unlabeled slices, keeping confident ones"),
     "complexity": ("cares.complexity", "parameters, MACs, FLOPs and latency of every model"),
     "demo": ("cares.demo", "train and evaluate CARes-UNet on synthetic CT and write a report"),
+    "export": ("cares.export", "export a checkpoint to ONNX (dynamic batch and size), checked in onnxruntime"),
     "reproduce": ("cares.reproduce", "reproduce the paper's Table 1: every run, seed and metric, one resumable command"),
 }
 
@@ -59,7 +60,21 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+# A missing optional dependency -> the extra of the carafe-kernels distribution that installs it.
+EXTRA_OF_MODULE = {"numpy": "cares", "PIL": "cares", "tqdm": "cares", "yaml": "cares", "nibabel": "nifti",
+                   "matplotlib": "plot", "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        args = build_parser(argv).parse_args(argv)
+        return int(args._run(args) or 0)
+    except ModuleNotFoundError as exc:
+        # The console script is installed even without the [cares] extra: name the fix, not a traceback.
+        extra = EXTRA_OF_MODULE.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"cares: this command needs the Python package {exc.name!r}, which is not installed. Install "
+              f"the optional dependencies with:\n    pip install \"carafe-kernels[{extra}]\"", file=sys.stderr)
+        return 2

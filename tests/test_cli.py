@@ -34,6 +34,7 @@ def test_subcommand_help(command, capsys):
                       "pseudo-label": ["--entropy-threshold", "--log-base"],
                       "complexity": ["--models"],
                       "demo": ["--quick", "--out"],
+                      "export": ["--checkpoint", "--format", "--out"],
                       "reproduce": ["--preset", "--config", "--data", "--out", "--threads"]}[command]
     for flag in expected_flags:
         assert flag in text

@@ -1,0 +1,1 @@
+"""Compatibility layers for code written against other libraries (see :mod:`carafe_kernels.compat.mmcv`)."""
