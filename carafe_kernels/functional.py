@@ -32,6 +32,16 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 def _plan(fused: bool, features, masks, kernel_size, group_size, scale_factor, backend: str,
           autocast: torch.dtype | None):
     """Validates one call and picks its backend: (backend, cast the inputs?, k, G, s)."""
+    k, G, s = _check_call(fused, features, masks, kernel_size, group_size, scale_factor, autocast)
+    chosen = select_backend(backend, features, k, s, autocast)
+    # The reference has no autocast kernel (it would promote mixed inputs to float32): cast for it.
+    cast = autocast is not None and not (chosen.own_autocast and _ops.AUTOCAST_ERROR is None)
+    return chosen, cast, k, G, s
+
+
+def _check_call(fused: bool, features, masks, kernel_size, group_size, scale_factor,
+                autocast: torch.dtype | None) -> tuple[int, int, int]:
+    """Validates one call's arguments (the contract, whatever the backend); returns (k, G, s)."""
     masks_name = "mask_logits" if fused else "masks"
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
@@ -42,10 +52,7 @@ def _plan(fused: bool, features, masks, kernel_size, group_size, scale_factor, b
     s = check_int("scale_factor", scale_factor)
     # Under autocast both inputs run in the autocast dtype (like a convolution), so they may differ.
     check_arguments(features, masks, k, G, s, fused=fused, same_dtype=autocast is None)
-    chosen = select_backend(backend, features, k, s, autocast)
-    # The reference has no autocast kernel (it would promote mixed inputs to float32): cast for it.
-    cast = autocast is not None and not (chosen.own_autocast and _ops.AUTOCAST_ERROR is None)
-    return chosen, cast, k, G, s
+    return k, G, s
 
 
 # The outcome of _plan depends only on the call's metadata (shapes, dtypes, devices, ints, the backend
@@ -75,6 +82,11 @@ def _run(fused: bool, features, masks, kernel_size, group_size, scale_factor, ba
             triton_env = os.environ.get("TRITON_INTERPRET") if chosen.name == "triton" else None
             plan = _PLANS[key] = (impl, cast and autocast, triton_env)
         impl, cast_to, _ = plan
+    elif torch.onnx.is_in_onnx_export():
+        # torch.onnx.export(dynamo=True) traces with torch.export, so is_compiling() sent it here: one
+        # standard-op graph for every backend, none of which has to run. (Asked only off the fast path:
+        # is_in_onnx_export costs about 1 us, more than a tenth of a small call.)
+        return _export_call(fused, features, masks, kernel_size, group_size, scale_factor)
     else:  # integral floats, numpy ints, bad arguments (which raise here), or torch.compile tracing
         autocast = _autocast_dtype(features.device.type) if isinstance(features, torch.Tensor) else None
         chosen, cast, kernel_size, group_size, scale_factor = _plan(
@@ -83,10 +95,18 @@ def _run(fused: bool, features, masks, kernel_size, group_size, scale_factor, ba
         cast_to = cast and autocast
     if cast_to:
         features, masks = features.to(cast_to), masks.to(cast_to)
-    if torch.onnx.is_in_onnx_export():  # the exported graph is the same for every backend
-        from .onnx import export_call
-        return export_call(fused, features, masks, kernel_size, group_size, scale_factor)
     return impl(features, masks, kernel_size, group_size, scale_factor)
+
+
+def _export_call(fused: bool, features, masks, kernel_size, group_size, scale_factor) -> torch.Tensor:
+    """The call while torch.onnx.export traces: validated as always, then the ONNX decomposition
+    (carafe_kernels.onnx), in the autocast dtype when autocast is on."""
+    from .onnx import export_call
+    autocast = _autocast_dtype(features.device.type) if isinstance(features, torch.Tensor) else None
+    k, G, s = _check_call(fused, features, masks, kernel_size, group_size, scale_factor, autocast)
+    if autocast is not None:
+        features, masks = features.to(autocast), masks.to(autocast)
+    return export_call(fused, features, masks, k, G, s)
 
 
 def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,

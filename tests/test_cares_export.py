@@ -3,7 +3,7 @@ that onnxruntime runs and that matches PyTorch."""
 import pytest
 import torch
 
-from cares.checkpoint import FORMAT, VERSION, build_model_from_checkpoint, save_checkpoint
+from cares.checkpoint import FORMAT, VERSION, build_model_from_checkpoint, input_record, save_checkpoint
 from cares.cli import main
 from cares.models import build_model
 
@@ -18,7 +18,7 @@ def _checkpoint(path, image_size=32):
     state = {"format": FORMAT, "version": VERSION, "epoch": 1,
              "model": {"name": "cares_unet", "options": options, "in_channels": 1, "num_classes": 1,
                        "state_dict": model.state_dict()},
-             "input": {"image_size": image_size}}
+             "input": input_record(image_size)}
     save_checkpoint(path, state)
     return state
 

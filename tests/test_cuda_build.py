@@ -32,6 +32,9 @@ from conftest import TOLERANCES, shape_id
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 KERNELS_CU = CSRC / "cuda" / "carafe_kernels.cu"
+# The standard torch's BuildExtension compiles the extension with (C++20 from torch 2.13 on; torch
+# 2.14's headers refuse anything older), so these checks see what the real build sees.
+CXX_STANDARD = "-std=c++20"
 GLUE_CPP = CSRC / "cuda" / "carafe_cuda.cpp"
 ARCHS = ("80", "90")
 # What torch.utils.cpp_extension adds to every nvcc command line: the kernels must build with them.
@@ -125,7 +128,7 @@ def ptxas_reports(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProce
     out_dir = tmp_path_factory.mktemp("nvcc")
 
     def compile_arch(arch: str):
-        cmd = [nvcc, "-std=c++17", "-O3", f"-I{CSRC}", *TORCH_NVCC_DEFINES,
+        cmd = [nvcc, CXX_STANDARD, "-O3", f"-I{CSRC}", *TORCH_NVCC_DEFINES,
                f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-c", str(KERNELS_CU),
                "-o", str(out_dir / f"carafe_kernels_sm{arch}.o")]
         proc = _run(cmd)
@@ -174,7 +177,7 @@ def test_torch_glue_syntax(tmp_path):
     includes = [Path(p) for p in cpp_extension.include_paths()]
     if not any((p / "c10" / "cuda" / "CUDAGuard.h").exists() for p in includes):
         pytest.skip("this torch install has no c10/cuda headers")
-    cmd = [cxx, "-fsyntax-only", "-std=c++17", *(f"-I{p}" for p in includes), f"-I{home / 'include'}",
+    cmd = [cxx, "-fsyntax-only", CXX_STANDARD, *(f"-I{p}" for p in includes), f"-I{home / 'include'}",
            f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}", str(GLUE_CPP)]
     # CPU wheels of torch lack the generated c10/cuda/impl/cuda_cmake_macros.h (CUDA wheels have it).
     if not any((p / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists() for p in includes):
@@ -200,7 +203,7 @@ SENTINEL = -12288.0  # exactly representable in every dtype, never a plausible r
 def emu(tmp_path_factory):
     cxx, home = _host_toolchain_or_skip()
     d = tmp_path_factory.mktemp("emu")
-    cmd = [cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-DCARAFE_CUDA_EMULATION", "-Wall", "-Wextra",
+    cmd = [cxx, CXX_STANDARD, "-O1", "-fPIC", "-shared", "-DCARAFE_CUDA_EMULATION", "-Wall", "-Wextra",
            "-Wno-unknown-pragmas", f"-I{CSRC}", f"-I{home / 'include'}", str(EMU_SOURCE), "-o", str(d / "emu.so")]
     proc = _run(cmd)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-6000:]}"
