@@ -19,9 +19,10 @@ The decomposition: two candidates (DECOMPOSITIONS), measured by ``python -m benc
       kernel (the "unfold" ONNX lacks), masks (N, G, H, W, s*s, k*k), out = masks @ patches: about 30
       ONNX nodes per CARAFE (Conv, Reshape, Transpose, Softmax, MatMul);
   windows: the reference backend (carafe_kernels/reference.py), k*k*s*s multiply-adds of shifted
-      windows: about 2x faster for the CARAFE op in onnxruntime, but ~490 nodes per CARAFE, which made
-      exports with dynamic shapes 10-15x slower (7 minutes for the demo's CARes-UNet on 2 busy cores);
-      the export is what every `cares export` user waits for, so matmul is the default.
+      windows: 2.6x faster for the CARAFE op in onnxruntime, but ~490 nodes per CARAFE, which makes
+      exports with dynamic shapes about 8x slower (71 s against 9 s for the demo's CARes-UNet on the
+      idle 2-core machine; benchmarks/results/onnx-cpu*.json); the export is what every `cares export`
+      user waits for, so matmul is the default.
 (A third, k*k broadcast multiplies at output size, was 4x slower than both in onnxruntime: dropped.)
 
 ``torch.jit.script`` is not supported: the backend choice is Python; see CARAFEPack.__prepare_scriptable__.
