@@ -89,6 +89,14 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """A claim the table tests: row `better` scores higher than row `than` (paired over seeds and images)."""
+    better: str                           # run name
+    than: str                             # run name
+    claim: str                            # what it tests, in words
+
+
+@dataclass(frozen=True)
 class Experiment:
     name: str
     description: str
@@ -98,12 +106,16 @@ class Experiment:
     evaluate: dict[str, Any]              # batch_size, tta, amp
     figure_slices: int
     runs: tuple[RunSpec, ...]
+    comparisons: tuple[Comparison, ...] = ()
+
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_EXPERIMENT_KEYS = {"name", "description", "train", "semi_train", "pseudo_label", "evaluate", "figure_slices", "runs"}
+_EXPERIMENT_KEYS = {"name", "description", "train", "semi_train", "pseudo_label", "evaluate", "figure_slices", "runs",
+                    "comparisons"}
+_COMPARISON_KEYS = {f.name for f in dataclasses.fields(Comparison)}
 _RUN_KEYS = {f.name for f in dataclasses.fields(RunSpec)}
 _PSEUDO_KEYS = {"entropy_threshold", "log_base", "batch_size", "amp", "split"}
 _EVALUATE_KEYS = {"batch_size", "tta", "amp"}
@@ -184,12 +196,25 @@ def experiment_from_dict(values: Any, source: str = "experiment") -> Experiment:
                              semi=bool(run.get("semi", False)), paper=run.get("paper"), train=dict(train)))
     figure_slices = values.get("figure_slices", 4)
     need(isinstance(figure_slices, int) and figure_slices >= 0, "figure_slices must be an int >= 0")
+    comparisons = values.get("comparisons", [])
+    need(isinstance(comparisons, list), "comparisons must be a list")
+    by_name = {spec.name: spec for spec in specs}
+    for index, item in enumerate(comparisons):
+        need(isinstance(item, dict) and set(item) == _COMPARISON_KEYS,
+             f"comparisons[{index}] must map exactly {sorted(_COMPARISON_KEYS)}, got {item!r}")
+        for key in ("better", "than"):
+            need(item[key] in by_name, f"comparisons[{index}].{key} must name a run ({sorted(by_name)}), "
+                                       f"got {item[key]!r}")
+        need(item["better"] != item["than"], f"comparisons[{index}] compares {item['better']!r} with itself")
+        need(set(by_name[item["better"]].seeds) & set(by_name[item["than"]].seeds),
+             f"comparisons[{index}]: runs {item['better']!r} and {item['than']!r} share no seed, so they "
+             "cannot be paired")
     experiment = Experiment(name=str(values.get("name", Path(source).stem)),
                             description=str(values.get("description", "")),
                             train=dict(values.get("train", {})), semi_train=dict(values.get("semi_train", {})),
                             pseudo_label=dict(values.get("pseudo_label", {})),
                             evaluate=dict(values.get("evaluate", {})), figure_slices=figure_slices,
-                            runs=tuple(specs))
+                            runs=tuple(specs), comparisons=tuple(Comparison(**item) for item in comparisons))
     # Every training configuration must resolve (models, options, values) before anything runs.
     for spec in experiment.runs:
         from cares.models import build_model
@@ -425,13 +450,45 @@ def write_report(experiment: Experiment, data: str, out: Path, plan) -> dict[str
              "environment": machine_info(), "rows": rows,
              "model_selection": "fixed epochs; the last epoch's weights are evaluated (the test split is "
                                 "never used to choose anything)",
-             "std": "population std over seeds (0 for one seed); each seed's score is the mean over the test images"}
+             "std": "population std over seeds (0 for one seed); each seed's score is the mean over the test images",
+             "comparisons": _paired_comparisons(experiment, out, plan)}
     _write_json(out / "table1.json", table)
     (out / "table1.md").write_text(table_markdown(table))
     _loss_curves(out, plan)
     if experiment.figure_slices:
         _comparison(experiment, data, out, plan)
     return table
+
+
+def _per_image_scores(out: Path, spec: RunSpec, plan, protocol: str, metric: str) -> dict[int, dict[str, float]]:
+    """{seed: {test image: score}} for the finished seeds of one row."""
+    scores = {}
+    for s, seed, steps in plan:
+        if s is spec and all(step.is_done() for step in steps):
+            metrics = json.loads((out / spec.name / f"seed_{seed}" / "eval" / "metrics.json").read_text())
+            scores[seed] = {row["name"]: row[protocol][metric] for row in metrics["per_image"]}
+    return scores
+
+
+def _paired_comparisons(experiment: Experiment, out: Path, plan) -> list[dict[str, Any]]:
+    """Each claim of the experiment as a paired Dice difference over the shared seeds and the test images, with
+    a two-level bootstrap interval (cares.statistics), under both protocols; pending while a side is unfinished."""
+    from cares.statistics import paired_difference, paired_runs
+    specs = {spec.name: spec for spec in experiment.runs}
+    results = []
+    for comparison in experiment.comparisons:
+        entry = {"better": comparison.better, "than": comparison.than, "claim": comparison.claim,
+                 "metric": "dice", "protocols": {}}
+        for protocol in PROTOCOL_TITLES:
+            better = _per_image_scores(out, specs[comparison.better], plan, protocol, "dice")
+            than = _per_image_scores(out, specs[comparison.than], plan, protocol, "dice")
+            if not set(better) & set(than):
+                entry["protocols"][protocol] = None                 # no finished pair of runs yet
+                continue
+            seeds, images, a, b = paired_runs(better, than)
+            entry["protocols"][protocol] = {"seeds": seeds, **paired_difference(a, b)}
+        results.append(entry)
+    return results
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -460,6 +517,22 @@ def table_markdown(table: dict[str, Any]) -> str:
                 cells.append(f"{paper[metric]:.{digits}f}" if paper else "")
             seeds = f"{len(row['finished_seeds'])}/{len(row['seeds'])}"
             lines.append(f"| {row['label']} (`{row['model']}`) | {seeds} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if table.get("comparisons"):
+        from cares.statistics import describe
+        labels = {row["run"]: row["label"] for row in table["rows"]}
+        lines += ["## Claims: paired Dice differences", "",
+                  "Each claim compares two rows on the seeds both have and the same test images: the mean of the "
+                  "per-image, per-seed Dice differences, with a 95% two-level bootstrap interval (seeds, then "
+                  "images, resampled with replacement). \"Not significant\": the interval holds 0.", "",
+                  "| claim | difference | " + " | ".join(PROTOCOL_TITLES.values()) + " | seeds x images |",
+                  "|---|---|" + "---|" * len(PROTOCOL_TITLES) + "---:|"]
+        for item in table["comparisons"]:
+            cells = [describe(r) if r else "pending" for r in item["protocols"].values()]
+            done = [r for r in item["protocols"].values() if r]
+            size = f"{done[0]['n_seeds']} x {done[0]['n_images']}" if done else "-"
+            lines.append(f"| {item['claim']} | {labels[item['better']]} - {labels[item['than']]} | "
+                         + " | ".join(cells) + f" | {size} |")
         lines.append("")
     lines += ["The paper's columns are its Table 1 (Inf-Net toolbox protocol, width 64, 256x256, on a GPU); "
               "they are printed beside the Inf-Net-protocol rows only.", "",

@@ -55,6 +55,7 @@ def test_tiny_experiment_end_to_end_and_continued_after_an_interruption(dataset,
     partial = reproduce(experiment, str(dataset), out, stop_after_steps=2)
     rows = {row["run"]: row for row in partial["rows"]}
     assert rows["cares_unet"]["finished_seeds"] == [0] and rows["semi_cares_unet"]["finished_seeds"] == []
+    assert partial["comparisons"][0]["protocols"] == {"infnet": None, "threshold": None}      # pending
     supervised_done = (out / "cares_unet" / "seed_0" / "train" / "done.json").stat().st_mtime_ns
     # ...and the same call again continues: the finished steps are not redone.
     table = reproduce(experiment, str(dataset), out)
@@ -76,6 +77,16 @@ def test_tiny_experiment_end_to_end_and_continued_after_an_interruption(dataset,
     assert table["environment"]["torch"] and "git" in table["environment"]
     markdown = (out / "table1.md").read_text()
     assert "| CARes-UNet (`cares_unet[base_channels=4]`) | 1/1 |" in markdown and "0.731" in markdown
+    # The claim "semi beats supervised": a paired difference over the seed and the 4 test images.
+    (claim,) = table["comparisons"]
+    assert (claim["better"], claim["than"]) == ("semi_cares_unet", "cares_unet")
+    for protocol in ("infnet", "threshold"):
+        result = claim["protocols"][protocol]
+        semi, supervised = (rows[r]["protocols"][protocol]["dice"]["mean"] for r in ("semi_cares_unet", "cares_unet"))
+        assert result["mean"] == pytest.approx(semi - supervised)
+        assert result["ci_low"] <= result["mean"] <= result["ci_high"]
+        assert (result["n_seeds"], result["n_images"], result["seeds"]) == (1, 4, [0])
+    assert "## Claims: paired Dice differences" in markdown and "| semi-supervision beats supervised |" in markdown
     for name in ("table1.json", "qualitative.png", "loss_curves.png", "experiment.json"):
         assert (out / name).is_file(), name
 
@@ -122,6 +133,11 @@ def test_a_killed_training_resumes_when_the_command_is_rerun(dataset, tmp_path):
     ({"runs": [{"name": "a", "model": "unet", "seeds": [0, 0]}]}, "distinct"),
     ({"runs": [{"name": "a b", "model": "unet"}]}, "letters, digits"),
     ({"runs": [{"name": "a", "model": "unet", "paper": "Nope"}]}, "paper must be one of"),
+    ({"comparisons": [{"better": "a", "than": "zz", "claim": "c"}]}, "than must name a run"),
+    ({"comparisons": [{"better": "a", "than": "a", "claim": "c"}]}, "with itself"),
+    ({"comparisons": [{"better": "a", "claim": "c"}]}, "must map exactly"),
+    ({"runs": [{"name": "a", "model": "unet"}, {"name": "b", "model": "unet", "seeds": [1]}],
+      "comparisons": [{"better": "a", "than": "b", "claim": "c"}]}, "share no seed"),
 ])
 def test_bad_experiments_are_refused_before_any_work(change, message):
     values = {"train": {"image_size": 32, "epochs": 1}, "runs": [{"name": "a", "model": "unet"}]}
