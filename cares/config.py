@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     checkpoint_every: int = 1                 # write last.pt every N epochs (and at the end, at a stop, when best.pt changes)
+    tensorboard: bool = False                 # also log to <out>/tensorboard (the tensorboard extra)
     time_limit: float | None = None           # minutes; stop at the last epoch end that keeps within it
     out: str = "runs/train"
     resume: bool = False
@@ -216,6 +218,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
          help="write last.pt every N epochs, and always at the last epoch, when the run stops early and when "
               "best.pt changes (a killed run resumes from the last one written; large models on fast GPUs "
               "spend less time writing)")
+    flag("--tensorboard", action=argparse.BooleanOptionalAction,
+         help="also log to <out>/tensorboard: training loss, learning rate, validation Dice and, at each "
+              "validation, a few validation slices with their masks and predictions (needs the tensorboard "
+              "extra: pip install \"carafe-kernels[tensorboard]\"; log.csv has the same numbers without it)")
     flag("--time-limit", type=float, metavar="MINUTES",
          help="stop at an epoch end when one more epoch (as long as the last) would pass this time; "
               "--resume continues")
@@ -295,6 +301,9 @@ def validate(config: TrainConfig) -> None:
          f"--batch-size must be >= 1, got {config.batch_size!r}")
     need(isinstance(config.checkpoint_every, int) and not isinstance(config.checkpoint_every, bool)
          and config.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {config.checkpoint_every!r}")
+    if config.tensorboard:
+        need(importlib.util.find_spec("tensorboard") is not None,
+             '--tensorboard needs the tensorboard package: pip install "carafe-kernels[tensorboard]"')
     need(isinstance(config.num_workers, int) and config.num_workers >= 0,
          f"--num-workers must be >= 0, got {config.num_workers!r}")
     need(config.synthetic_samples is None or (isinstance(config.synthetic_samples, int)

@@ -244,12 +244,27 @@ def write_log_csv(path: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, text.getvalue().encode())
 
 
+# Validation slices shown in TensorBoard at each validation: enough to see what the model gets wrong,
+# few enough that the event file stays small over hundreds of epochs.
+TENSORBOARD_SLICES = 4
+
+
 def _tensorboard_writer(run_dir: Path, purge_step: int):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # TensorBoard is optional: log.csv has the same numbers
-        return None
+    """--tensorboard's writer; purge_step drops events a killed run logged past its last checkpoint, so a
+    resumed run's curves have each epoch once (config.validate checked that tensorboard is installed)."""
+    from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
+
+
+def _log_predictions(writer, model: torch.nn.Module, dataset, config: TrainConfig, device: torch.device,
+                     epoch: int) -> None:
+    """The first TENSORBOARD_SLICES validation slices as image | ground truth | predicted probability."""
+    shown = Subset(dataset, list(range(min(TENSORBOARD_SLICES, len(dataset)))))
+    for index, (item, probability) in enumerate(predict_probabilities(
+            unwrap_model(model), shown, image_size=config.image_size, device=device, batch_size=config.batch_size,
+            amp=config.amp, channels_last=config.channels_last)):
+        panel = torch.cat([item["image"][0].float(), item["mask"][0].float(), torch.from_numpy(probability)], dim=1)
+        writer.add_image(f"val/slice_{index}", panel.clamp(0, 1).unsqueeze(0), epoch)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,7 +488,7 @@ def _train_epochs(config, settings, context, started, resumed: _Resumed, model, 
     if config.data_on_device:
         from cares.data import DeviceBatches
         device_batches = DeviceBatches(training_set, device, config.batch_size)
-    writer = _tensorboard_writer(run_dir, start_epoch + 1) if context.is_main else None
+    writer = _tensorboard_writer(run_dir, start_epoch + 1) if context.is_main and config.tensorboard else None
     if context.is_main:
         print(f"training {config.model} on {config.data} ({num_labelled} labelled"
               + (f" + {num_pseudo} pseudo-labelled, {num_labelled} drawn per epoch" if num_pseudo else "")
@@ -543,6 +558,7 @@ def _train_epochs(config, settings, context, started, resumed: _Resumed, model, 
                 writer.add_scalar("train/lr", lr, epoch + 1)
                 if val_dice is not None:
                     writer.add_scalar("val/dice", val_dice, epoch + 1)
+                    _log_predictions(writer, model, validation_set, config, device, epoch + 1)
                 writer.flush()
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}  loss {train_loss:.4f}"
                        + (f"  val Dice {val_dice:.4f} (best {best_val_dice:.4f})" if val_dice is not None else "")

@@ -224,6 +224,41 @@ def test_two_step_training_run(tmp_path, model):
     assert "optimizer" not in best and best["best_val_dice"] == result.best_val_dice
 
 
+def _tensorboard_events(folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
+def test_tensorboard_logs_curves_and_predictions_and_a_resume_logs_each_epoch_once(tmp_path):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    settings = dict(epochs=3, tensorboard=True)
+    train(tiny_config(run, **settings), stop_after_epoch=2)
+    train(tiny_config(run, resume=True, **settings))
+    events = _tensorboard_events(run / "tensorboard")
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "val/dice"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("val/dice")] == [1, 2, 3]
+    # 4 synthetic samples with val_split="val": the validation slices, each image | mask | prediction.
+    assert tags["images"] and all(tag.startswith("val/slice_") for tag in tags["images"])
+    image = events.Images(tags["images"][0])[-1]
+    assert image.step == 3 and image.width == 3 * image.height
+    train(tiny_config(tmp_path / "plain"))
+    assert not (tmp_path / "plain" / "tensorboard").exists()          # opt-in
+
+
+def test_tensorboard_without_the_package_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ValueError, match=r"--tensorboard needs the tensorboard package: pip install"):
+        tiny_config(tmp_path / "run", tensorboard=True)
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     # Cosine schedule, Ranger (Lookahead every 6 steps), augmentation and DataLoader workers: all of
     # them carry state across epochs that resume must restore.
