@@ -31,9 +31,11 @@ are rewritten after every finished run, so partial results are readable while it
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -384,10 +386,12 @@ def plan_steps(experiment: Experiment, data: str, out: Path) -> list[tuple[RunSp
 # --------------------------------------------------------------------------------------------------
 
 def reproduce(experiment: Experiment, data: str, out, *, command: str | None = None,
-              stop_after_steps: int | None = None) -> dict[str, Any]:
+              stop_after_steps: int | None = None, jobs: int = 1, threads: int | None = None) -> dict[str, Any]:
     """Run every step not yet done, then write the table and figures; returns table1.json's content.
 
-    stop_after_steps: return after running that many steps (tests use it to interrupt a run).
+    jobs: steps run at once, each in a process of its own with `threads` torch threads (default: the
+        usable CPUs shared out); 1 runs them here, one after the other.
+    stop_after_steps: return after running that many steps (tests use it to interrupt a run; jobs=1).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -398,7 +402,11 @@ def reproduce(experiment: Experiment, data: str, out, *, command: str | None = N
     unique = list({id(step): step for _, _, steps in plan for step in steps}.values())
     progress = Progress(sum(s.work for s in unique), sum(s.work for s in unique if s.is_done()))
     print(f"reproduce {experiment.name}: {len(plan)} runs, {len(unique)} steps, "
-          f"{sum(s.is_done() for s in unique)} already done; writing into {out}", file=sys.stderr, flush=True)
+          f"{sum(s.is_done() for s in unique)} already done; writing into {out}"
+          + (f"; {jobs} at a time" if jobs > 1 else ""), file=sys.stderr, flush=True)
+    if jobs > 1:
+        _run_in_parallel(plan, data, out, progress, jobs, threads)
+        return write_report(experiment, data, out, plan)
     ran = 0
     for spec, seed, steps in plan:
         for step in steps:
@@ -407,11 +415,99 @@ def reproduce(experiment: Experiment, data: str, out, *, command: str | None = N
             if stop_after_steps is not None and ran >= stop_after_steps:
                 return write_report(experiment, data, out, plan)
             print(f"[reproduce] {spec.label} seed {seed}: {step.description}", file=sys.stderr, flush=True)
-            record = step.action(progress)
-            _write_json(step.done_path, {"step": step.kind, **record})
+            _run_step(step, progress)
             ran += 1
         write_report(experiment, data, out, plan)
     return write_report(experiment, data, out, plan)
+
+
+def _run_step(step: Step, progress: Progress) -> None:
+    record = step.action(progress)
+    _write_json(step.done_path, {"step": step.kind, **record})
+
+
+def _predecessors(plan) -> dict[Path, set[Path]]:
+    """Each step's folder -> the folders of the steps that must be done first (its chains' earlier steps)."""
+    before: dict[Path, set[Path]] = {}
+    for _, _, steps in plan:
+        for index, step in enumerate(steps):
+            before.setdefault(step.folder, set()).update(s.folder for s in steps[:index])
+    return before
+
+
+class StepFailed(RuntimeError):
+    """A step run in a process of its own exited with an error."""
+
+
+def _run_in_parallel(plan, data: str, out: Path, progress: Progress, jobs: int, threads: int | None) -> None:
+    """Run the plan's unfinished steps, up to `jobs` at once, each as `cares reproduce --run-step` in a process
+    of its own, a step starting once the steps before it in its chains are done. Each process reads the
+    experiment from out/experiment.json and writes its step's done.json, as a serial run does, so a rerun
+    continues whatever an interrupted parallel run left. A failed step lets the running ones finish and then
+    raises StepFailed naming its log."""
+    import subprocess
+    steps = {step.folder: step for _, _, chain in plan for step in chain}
+    order = list(steps)                                  # the plan's order: supervised runs come first
+    before = _predecessors(plan)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    running: dict[Path, tuple[subprocess.Popen, Path]] = {}
+    failed: list[str] = []
+    while True:
+        ready = [folder for folder in order if not steps[folder].is_done() and folder not in running
+                 and all(steps[b].is_done() for b in before[folder])]
+        while ready and len(running) < jobs and not failed:
+            folder = ready.pop(0)
+            log = folder.parent / f"{folder.name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, "-m", "cares", "reproduce", "--out", str(out), "--data", str(data),
+                       "--threads", str(threads), "--run-step", str(folder)]
+            with open(log, "ab") as stream:
+                process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env,
+                                           preexec_fn=_die_with_parent)
+            running[folder] = (process, log)
+            print(f"[reproduce] started {steps[folder].description} ({len(running)} of {jobs} running; log {log})",
+                  file=sys.stderr, flush=True)
+        if not running:
+            break
+        time.sleep(0.2)
+        for folder, (process, log) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[folder]
+            if process.returncode == 0 and steps[folder].is_done():
+                progress.advance(steps[folder].work, f"done: {steps[folder].description}")
+            else:
+                failed.append(f"{steps[folder].description} (exit {process.returncode}; see {log})")
+    if failed:
+        raise StepFailed("step(s) failed: " + "; ".join(failed) + "; rerun the command to continue")
+
+
+def _die_with_parent() -> None:
+    """In a step's process (Linux): end it when `cares reproduce` dies, so a killed parent leaves no orphan
+    holding a run folder's lock; its last checkpoint stays for the rerun to resume."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_single_step(out: Path, data: str, folder: Path) -> None:
+    """`--run-step`: one step of the experiment recorded in out/experiment.json (the parallel runner's child)."""
+    experiment = experiment_from_dict(json.loads((out / "experiment.json").read_text()),
+                                      source=str(out / "experiment.json"))
+    plan = plan_steps(experiment, data, out)
+    steps = {step.folder: step for _, _, chain in plan for step in chain}
+    folder = Path(folder)
+    if folder not in steps:
+        raise ValueError(f"--run-step {str(folder)!r} is not a step of the experiment in {out}")
+    unfinished = [str(b) for b in _predecessors(plan)[folder] if not steps[b].is_done()]
+    if unfinished:
+        raise ValueError(f"--run-step {str(folder)!r}: the steps before it are not done: {unfinished}")
+    if not steps[folder].is_done():
+        _run_step(steps[folder], Progress(steps[folder].work, 0.0))
 
 
 def _run_record(out: Path, spec: RunSpec, seed: int, steps: list[Step]) -> dict[str, Any] | None:
@@ -618,7 +714,13 @@ def add_arguments(parser) -> None:
                                                       "default: $CARES_DATA_DIR or ../shared/data/covid-semiseg")
     parser.add_argument("--out", required=True, metavar="DIR", help="experiment folder; rerun to continue")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="torch threads (default: torch's choice; on a busy machine 1 can be faster)")
+                        help="torch threads (per step with --jobs; default: torch's choice, or the usable CPUs "
+                             "shared out between the jobs; on a busy machine 1 can be faster)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="run up to N trainings/evaluations at once, each in a process of its own "
+                             "(independent runs side by side: --jobs 2 on a 2-core machine); the results are "
+                             "those of --jobs 1")
+    parser.add_argument("--run-step", metavar="FOLDER", help=argparse.SUPPRESS)   # --jobs' child processes
 
 
 def run(args) -> int:
@@ -627,6 +729,15 @@ def run(args) -> int:
     import torch
 
     from cares.data import default_data_dir
+    if args.run_step is not None:                   # a child of --jobs: the parent checked everything
+        try:
+            if args.threads is not None:
+                torch.set_num_threads(args.threads)
+            run_single_step(Path(args.out), args.data, Path(args.run_step))
+        except (ValueError, FileNotFoundError) as err:
+            print(f"cares reproduce: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     try:
         experiment = load_experiment(args.preset, args.config)
         data = args.data or default_data_dir()
@@ -641,12 +752,17 @@ def run(args) -> int:
             if args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
+        if not (isinstance(args.jobs, int) and args.jobs >= 1):
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
         command = "cares reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
             if len(sys.argv) > 1 and sys.argv[1] == "reproduce" else None
-        table = reproduce(experiment, str(data), out, command=command)
+        table = reproduce(experiment, str(data), out, command=command, jobs=args.jobs, threads=args.threads)
     except (ValueError, FileNotFoundError) as err:
         print(f"cares reproduce: error: {err}", file=sys.stderr)
         return 2
+    except StepFailed as err:
+        print(f"cares reproduce: error: {err}", file=sys.stderr)
+        return 1
     print((Path(args.out) / "table1.md").read_text())
     unfinished = [row["label"] for row in table["rows"] if len(row["finished_seeds"]) < len(row["seeds"])]
     return 1 if unfinished else 0

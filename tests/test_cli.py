@@ -35,7 +35,7 @@ def test_subcommand_help(command, capsys):
                       "complexity": ["--models"],
                       "demo": ["--quick", "--out"],
                       "export": ["--checkpoint", "--format", "--out"],
-                      "reproduce": ["--preset", "--config", "--data", "--out", "--threads"]}[command]
+                      "reproduce": ["--preset", "--config", "--data", "--out", "--threads", "--jobs"]}[command]
     for flag in expected_flags:
         assert flag in text
     assert "(default: None)" not in " ".join(text.split())   # required flags and flags without a default

@@ -151,3 +151,40 @@ def test_cli_errors_are_one_line_with_rc_2(tmp_path):
                              str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "error: --preset 'nosuch' does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_parallel_jobs_give_the_serial_results_and_continue_after_a_failure(dataset, tmp_path):
+    """--jobs 2 runs independent steps side by side in processes of their own (semi steps wait for their
+    supervised run) and gets exactly the serial numbers; a failing step is reported with its log."""
+    import yaml
+    experiment = yaml.safe_load((ROOT / "cares" / "presets" / "tiny.yaml").read_text())
+    for run in experiment["runs"]:
+        run["seeds"] = [0, 1]
+    experiment["figure_slices"] = 0
+    config = tmp_path / "two-seeds.yaml"
+    config.write_text(yaml.safe_dump(experiment))
+
+    def command(out, *extra):
+        return subprocess.run([sys.executable, "-m", "cares", "reproduce", "--config", str(config), "--data",
+                               str(dataset), "--out", str(out), "--threads", "1", *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+    serial = command(tmp_path / "serial")
+    assert serial.returncode == 0, serial.stderr[-2000:]
+    parallel = command(tmp_path / "parallel", "--jobs", "2")
+    assert parallel.returncode == 0, parallel.stderr[-2000:]
+    assert "2 at a time" in parallel.stderr and "2 of 2 running" in parallel.stderr
+    tables = [json.loads((tmp_path / name / "table1.json").read_text()) for name in ("serial", "parallel")]
+    scores = [[[(r["seed"], r["protocols"]) for r in row["per_seed"]] for row in table["rows"]] for table in tables]
+    assert scores[0] == scores[1] and len(scores[0][1]) == 2            # bitwise the same metrics, both seeds
+    assert tables[0]["comparisons"][0]["protocols"] == tables[1]["comparisons"][0]["protocols"]
+    assert (tmp_path / "parallel" / "cares_unet" / "seed_1" / "train.log").is_file()
+
+    # A step that fails (its model's weights made unreadable) is named with its log; rerunning continues.
+    broken = tmp_path / "parallel"
+    for seed in (0, 1):
+        (broken / "semi_cares_unet" / f"seed_{seed}" / "eval" / "done.json").unlink()
+        (broken / "semi_cares_unet" / f"seed_{seed}" / "train" / "last.pt").write_bytes(b"garbage")
+    failed = command(broken, "--jobs", "2")
+    assert failed.returncode == 1 and "error: step(s) failed: evaluate" in failed.stderr
+    assert "see " in failed.stderr and "eval.log" in failed.stderr and "Traceback" not in failed.stderr.splitlines()[-1]
