@@ -1,0 +1,67 @@
+"""benchmarks/resamplers.py and its DySample baseline: the layer is right, and a tiny run writes every row."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import resamplers
+from benchmarks.dysample import STATIC_SCOPE, DySample
+
+
+@pytest.mark.parametrize("style, scale, groups", [("lp", 2, 4), ("pl", 2, 4), ("lp", 3, 2), ("pl", 2, 1)])
+def test_dysample_with_zero_offsets_is_bilinear_upsampling(style, scale, groups):
+    x = torch.randn(2, 36, 5, 7, dtype=torch.float64)
+    module = DySample(36, scale, style, groups).double()
+    torch.nn.init.zeros_(module.offset.weight)
+    expected = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(module(x), expected)
+
+
+@pytest.mark.parametrize("style", ["lp", "pl"])
+def test_dysample_offset_moves_the_sampling_point_of_its_group_and_axis(style):
+    """A constant x offset of one low-res pixel on group 0 shifts group 0's output by `scale` output
+    pixels (interior columns); the other group and the y axis are untouched."""
+    scale, groups, channels = 2, 2, 8
+    x = torch.randn(1, channels, 6, 9, dtype=torch.float64)
+    module = DySample(channels, scale, style, groups).double()
+    torch.nn.init.zeros_(module.offset.weight)
+    with torch.no_grad():
+        bias = module.offset.bias
+        per_axis_group = bias.numel() // (2 * groups)    # offset channels per (axis, group)
+        bias[:per_axis_group] = 1.0 / STATIC_SCOPE          # axis x, group 0: +1 low-res pixel
+    out = module(x)
+    plain = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+    half = channels // groups
+    torch.testing.assert_close(out[:, :half, :, 2:-4], plain[:, :half, :, 2 + scale:-4 + scale])
+    torch.testing.assert_close(out[:, half:], plain[:, half:])
+
+
+def test_dysample_refuses_bad_configurations():
+    with pytest.raises(ValueError, match="style"):
+        DySample(8, style="xy")
+    with pytest.raises(ValueError, match="divisible by groups"):
+        DySample(6, groups=4)
+    with pytest.raises(ValueError, match="scale\\^2"):
+        DySample(6, style="pl", groups=2)
+
+
+def test_tiny_run_writes_every_row(tmp_path, capsys):
+    out = tmp_path / "resamplers.json"
+    assert resamplers.main(["--shapes", "tiny", "--min-run-time", "0.01", "--threads", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["machine"]["torch"] == torch.__version__ and result["carafe_backends"] == ["cpu"]
+    names = {row["upsampler"] for row in result["rows"]}
+    assert names == {"carafe:cpu", "dysample_lp", "dysample_pl", "bilinear", "nearest", "deconv", "subpixel"}
+    assert len(result["rows"]) == 2 * len(names)
+    rows = {(row["upsampler"], row["mode"]): row for row in result["rows"]}
+    for (name, mode), row in rows.items():
+        assert row["ms"] > 0 and row["peak_bytes"] >= 0 and row["vs_carafe"] > 0
+        assert (row["flops"] > 0) == (name != "nearest"), name
+    assert rows["bilinear", "fwd"]["params"] == rows["nearest", "fwd"]["params"] == 0
+    assert rows["carafe:cpu", "fwd"]["vs_carafe"] == 1.0
+    # Forward+backward costs more FLOPs than forward, and the CARAFE op's own formula is counted.
+    assert rows["carafe:cpu", "fwdbwd"]["flops"] > rows["carafe:cpu", "fwd"]["flops"]
+    assert "carafe:cpu" in capsys.readouterr().out
