@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["carafe_reference", "carafe_fused_reference", "normalize_mask_logits", "carafe_unfold"]
+__all__ = ["carafe_reference", "carafe_fused_reference", "normalize_mask_logits", "carafe_unfold",
+           "down_output_size", "carafe_down_reference", "carafe_down_fused_reference", "normalize_down_mask_logits",
+           "carafe_down_unfold"]
 
 
 def normalize_mask_logits(mask_logits: torch.Tensor, kernel_size: int, group_size: int,
@@ -76,3 +78,59 @@ def carafe_unfold(features: torch.Tensor, masks: torch.Tensor, kernel_size: int,
     unfolded = unfolded.view(N, G, C // G, k * k, H * s, W * s)
     return torch.einsum("ngckyx,ngkyx->ngcyx", unfolded,
                         masks.view(N, G, k * k, H * s, W * s)).reshape(N, C, H * s, W * s)
+
+
+# --------------------------------------------------------------------------------------------------
+# Content-aware downsampling (CARAFE++)
+# --------------------------------------------------------------------------------------------------
+
+def down_output_size(size: int, scale_factor: int) -> int:
+    """ceil(size / s): the output size of a stride-s convolution with padding k // 2 (odd k)."""
+    return -(-size // scale_factor)
+
+
+def normalize_down_mask_logits(mask_logits: torch.Tensor, kernel_size: int, group_size: int) -> torch.Tensor:
+    """(N, G*k*k, Ho, Wo) logits -> masks of the same shape: a softmax over each group's k*k taps."""
+    n, _, ho, wo = mask_logits.shape
+    k2 = kernel_size * kernel_size
+    return mask_logits.reshape(n, group_size, k2, ho, wo).softmax(dim=2).reshape(n, group_size * k2, ho, wo)
+
+
+def carafe_down_reference(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,
+                          scale_factor: int) -> torch.Tensor:
+    """out[n, c, i, j] = sum_{ky,kx} features[n, c, s*i + ky - r, s*j + kx - r] * masks[n, g*k*k + ky*k + kx, i, j].
+
+    One strided view of the zero-padded features per tap, multiplied by that tap's masks and accumulated
+    into the (N, G, C/G, Ho, Wo) output: no unfold intermediate, the zero-padded input and two output-sized tensors at most."""
+    k, G, s = kernel_size, group_size, scale_factor
+    N, C, H, W = features.shape
+    r = (k - 1) // 2
+    Ho, Wo = down_output_size(H, s), down_output_size(W, s)
+    padded = F.pad(features, (r, r, r, r)).view(N, G, C // G, H + 2 * r, W + 2 * r)
+    # masks (N, G*k*k, Ho, Wo) -> k*k tensors (N, G, 1, Ho, Wo), one per tap (unbind: one backward node).
+    tap_masks = masks.reshape(N, G, k * k, Ho, Wo).permute(2, 0, 1, 3, 4).unsqueeze(3).unbind(0)
+    acc = None
+    for tap, tap_mask in enumerate(tap_masks):
+        ky, kx = divmod(tap, k)
+        # Rows s*i + ky for i < Ho: the last one, s*(Ho-1) + ky <= H - 1 + 2r, lies inside the padding.
+        window = padded[:, :, :, ky:ky + s * (Ho - 1) + 1:s, kx:kx + s * (Wo - 1) + 1:s]
+        acc = window * tap_mask if acc is None else acc.addcmul(window, tap_mask)
+    return acc.reshape(N, C, Ho, Wo)
+
+
+def carafe_down_fused_reference(features: torch.Tensor, mask_logits: torch.Tensor, kernel_size: int,
+                                group_size: int, scale_factor: int) -> torch.Tensor:
+    """carafe_down(features, softmax over each group's taps of mask_logits): what every fused kernel computes."""
+    masks = normalize_down_mask_logits(mask_logits, kernel_size, group_size)
+    return carafe_down_reference(features, masks, kernel_size, group_size, scale_factor)
+
+
+def carafe_down_unfold(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,
+                       scale_factor: int) -> torch.Tensor:
+    """The unofficial implementations' formulation: F.unfold at stride s (a (N, C*k*k, Ho*Wo) intermediate),
+    multiply, sum. Only the baseline for tests and benchmarks."""
+    k, G, s = kernel_size, group_size, scale_factor
+    N, C, H, W = features.shape
+    Ho, Wo = down_output_size(H, s), down_output_size(W, s)
+    unfolded = F.unfold(features, k, padding=(k - 1) // 2, stride=s).view(N, G, C // G, k * k, Ho, Wo)
+    return torch.einsum("ngckyx,ngkyx->ngcyx", unfolded, masks.view(N, G, k * k, Ho, Wo)).reshape(N, C, Ho, Wo)
