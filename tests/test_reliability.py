@@ -381,10 +381,14 @@ def test_predict_keeps_inputs_that_share_a_stem_apart(tmp_path, capsys):
     write_volume(inputs / "vol.nii", np.full((8, 8, 2), -1000.0, np.float32))
     write_volume(inputs / "vol.nii.gz", np.full((8, 8, 2), 500.0, np.float32))
     out = tmp_path / "out"
-    (out / "masks").mkdir(parents=True)
-    (out / "masks" / "stale.png").write_bytes(b"from an earlier run")
+    earlier = tmp_path / "earlier"   # an earlier predict into the same --out leaves masks/stale.png.png
+    earlier.mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(earlier / "stale.png")
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(earlier), "--out", str(out)]) == 0
+    capsys.readouterr()
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--out", str(out)]) == 0
     assert "for 5 input(s)" in capsys.readouterr().err
+    assert (out / "masks" / "stale.png.png").is_file()   # the earlier run's files are left alone
     manifest = json.loads((out / "manifest.json").read_text())
     masks = {Path(e["input"]).name: e["mask"] for e in manifest["inputs"]}
     assert len(set(masks.values())) == 5 and manifest["written"] == 5 and manifest["failed"] == 0
