@@ -97,7 +97,8 @@ def evaluate(checkpoint, data, split: str = "test", out=None, *, tta: bool = Fal
     claim = None
     if out is not None:  # checked before the inference time, not after it
         claim = claim_output(out, OWNER, OUTPUT_ENTRIES, mode="update",
-                             inputs=[("--checkpoint", checkpoint)] + [("--data", f) for f in dataset_files(dataset)])
+                             inputs=[("--checkpoint", checkpoint), ("--data", data)],
+                             input_files=[("--data", f) for f in dataset_files(dataset)])
     print(f"evaluating {describe_checkpoint(state, checkpoint)} on {data} [{split}], {len(dataset)} images",
           file=sys.stderr)
 

@@ -122,7 +122,8 @@ def predict(checkpoint, input_path, out, *, threshold: float = 0.5, tta: bool = 
     # Files of an earlier predict in --out are overwritten when an input has the same name; anything
     # else there, and the inputs themselves, never.
     claim = claim_output(out, OWNER, OUTPUT_ENTRIES, mode="update",
-                         inputs=[("--checkpoint", checkpoint)] + [("--input", p) for p in images + volumes])
+                         inputs=[("--checkpoint", checkpoint), ("--input", input_path)],
+                         input_files=[("--input", p) for p in images + volumes])
     out = claim.folder
     model, state, torch_device = load_trained_model(checkpoint, device)
     claim.take()

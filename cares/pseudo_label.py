@@ -112,7 +112,8 @@ def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
     # --out may not hold the slices being labelled (--input R --split unlabeled --out R/unlabeled would
     # replace R/unlabeled/Imgs), and --overwrite replaces only an earlier pseudo-label's own outputs.
     claim = claim_output(out, OWNER, OUTPUT_ENTRIES, mode="replace" if overwrite else "new",
-                         inputs=[("--checkpoint", checkpoint)] + [("--input", f) for f in dataset_files(dataset)],
+                         inputs=[("--checkpoint", checkpoint), ("--input", source)],
+                         input_files=[("--input", f) for f in dataset_files(dataset)],
                          remedy="pass --overwrite to replace them, or choose another --out")
     claim.take()   # only now that everything has been checked
     image_dir, mask_dir = out / "Imgs", out / "GT"

@@ -152,26 +152,45 @@ def read_owners(folder) -> dict[str, str]:
     return {str(name): str(owner) for name, owner in record["entries"].items()}
 
 
-def check_apart(out, inputs: Iterable[tuple[str, object]], flag: str = "--out") -> None:
-    """Raise ValueError when `out` is, or contains, one of the command's inputs: (flag, path) pairs,
-    files or folders. Paths that do not exist ('synthetic', a run not yet written) are skipped.
-    An input's folder is resolved (links, ..) but not its last component: deleting a link removes the
-    link, not what it points to."""
+def check_apart(out, inputs: Iterable[tuple[str, object]] = (), entries: Iterable[str] = (),
+                input_files: Iterable[tuple[str, object]] = (), flag: str = "--out") -> None:
+    """Raise ValueError when writing `entries` into `out` could overwrite or delete an input:
+    - `out` is one of `inputs` (the paths named on the command line, (flag, path) pairs), or holds an
+      input folder;
+    - an input, named or read (`input_files`, e.g. a dataset's slices), lies in one of `entries`.
+    An input file elsewhere in `out` is allowed (`cares evaluate --checkpoint run/last.pt --out run`).
+    Paths that do not exist ('synthetic', a run not yet written) are skipped. An input's folder is
+    resolved (links, ..) but not its last component: deleting a link removes the link, not its target."""
     out_path = Path(out).resolve()
+    targets = [out_path / name for name in entries]
     resolved: dict[Path, Path] = {}
-    for input_flag, path in inputs:
-        if path is None:
-            continue
-        path = Path(path)
-        if not os.path.lexists(path):
-            continue
+
+    def located(path: Path) -> Path:
         if path.parent not in resolved:
             resolved[path.parent] = path.parent.resolve()
-        where = resolved[path.parent] / path.name
-        if where == out_path or out_path in where.parents:
-            raise ValueError(f"{flag} {str(out)!r} {'is' if where == out_path else 'contains'} {input_flag} "
-                             f"{str(path)!r}, an input of this command; a command never writes where its inputs "
-                             f"are (it could overwrite or delete them): choose an {flag} outside them")
+        return resolved[path.parent] / path.name
+
+    def refuse(input_flag, path, how):
+        raise ValueError(f"{flag} {str(out)!r} {how} {input_flag} {str(path)!r}, an input of this command; a "
+                         f"command never writes where its inputs are (it could overwrite or delete them): choose "
+                         f"another {flag}")
+
+    named = [(f, Path(p)) for f, p in inputs if p is not None]
+    for input_flag, path in named:
+        if not os.path.lexists(path):
+            continue
+        where = located(path)
+        if where == out_path:
+            refuse(input_flag, path, "is")
+        if out_path in where.parents and path.is_dir():
+            refuse(input_flag, path, "contains")
+    for input_flag, path in named + [(f, Path(p)) for f, p in input_files]:
+        if not targets or not os.path.lexists(path):
+            continue
+        where = located(path)
+        for target in targets:
+            if where == target or target in where.parents:
+                refuse(input_flag, path, f"would get {target.name}{'/' if target.is_dir() else ''} written over")
 
 
 def _entry_names(folder: Path, names: Iterable[str], owners: dict[str, str] | None = None) -> str:
@@ -211,14 +230,15 @@ class OutputClaim:
 
 
 def claim_output(out, owner: str, entries: Iterable[str], *, mode: str = "new",
-                 inputs: Iterable[tuple[str, object]] = (), flag: str = "--out",
-                 remedy: str | None = None) -> OutputClaim:
+                 inputs: Iterable[tuple[str, object]] = (), input_files: Iterable[tuple[str, object]] = (),
+                 flag: str = "--out", remedy: str | None = None) -> OutputClaim:
     """The one check every cares command makes before writing into `out`; writes nothing itself.
 
     owner: the command ("cares train"); entries: the names directly in `out` it writes (files or
-    folders). Refused (ValueError) when `out` is unusable (check_output_dir), when it is or contains one
-    of `inputs` (check_apart), and when an entry already there was not created by `owner` according to
-    the folder's ownership record. Then, by mode, for entries of an earlier run of `owner`:
+    folders). Refused (ValueError) when `out` is unusable (check_output_dir), when its entries could
+    land on one of the command's `inputs` (named on the command line) or `input_files` (read by it; see
+    check_apart), and when an entry already there was not created by `owner` according to the folder's
+    ownership record. Then, by mode, for entries of an earlier run of `owner`:
         new      refused, with `remedy` (say, "pass --resume to continue it") in the message
         update   kept and overwritten as the command goes (resume, a second predict into the folder)
         replace  deleted by take() (--overwrite)
@@ -229,7 +249,7 @@ def claim_output(out, owner: str, entries: Iterable[str], *, mode: str = "new",
     if OWNER_FILE in entries:
         raise ValueError(f"{OWNER_FILE} is the ownership record, not an output")
     out = check_output_dir(out, flag)
-    check_apart(out, inputs, flag)
+    check_apart(out, inputs, entries, input_files, flag)
     owners = read_owners(out) if out.is_dir() else {}
     present = [name for name in entries if os.path.lexists(out / name)]
     foreign = [name for name in present if owners.get(name) != owner]

@@ -359,9 +359,9 @@ def _claim_run_dir(config: TrainConfig, run_dir: Path, training_set, validation_
     mode = "new"
     if config.resume:
         mode = "update" if (run_dir / "last.pt").is_file() else "replace"
-    inputs = ([("--data", f) for f in dataset_files(training_set, validation_set)]
-              + [("--init-from", config.init_from)])
+    inputs = [("--data", config.data), ("--pseudo", config.pseudo), ("--init-from", config.init_from)]
     return claim_output(run_dir, OWNER, RUN_ENTRIES, mode=mode, inputs=inputs,
+                        input_files=[("--data", f) for f in dataset_files(training_set, validation_set)],
                         remedy="pass --resume to continue it or choose another --out")
 
 
