@@ -615,7 +615,7 @@ def test_claim_output_replaces_only_what_its_owner_wrote(tmp_path):
 FORKED_LOCK_HOLDER = """
 import os, signal, sys, time
 from cares.runtime import RunLock
-RunLock(sys.argv[1]).acquire()
+lock = RunLock(sys.argv[1]).acquire()
 child = os.fork()
 if child == 0:
     os.close(1), os.close(2)    # so the test reads the parent's output to its end; .lock stays open
@@ -664,6 +664,8 @@ def test_resume_right_after_sigkill_of_a_run_with_dataloader_workers(tmp_path):
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
+    with runtime.RunLock(out):   # free at once, while the orphaned workers may still be alive
+        pass
     resumed = subprocess.run(args + ["--resume"], env=subprocess_env(), cwd=tmp_path, capture_output=True,
                              text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
