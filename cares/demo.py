@@ -8,7 +8,8 @@ No data to download: cares.data's synthetic slices (lungs, vessels, ground-glass
     3. report.md       metrics table, loss curve, qualitative figure, model complexity
 
 Output (--out, default runs/demo): report.md, loss_curve.png, qualitative.png, metrics.json,
-metrics.md, train/ (the run folder: checkpoints, log.csv, config.yaml).
+metrics.md, train/ (the run folder: checkpoints, log.csv, config.yaml). --overwrite replaces only the
+files an earlier demo wrote there, as its .cares-owner.json records (cares.runtime.claim_output).
 
 On CPU the demo uses a narrower CARes-UNet (the base_channels option), and small
 images, so that it ends within 10 minutes on 2 cores; --quick shrinks everything for tests.
@@ -76,8 +77,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--minutes", type=float, default=None, metavar="M", help="override the training time budget")
     parser.add_argument("--seed", type=int, default=0, help="seed of the run")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an earlier demo in --out (only what a demo wrote there: train/, report.md, "
-                             "loss_curve.png, and the evaluation files)")
+                        help="replace an earlier demo in --out: only what a demo wrote there (its train/, "
+                             "report.md, loss_curve.png and evaluation files), never a folder it did not write")
 
 
 def run_demo(out="runs/demo", *, quick: bool = False, device: str = "auto", epochs: int | None = None,

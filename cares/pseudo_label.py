@@ -86,8 +86,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--log-base", type=parse_log_base, default=DEFAULT_LOG_BASE,
                         help="base of the entropy's logarithm: 2 (max entropy 1), e, 10, ...")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability at or above which a pixel is lesion")
-    parser.add_argument("--overwrite", action="store_true", help="replace the Imgs/, GT/ and summary.json of an earlier pseudo-label in --out (never files it did "
-                             "not write, nor its own --input)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the Imgs/, GT/ and summary.json of an earlier pseudo-label in --out (never "
+                             "files it did not write, nor its own --input)")
 
 
 def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
