@@ -1,5 +1,6 @@
 """What every cares command shares at run time: atomic file writes, the output-folder checks (ownership
-of what is there, distance from the inputs) and lock, device and mixed-precision choices, seed derivation, and progress reporting.
+of what is there, distance from the inputs) and lock, device and mixed-precision choices, seed
+derivation, and progress reporting.
 
 Kept free of model and data code so that any module can import it.
 """
