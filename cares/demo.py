@@ -8,7 +8,8 @@ No data to download: cares.data's synthetic slices (lungs, vessels, ground-glass
     3. report.md       metrics table, loss curve, qualitative figure, model complexity
 
 Output (--out, default runs/demo): report.md, loss_curve.png, qualitative.png, metrics.json,
-metrics.md, train/ (the run folder: checkpoints, log.csv, config.yaml).
+metrics.md, train/ (the run folder: checkpoints, log.csv, config.yaml). --overwrite replaces only the
+files an earlier demo wrote there, as its .cares-owner.json records (cares.runtime.claim_output).
 
 On CPU the demo uses a narrower CARes-UNet (the base_channels option), and small
 images, so that it ends within 10 minutes on 2 cores; --quick shrinks everything for tests.
@@ -29,6 +30,11 @@ import torch
 HELP = ("Train CARes-UNet for a few minutes on synthetic CT slices (no download), evaluate it on a "
         "synthetic test split and write report.md with a metrics table, loss curve, qualitative figure "
         "and complexity line into --out. Ends within 10 minutes on 2 CPU cores; --quick for a smoke test.")
+
+# What the demo writes into --out itself (see cares.runtime.claim_output); metrics.json, metrics.md,
+# qualitative.png and figures/ there are `cares evaluate`'s.
+OWNER = "cares demo"
+OUTPUT_ENTRIES = ("train", "report.md", "loss_curve.png")
 
 # Option name of the CARes-UNet width (channels of the first encoder block; the paper's is 64).
 WIDTH_OPTION = "base_channels"
@@ -70,7 +76,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--epochs", type=int, default=None, metavar="N", help="override the plan's epochs")
     parser.add_argument("--minutes", type=float, default=None, metavar="M", help="override the training time budget")
     parser.add_argument("--seed", type=int, default=0, help="seed of the run")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier demo in --out: only what a demo wrote there (its train/, "
+                             "report.md, loss_curve.png and evaluation files), never a folder it did not write")
 
 
 def run_demo(out="runs/demo", *, quick: bool = False, device: str = "auto", epochs: int | None = None,
@@ -78,8 +86,8 @@ def run_demo(out="runs/demo", *, quick: bool = False, device: str = "auto", epoc
     """Train, evaluate and write the report; returns {"report", "metrics", "seconds", "epochs"}."""
     from cares.complexity import count_compute, count_parameters
     from cares.config import resolve_config
-    from cares.runtime import resolve_device
-    from cares.evaluate import evaluate
+    from cares.runtime import claim_output, resolve_device
+    from cares.evaluate import OUTPUT_ENTRIES as EVALUATE_ENTRIES, OWNER as EVALUATE_OWNER, evaluate
     from cares.inference import load_trained_model
     from cares.train import train
 
@@ -93,10 +101,13 @@ def run_demo(out="runs/demo", *, quick: bool = False, device: str = "auto", epoc
     if minutes is not None:
         plan = dataclasses.replace(plan, minutes=minutes)
     run_dir = out / "train"
-    if run_dir.exists():
-        if not overwrite:
-            raise ValueError(f"--out {str(out)!r} already holds a demo run; pass --overwrite or choose another --out")
-        shutil.rmtree(run_dir)
+    # --overwrite replaces only what an earlier demo wrote (its ownership record says so): never a
+    # train/ of `cares train`, nor a dataset root's train/. evaluate's outputs are checked now too, so
+    # that a refusal comes before the training minutes, not after them.
+    claim = claim_output(out, OWNER, OUTPUT_ENTRIES, mode="replace" if overwrite else "new",
+                         remedy="pass --overwrite to replace them, or choose another --out")
+    claim_output(out, EVALUATE_OWNER, EVALUATE_ENTRIES, mode="update")
+    claim.take()
 
     options = {WIDTH_OPTION: plan.width}
     config = resolve_config(dict(
@@ -169,9 +180,8 @@ def write_report(out: Path, config, result, metrics, plan: DemoPlan, parameters:
         "config.yaml, log.csv and the checkpoints (`cares evaluate --checkpoint train/best.pt ...`).",
         "",
     ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    from cares.runtime import atomic_write_bytes
+    return atomic_write_bytes(out / "report.md", "\n".join(lines).encode())
 
 
 def run(args) -> int:

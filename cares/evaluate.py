@@ -28,6 +28,10 @@ HELP = ("Evaluate a checkpoint on a labelled split: Dice, sensitivity, specifici
         "and MAE per image and as mean +- std, under the Inf-Net toolbox protocol and at threshold 0.5, "
         "each at the ground truth's own size. Writes metrics.json, metrics.md and Fig. 6-style figures.")
 
+# What the command writes into --out (see cares.runtime.claim_output).
+OWNER = "cares evaluate"
+OUTPUT_ENTRIES = ("metrics.json", "metrics.md", "qualitative.png", "figures")
+
 METRIC_TITLES = {"dice": "Dice", "sensitivity": "Sen", "specificity": "Spe", "s_measure": "S-alpha",
                  "e_measure": "E-mean", "mae": "MAE"}
 PROTOCOL_NOTES = {
@@ -80,17 +84,21 @@ def evaluate(checkpoint, data, split: str = "test", out=None, *, tta: bool = Fal
     from cares.figures import qualitative_figure
     from cares.inference import describe_checkpoint, load_trained_model, predict_probabilities
     from cares.metrics import PROTOCOLS, image_metrics, summarize
-    from cares.runtime import atomic_write_bytes, check_output_dir, progress
+    from cares.runtime import atomic_write_bytes, claim_output, progress
+    from cares.sampling import dataset_files
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if figures < 0:
         raise ValueError(f"--figures must be >= 0, got {figures}")
-    if out is not None:
-        check_output_dir(out)  # before the inference time, not after it
     model, state, torch_device = load_trained_model(checkpoint, device)
     image_size = state["input"]["image_size"]
     dataset = native_size_dataset(data, split, image_size, synthetic_samples=synthetic_samples)
+    claim = None
+    if out is not None:  # checked before the inference time, not after it
+        claim = claim_output(out, OWNER, OUTPUT_ENTRIES, mode="update",
+                             inputs=[("--checkpoint", checkpoint), ("--data", data)],
+                             input_files=[("--data", f) for f in dataset_files(dataset)])
     print(f"evaluating {describe_checkpoint(state, checkpoint)} on {data} [{split}], {len(dataset)} images",
           file=sys.stderr)
 
@@ -122,9 +130,8 @@ def evaluate(checkpoint, data, split: str = "test", out=None, *, tta: bool = Fal
         "provenance": machine_info(),  # commit, torch version and machine of this result
         "per_image": rows,
     }
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+    if claim is not None:
+        out = claim.take()
         atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=2) + "\n").encode())
         atomic_write_bytes(out / "metrics.md", metrics_markdown(result).encode())
         if examples:

@@ -9,6 +9,7 @@ CARAFE backend the checkpoint was trained with. After writing, the model is run 
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import torch
 
 HELP = ("Export a checkpoint to ONNX (dynamic batch and spatial size, standard operators only; CARAFE "
         "included) and check it in onnxruntime against PyTorch.")
+
+# What the command writes (see cares.runtime.claim_output): the --out file, in its folder.
+OWNER = "cares export"
 
 DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
 # Relative error above which the onnxruntime check fails: fp32 reorderings stay orders of magnitude below.
@@ -55,12 +59,22 @@ def verify_onnx(path, model: torch.nn.Module, example: torch.Tensor) -> float:
 
 def run(args) -> int:
     from cares.checkpoint import build_model_from_checkpoint, load_checkpoint
+    from cares.runtime import claim_output
 
+    out = Path(args.out)
+    try:
+        # The model file may replace only an earlier export's (never the checkpoint, nor a user's file).
+        claim = claim_output(out.parent, OWNER, (out.name,), mode="update", flag="--out's folder",
+                             inputs=[("--checkpoint", args.checkpoint)])
+    except ValueError as err:
+        print(f"cares export: error: {err}", file=sys.stderr)
+        return 2
     state = load_checkpoint(args.checkpoint)
     model = build_model_from_checkpoint(state, "cpu")
     size = state["input"]["image_size"]
     example = torch.randn(2, state["model"]["in_channels"], size, size, generator=torch.Generator().manual_seed(0))
-    path = export_onnx(model, example, args.out, opset=args.opset)
+    claim.take()
+    path = export_onnx(model, example, out, opset=args.opset)
     print(f"wrote {path} (input 'image' (batch, {state['model']['in_channels']}, height, width), output 'logits'; "
           f"exported at {size}x{size})")
     if args.no_verify:

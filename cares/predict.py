@@ -15,7 +15,8 @@ stem (scan.png and scan.jpg, vol.nii and vol.nii.gz) never overwrite each other:
 
 A file that cannot be predicted (unreadable, NaN/inf pixels, non-finite output) is reported by name;
 the others are still predicted, and the command exits with status 1. Files from earlier runs in
---out are left alone and are not in manifest.json.
+--out are left alone and are not in manifest.json. --out may not hold the inputs, nor probabilities/,
+masks/ or manifest.json that an earlier `cares predict` did not write (cares.runtime.claim_output).
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ import numpy as np
 import torch
 
 from cares.data.nifti import DEFAULT_WINDOW_LEVEL, DEFAULT_WINDOW_WIDTH
+
+# What the command writes into --out (see cares.runtime.claim_output).
+OWNER = "cares predict"
+OUTPUT_ENTRIES = ("probabilities", "masks", "manifest.json")
 
 HELP = ("Predict lesion masks with a checkpoint for PNG/JPG slices or NIfTI volumes (a file or a folder). "
         "Writes soft probability maps stored as 8-bit 0-255 (= probability 0-1) and binary masks at each "
@@ -107,15 +112,21 @@ def predict(checkpoint, input_path, out, *, threshold: float = 0.5, tta: bool = 
     from cares.data import load_image, read_nifti, save_png, window_hu, write_nifti
     from cares.inference import (describe_checkpoint, failed_item, load_trained_model, predict_probabilities,
                                  probability_to_uint8)
-    from cares.runtime import atomic_write_bytes, check_output_dir, progress
+    from cares.runtime import atomic_write_bytes, claim_output, progress
 
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {threshold}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    out = check_output_dir(out)
     images, volumes = find_inputs(input_path)
+    # Files of an earlier predict in --out are overwritten when an input has the same name; anything
+    # else there, and the inputs themselves, never.
+    claim = claim_output(out, OWNER, OUTPUT_ENTRIES, mode="update",
+                         inputs=[("--checkpoint", checkpoint), ("--input", input_path)],
+                         input_files=[("--input", p) for p in images + volumes])
+    out = claim.folder
     model, state, torch_device = load_trained_model(checkpoint, device)
+    claim.take()
     settings = state["input"]
     print(f"predicting with {describe_checkpoint(state, checkpoint)}: {len(images)} slice(s), "
           f"{len(volumes)} volume(s)", file=sys.stderr)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,10 @@ import numpy as np
 HELP = ("Semi-supervised step: predict unlabeled slices and keep a prediction as a pseudo label when its "
         "mean per-pixel binary entropy is below --entropy-threshold (log base --log-base; base 2 makes the "
         "maximum 1). Writes DIR/Imgs, DIR/GT and DIR/summary.json; then `cares train --pseudo DIR`.")
+
+# What the command writes into --out (see cares.runtime.claim_output).
+OWNER = "cares pseudo-label"
+OUTPUT_ENTRIES = ("Imgs", "GT", "summary.json")
 
 DEFAULT_ENTROPY_THRESHOLD = 0.6
 DEFAULT_LOG_BASE = 2.0
@@ -83,7 +86,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--log-base", type=parse_log_base, default=DEFAULT_LOG_BASE,
                         help="base of the entropy's logarithm: 2 (max entropy 1), e, 10, ...")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability at or above which a pixel is lesion")
-    parser.add_argument("--overwrite", action="store_true", help="replace the Imgs/ and GT/ of an existing --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the Imgs/, GT/ and summary.json of an earlier pseudo-label in --out (never "
+                             "files it did not write, nor its own --input)")
 
 
 def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
@@ -94,23 +99,27 @@ def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
     from cares.data import save_png
     from cares.evaluate import native_size_dataset
     from cares.inference import SafeItems, describe_checkpoint, load_trained_model, predict_probabilities
-    from cares.runtime import atomic_write_bytes, check_output_dir, progress
+    from cares.runtime import atomic_write_bytes, check_output_dir, claim_output, progress
+    from cares.sampling import dataset_files
 
     if not entropy_threshold > 0:
         raise ValueError(f"--entropy-threshold must be > 0, got {entropy_threshold}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {threshold}")
-    out = check_output_dir(out)
-    image_dir, mask_dir = out / "Imgs", out / "GT"
-    if any(d.is_dir() and any(d.iterdir()) for d in (image_dir, mask_dir)) and not overwrite:
-        raise ValueError(f"--out {str(out)!r} already holds pseudo labels; choose a new folder or pass --overwrite")
-
+    out = check_output_dir(out)  # an unusable --out is reported before the model is loaded
     model, state, torch_device = load_trained_model(checkpoint, device)
     image_size = state["input"]["image_size"]
     dataset = native_size_dataset(source, split, image_size, labeled=False)
-    if overwrite:  # only now that everything has been checked
-        shutil.rmtree(image_dir, ignore_errors=True)
-        shutil.rmtree(mask_dir, ignore_errors=True)
+    # --out may not hold the slices being labelled (--input R --split unlabeled --out R/unlabeled would
+    # replace R/unlabeled/Imgs), and --overwrite replaces only an earlier pseudo-label's own outputs.
+    claim = claim_output(out, OWNER, OUTPUT_ENTRIES, mode="replace" if overwrite else "new",
+                         inputs=[("--checkpoint", checkpoint), ("--input", source)],
+                         input_files=[("--input", f) for f in dataset_files(dataset)],
+                         remedy="pass --overwrite to replace them, or choose another --out")
+    claim.take()   # only now that everything has been checked
+    image_dir, mask_dir = out / "Imgs", out / "GT"
+    image_dir.mkdir()
+    mask_dir.mkdir()
     print(f"pseudo-labelling {len(dataset)} slices of {source} [{split}] with "
           f"{describe_checkpoint(state, checkpoint)}", file=sys.stderr)
 

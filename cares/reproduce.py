@@ -19,14 +19,18 @@ Folder layout under --out:
     <run>/seed_<s>/pseudo/         semi runs only: `cares pseudo-label` output
     <run>/seed_<s>/eval/           `cares evaluate` output (metrics.json, metrics.md, figures)
     <step folder>/done.json        written last by each finished step, with its wall time
-    experiment.yaml                the experiment as run;  command.txt  the command line
+    experiment.json                every setting of the experiment as run;  command.txt  the command line
     table1.md, table1.json         mean +- std over seeds per run and protocol, the paper's numbers
                                    beside them, wall time per run, commit, torch and machine
     qualitative.png                the models side by side on the same test slices
     loss_curves.png                training loss per epoch of every run
 
 Resuming: every step is skipped when its done.json exists, and a killed training resumes from its
-last.pt, so rerunning the same command after a kill continues where it stopped. The table and figures
+last.pt, so rerunning the same command after a kill continues where it stopped. experiment.json
+records the whole experiment (the data, the experiment file, and every setting of every step, defaults
+included); a rerun into an --out that holds a different experiment is refused, so no step of one
+experiment is ever reported under another's name. (Refusing, rather than rerunning the changed steps:
+a changed shared setting changes every step anyway, and a refusal never deletes finished work.) The table and figures
 are rewritten after every finished run, so partial results are readable while it runs.
 """
 from __future__ import annotations
@@ -46,7 +50,8 @@ HELP = ("Reproduce the paper's Table 1: train, (pseudo-label and retrain,) and e
         "experiment for each seed, then write table1.md/json (mean +- std over seeds under both protocols, "
         "the paper's numbers beside them), a qualitative figure and loss curves. Presets: "
         "paper (a GPU, the paper's settings), h200 (one H200 in minutes), cpu (a 2-core CPU in <= 90 minutes), "
-        "tiny (a smoke test). Rerun the same command to continue after an interruption.")
+        "tiny (a smoke test). Rerun the same command to continue after an interruption; an --out that holds "
+        "a different experiment (another preset, data or any setting) is refused.")
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -70,6 +75,11 @@ METRICS = ("dice", "sensitivity", "specificity", "s_measure", "e_measure", "mae"
 METRIC_TITLES = {"dice": "Dice", "sensitivity": "Sen", "specificity": "Spe", "s_measure": "S-alpha",
                  "e_measure": "E-mean", "mae": "MAE"}
 PROTOCOL_TITLES = {"infnet": "Inf-Net toolbox protocol (the paper's)", "threshold": "threshold 0.5"}
+# What the command writes into --out itself, besides one folder per run (see cares.runtime.claim_output).
+OWNER = "cares reproduce"
+OUTPUT_ENTRIES = ("experiment.json", "command.txt", "table1.md", "table1.json", "qualitative.png", "loss_curves.png")
+EXPERIMENT_FORMAT = "cares-experiment"
+_DESCRIPTION = "experiment.description"
 # Relative cost of one image in inference vs one training step (forward + backward + update), for the ETA.
 INFERENCE_COST = 1 / 3
 
@@ -255,6 +265,7 @@ class Step:
     work: float                     # estimated cost in training-image units, for the ETA
     action: Callable[["Progress"], dict[str, Any]]
     description: str
+    settings: dict[str, Any] = field(default_factory=dict)   # every setting of the step (experiment.json)
 
     @property
     def done_path(self) -> Path:
@@ -321,6 +332,10 @@ def plan_steps(experiment: Experiment, data: str, out: Path) -> list[tuple[RunSp
         sizes["unlabeled"] = _dataset_size(data, experiment.pseudo_label.get("split", "unlabeled"))
     planned: dict[Path, Step] = {}
 
+    def relative(path) -> str | None:
+        """A path inside --out as recorded in experiment.json: relative, so --out may be spelt either way."""
+        return None if path is None else str(Path(path).relative_to(out))
+
     def train_step(config, semi: bool) -> Step:
         folder = Path(config.out)
         if folder in planned:
@@ -336,7 +351,9 @@ def plan_steps(experiment: Experiment, data: str, out: Path) -> list[tuple[RunSp
             return {"epochs": result.epochs_done, "train_seconds": sum(r["seconds"] for r in result.history),
                     "seconds_this_attempt": time.monotonic() - started}
 
-        step = Step("train", folder, per_epoch * config.epochs, action, f"train {folder}")
+        settings = {**config.to_dict(), "out": None, "pseudo": relative(config.pseudo),
+                    "init_from": relative(config.init_from)}
+        step = Step("train", folder, per_epoch * config.epochs, action, f"train {folder}", settings)
         planned[folder] = step
         return step
 
@@ -346,7 +363,8 @@ def plan_steps(experiment: Experiment, data: str, out: Path) -> list[tuple[RunSp
             evaluate(checkpoint, data, "test", folder, figures=0, **experiment.evaluate)
             progress.advance(sizes["test"] * INFERENCE_COST, f"evaluated {checkpoint}")
             return {"seconds": time.monotonic() - started}
-        return Step("evaluate", folder, sizes["test"] * INFERENCE_COST, action, f"evaluate {checkpoint}")
+        return Step("evaluate", folder, sizes["test"] * INFERENCE_COST, action, f"evaluate {checkpoint}",
+                    {"checkpoint": relative(checkpoint), "split": "test", **experiment.evaluate})
 
     def pseudo_step(checkpoint: Path, folder: Path) -> Step:
         settings = {"amp": "off", **experiment.pseudo_label}
@@ -357,7 +375,8 @@ def plan_steps(experiment: Experiment, data: str, out: Path) -> list[tuple[RunSp
             progress.advance(sizes["unlabeled"] * INFERENCE_COST,
                              f"pseudo-labelled: kept {summary['kept']} of {summary['total']}")
             return {"seconds": time.monotonic() - started, "kept": summary["kept"], "total": summary["total"]}
-        return Step("pseudo-label", folder, sizes["unlabeled"] * INFERENCE_COST, action, f"pseudo-label into {folder}")
+        return Step("pseudo-label", folder, sizes["unlabeled"] * INFERENCE_COST, action, f"pseudo-label into {folder}",
+                    {"checkpoint": relative(checkpoint), **settings})
 
     plan = []
     for spec in experiment.runs:
@@ -393,12 +412,21 @@ def reproduce(experiment: Experiment, data: str, out, *, command: str | None = N
         usable CPUs shared out); 1 runs them here, one after the other.
     stop_after_steps: return after running that many steps (tests use it to interrupt a run; jobs=1).
     """
+    from cares.runtime import claim_output
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "experiment.json", experiment.to_dict())
+    plan = plan_steps(experiment, data, out)
+    # Finished steps are reused only by the same experiment: --out records every setting of every step,
+    # and a different experiment there is refused (not merged, not rerun step by step).
+    claim = claim_output(out, OWNER, OUTPUT_ENTRIES + tuple(spec.name for spec in experiment.runs), mode="update",
+                         inputs=[("--data", data)])
+    record = experiment_record(experiment, data, out, plan)
+    saved_path = out / "experiment.json"
+    if saved_path.is_file():
+        check_same_experiment(saved_path, record)
+    claim.take()
+    _write_json(saved_path, record)
     if command is not None:
         (out / "command.txt").write_text(command + "\n")
-    plan = plan_steps(experiment, data, out)
     unique = list({id(step): step for _, _, steps in plan for step in steps}.values())
     progress = Progress(sum(s.work for s in unique), sum(s.work for s in unique if s.is_done()))
     print(f"reproduce {experiment.name}: {len(plan)} runs, {len(unique)} steps, "
@@ -422,7 +450,9 @@ def reproduce(experiment: Experiment, data: str, out, *, command: str | None = N
 
 
 def _run_step(step: Step, progress: Progress) -> None:
+    from cares.runtime import claim_output
     record = step.action(progress)
+    claim_output(step.folder, OWNER, ("done.json",), mode="update").take()
     _write_json(step.done_path, {"step": step.kind, **record})
 
 
@@ -496,9 +526,12 @@ def _die_with_parent() -> None:
 
 def run_single_step(out: Path, data: str, folder: Path) -> None:
     """`--run-step`: one step of the experiment recorded in out/experiment.json (the parallel runner's child)."""
-    experiment = experiment_from_dict(json.loads((out / "experiment.json").read_text()),
-                                      source=str(out / "experiment.json"))
+    saved_path = out / "experiment.json"
+    saved = json.loads(saved_path.read_text())
+    experiment = experiment_from_dict(saved.get("experiment") if isinstance(saved, dict) else None,
+                                      source=str(saved_path))
     plan = plan_steps(experiment, data, out)
+    check_same_experiment(saved_path, experiment_record(experiment, data, out, plan))
     steps = {step.folder: step for _, _, chain in plan for step in chain}
     folder = Path(folder)
     if folder not in steps:
@@ -508,6 +541,50 @@ def run_single_step(out: Path, data: str, folder: Path) -> None:
         raise ValueError(f"--run-step {str(folder)!r}: the steps before it are not done: {unfinished}")
     if not steps[folder].is_done():
         _run_step(steps[folder], Progress(steps[folder].work, 0.0))
+
+
+def experiment_record(experiment: Experiment, data: str, out: Path, plan) -> dict[str, Any]:
+    """experiment.json: the experiment, the data, and every setting of every step (the resolved
+    training configs with their defaults, so a changed default is a changed experiment too)."""
+    steps = {}
+    for _, _, run_steps in plan:
+        for step in run_steps:
+            steps[str(step.folder.relative_to(out))] = {"step": step.kind, **step.settings}
+    record = {"format": EXPERIMENT_FORMAT, "version": 1, "data": str(data), "experiment": experiment.to_dict(),
+              "steps": steps}
+    return json.loads(json.dumps(record))   # as read back from the file (tuples become lists)
+
+
+def check_same_experiment(path: Path, record: dict[str, Any]) -> None:
+    """Raise ValueError, naming the first differences, when `path` records another experiment."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{str(path)!r} cannot be read ({err}); choose another --out") from None
+    if not isinstance(saved, dict) or saved.get("format") != EXPERIMENT_FORMAT:
+        raise ValueError(f"{str(path)!r} does not record a whole experiment (written by an older cares reproduce?), "
+                         "so its finished steps cannot be checked against this one: choose another --out")
+    # The description is prose, not a setting: rewording a preset's does not change its experiment.
+    old, new = _flatten(saved), _flatten(record)
+    old.pop(_DESCRIPTION, None), new.pop(_DESCRIPTION, None)
+    if old == new:
+        return
+    changed = [key for key in sorted(set(old) | set(new)) if old.get(key, "(absent)") != new.get(key, "(absent)")]
+    shown = "; ".join(f"{key}: {old.get(key, '(absent)')!r} there, {new.get(key, '(absent)')!r} now"
+                      for key in changed[:4])
+    more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
+    raise ValueError(f"--out {str(path.parent)!r} holds another experiment ({shown}{more}); its finished steps "
+                     "are not reused for a different one: rerun with the same settings to continue it, or choose "
+                     "another --out")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        flat = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
 
 
 def _run_record(out: Path, spec: RunSpec, seed: int, steps: list[Step]) -> dict[str, Any] | None:

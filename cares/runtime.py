@@ -1,15 +1,20 @@
-"""What every cares command shares at run time: atomic file writes, the output-folder check and lock,
-device and mixed-precision choices, seed derivation, and progress reporting.
+"""What every cares command shares at run time: atomic file writes, the output-folder checks (ownership
+of what is there, distance from the inputs) and lock, device and mixed-precision choices, seed
+derivation, and progress reporting.
 
 Kept free of model and data code so that any module can import it.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
+import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
@@ -119,17 +124,166 @@ def check_output_dir(path, flag: str = "--out") -> Path:
     return path
 
 
+# --------------------------------------------------------------------------------------------------
+# What a command may write, overwrite or delete (docs/design.md#output-folders-and-ownership)
+# --------------------------------------------------------------------------------------------------
+
+# The ownership record of a folder: which of its entries (files or folders directly in it) which cares
+# command created. A command writes it before its first output, so every entry listed was created by
+# that command; it is the only proof a command accepts before it overwrites or deletes anything.
+OWNER_FILE = ".cares-owner.json"
+_OWNER_FORMAT = "cares-owner"
+CLAIM_MODES = ("new", "update", "replace")
+
+
+def read_owners(folder) -> dict[str, str]:
+    """{entry name: command} from `folder`'s ownership record ({} when it has none)."""
+    path = Path(folder) / OWNER_FILE
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"the ownership record {str(path)!r} cannot be read ({err}); without it no command "
+                         "overwrites anything in that folder: choose another folder") from None
+    if not (isinstance(record, dict) and record.get("format") == _OWNER_FORMAT
+            and isinstance(record.get("entries"), dict)):
+        raise ValueError(f"{str(path)!r} is not a cares ownership record (format {_OWNER_FORMAT!r}); "
+                         "choose another folder")
+    return {str(name): str(owner) for name, owner in record["entries"].items()}
+
+
+def check_apart(out, inputs: Iterable[tuple[str, object]] = (), entries: Iterable[str] = (),
+                input_files: Iterable[tuple[str, object]] = (), flag: str = "--out") -> None:
+    """Raise ValueError when writing `entries` into `out` could overwrite or delete an input:
+    - `out` is one of `inputs` (the paths named on the command line, (flag, path) pairs), or holds an
+      input folder;
+    - an input, named or read (`input_files`, e.g. a dataset's slices), lies in one of `entries`.
+    An input file elsewhere in `out` is allowed (`cares evaluate --checkpoint run/last.pt --out run`).
+    Paths that do not exist ('synthetic', a run not yet written) are skipped. An input's folder is
+    resolved (links, ..) but not its last component: deleting a link removes the link, not its target."""
+    out_path = Path(out).resolve()
+    targets = [out_path / name for name in entries]
+    resolved: dict[Path, Path] = {}
+
+    def located(path: Path) -> Path:
+        if path.parent not in resolved:
+            resolved[path.parent] = path.parent.resolve()
+        return resolved[path.parent] / path.name
+
+    def refuse(input_flag, path, how):
+        raise ValueError(f"{flag} {str(out)!r} {how} {input_flag} {str(path)!r}, an input of this command; a "
+                         f"command never writes where its inputs are (it could overwrite or delete them): choose "
+                         f"another {flag}")
+
+    named = [(f, Path(p)) for f, p in inputs if p is not None]
+    for input_flag, path in named:
+        if not os.path.lexists(path):
+            continue
+        where = located(path)
+        if where == out_path:
+            refuse(input_flag, path, "is")
+        if out_path in where.parents and path.is_dir():
+            refuse(input_flag, path, "contains")
+    for input_flag, path in named + [(f, Path(p)) for f, p in input_files]:
+        if not targets or not os.path.lexists(path):
+            continue
+        where = located(path)
+        for target in targets:
+            if where == target or target in where.parents:
+                refuse(input_flag, path, f"would get {target.name}{'/' if target.is_dir() else ''} written over")
+
+
+def _entry_names(folder: Path, names: Iterable[str], owners: dict[str, str] | None = None) -> str:
+    shown = []
+    for name in names:
+        text = name + ("/" if (folder / name).is_dir() else "")
+        if owners is not None:
+            text += f" (written by {owners[name]})" if name in owners else f" (not in {OWNER_FILE})"
+        shown.append(text)
+    return ", ".join(shown)
+
+
+@dataclass(frozen=True)
+class OutputClaim:
+    """What claim_output allowed a command to do in a folder; take() it before the first write."""
+    folder: Path
+    owner: str
+    entries: tuple[str, ...]
+    remove: tuple[str, ...]      # entries of an earlier run of the same command, deleted by take()
+
+    def take(self) -> Path:
+        """Delete the entries to replace, then record this command as the owner of all its entries."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for name in self.remove:
+            target = self.folder / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        owners = read_owners(self.folder)
+        owners.update({name: self.owner for name in self.entries})
+        record = {"format": _OWNER_FORMAT, "version": 1,
+                  "note": "entries of this folder created by cares commands: the only files they overwrite or delete",
+                  "entries": dict(sorted(owners.items()))}
+        atomic_write_bytes(self.folder / OWNER_FILE, (json.dumps(record, indent=2) + "\n").encode())
+        return self.folder
+
+
+def claim_output(out, owner: str, entries: Iterable[str], *, mode: str = "new",
+                 inputs: Iterable[tuple[str, object]] = (), input_files: Iterable[tuple[str, object]] = (),
+                 flag: str = "--out", remedy: str | None = None) -> OutputClaim:
+    """The one check every cares command makes before writing into `out`; writes nothing itself.
+
+    owner: the command ("cares train"); entries: the names directly in `out` it writes (files or
+    folders). Refused (ValueError) when `out` is unusable (check_output_dir), when its entries could
+    land on one of the command's `inputs` (named on the command line) or `input_files` (read by it; see
+    check_apart), and when an entry already there was not created by `owner` according to the folder's
+    ownership record. Then, by mode, for entries of an earlier run of `owner`:
+        new      refused, with `remedy` (say, "pass --resume to continue it") in the message
+        update   kept and overwritten as the command goes (resume, a second predict into the folder)
+        replace  deleted by take() (--overwrite)
+    """
+    if mode not in CLAIM_MODES:
+        raise ValueError(f"mode must be one of {CLAIM_MODES}, got {mode!r}")
+    entries = tuple(entries)
+    if OWNER_FILE in entries:
+        raise ValueError(f"{OWNER_FILE} is the ownership record, not an output")
+    out = check_output_dir(out, flag)
+    check_apart(out, inputs, entries, input_files, flag)
+    owners = read_owners(out) if out.is_dir() else {}
+    present = [name for name in entries if os.path.lexists(out / name)]
+    foreign = [name for name in present if owners.get(name) != owner]
+    if foreign:
+        raise ValueError(f"{flag} {str(out)!r} already holds {_entry_names(out, foreign, owners)}, which {owner} "
+                         f"did not write; it overwrites and deletes only what it wrote: choose another {flag} "
+                         "(or move those files away)")
+    if present and mode == "new":
+        raise ValueError(f"{flag} {str(out)!r} already holds {_entry_names(out, present)} from an earlier {owner}"
+                         + (f"; {remedy}" if remedy else f"; choose another {flag}"))
+    return OutputClaim(out, owner, entries, tuple(present) if mode == "replace" else ())
+
+
 class RunInUseError(ValueError):
     """Another live process holds the folder's lock."""
+
+
+# The (device, inode) of every .lock file this process holds: POSIX record locks belong to a process,
+# so a second lockf on the same file in this process would succeed, and closing a second descriptor of
+# it would drop the lock; RunLock therefore checks this set before it opens the file.
+_HELD_LOCKS: set[tuple[int, int]] = set()
 
 
 class RunLock:
     """An exclusive lock on an output folder, held until release() or the end of the process.
 
-    Implemented with fcntl.flock on <folder>/.lock (POSIX only; on other platforms the lock is a no-op).
-    The operating system drops a flock when its process dies, however it dies, so a killed run never
-    leaves a stale lock behind and `--resume` can take the folder over at once. The file holds the
-    holder's pid for the error message a second writer gets.
+    Implemented with a POSIX record lock (fcntl.lockf) on <folder>/.lock (POSIX only; on other
+    platforms the lock is a no-op). A record lock belongs to the process that took it: the operating
+    system drops it when that process dies, however it dies, and children forked while it is held
+    (DataLoader workers, which may outlive a killed parent by seconds) do not inherit it, unlike a
+    flock, which every inherited descriptor keeps alive. So a killed run never leaves a lock behind and
+    `--resume` can take the folder over at once. The file holds the holder's pid for the error message
+    a second writer gets.
     """
 
     FILE_NAME = ".lock"
@@ -137,6 +291,11 @@ class RunLock:
     def __init__(self, folder, flag: str = "--out"):
         self.folder, self.flag = Path(folder), flag
         self._file = None
+        self._key: tuple[int, int] | None = None
+
+    def _in_use(self, holder: str) -> RunInUseError:
+        return RunInUseError(f"{self.flag} {str(self.folder)!r} is in use by another run (pid {holder}); "
+                             "wait for it to finish or choose another folder")
 
     def acquire(self) -> "RunLock":
         try:
@@ -144,26 +303,36 @@ class RunLock:
         except ImportError:  # not POSIX: no locking (documented in the README)
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
-        handle = open(self.folder / self.FILE_NAME, "a+")
+        path = self.folder / self.FILE_NAME
+        with contextlib.suppress(FileNotFoundError):
+            status = os.stat(path)
+            if (status.st_dev, status.st_ino) in _HELD_LOCKS:
+                raise self._in_use(str(os.getpid()))
+        handle = open(path, "a+")
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                handle.close()
+                raise
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise RunInUseError(f"{self.flag} {str(self.folder)!r} is in use by another run (pid {holder}); "
-                                "wait for it to finish or choose another folder") from None
+            handle.close()   # this process holds no lock on the file, so closing it drops none
+            raise self._in_use(holder) from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
-        self._file = handle
+        status = os.fstat(handle.fileno())
+        self._file, self._key = handle, (status.st_dev, status.st_ino)
+        _HELD_LOCKS.add(self._key)
         return self
 
     def release(self) -> None:
         if self._file is not None:
-            self._file.close()  # closing the descriptor drops the flock
-            self._file = None
+            self._file.close()  # closing the descriptor drops the record lock
+            _HELD_LOCKS.discard(self._key)
+            self._file, self._key = None, None
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

@@ -100,6 +100,19 @@ def leaf_datasets(dataset: Dataset):
         yield dataset
 
 
+def dataset_files(*datasets: Dataset | None) -> list:
+    """The files the datasets read: their leaves' image, mask and volume paths (none for synthetic
+    data), for the check that an output folder holds none of a command's inputs (runtime.check_apart)."""
+    files = []
+    for dataset in datasets:
+        if dataset is None:
+            continue
+        for leaf in leaf_datasets(dataset):
+            for attribute in ("image_paths", "mask_paths", "volume_paths"):
+                files.extend(getattr(leaf, attribute, None) or ())
+    return files
+
+
 def set_dataset_epoch(dataset: Dataset, epoch: int) -> None:
     """Call set_epoch(epoch) on every augmenting dataset inside Subset / ConcatDataset wrappers
     (augmentation of item i in epoch e is then a function of (seed, e, i), in any worker)."""

@@ -12,7 +12,9 @@ Run folder (--out):
     log.csv         one row per epoch: loss, validation Dice, learning rate, time, throughput
     loss_curve.png  training loss and validation Dice per epoch
     folds.json      with --fold all: the best validation Dice of each fold and their mean
-    .lock           held (fcntl.flock) while a run writes here: a second run into the folder is refused
+    .lock           held (fcntl.lockf) while a run writes here: a second run into the folder is refused
+    .cares-owner.json  which of these files cares train created (cares.runtime.claim_output): a new run
+                    is refused while any of them is there, and no file it did not create is overwritten
 
 Before anything is written, every setting, the model and its options, the folder and (with --resume)
 the checkpoint's fit are checked, so a refused run leaves the folder as it was. See
@@ -55,9 +57,9 @@ from cares.config import TrainConfig, add_train_arguments, resolve_config, save_
 from cares.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, barrier,
                                broadcast_object, init_distributed, shutdown)
 from cares.inference import predict_probabilities
-from cares.runtime import (RunLock, atomic_write_bytes, autocast_context, check_output_dir, derive_seed,
-                           resolve_amp, resolve_channels_last)
-from cares.sampling import EpochSampler, cache_in_memory, kfold_split, set_dataset_epoch
+from cares.runtime import (OutputClaim, RunLock, atomic_write_bytes, autocast_context, check_output_dir, claim_output,
+                           derive_seed, resolve_amp, resolve_channels_last)
+from cares.sampling import EpochSampler, cache_in_memory, dataset_files, kfold_split, set_dataset_epoch
 
 HELP = ("Train a segmentation model (CARes-UNet by default, with the paper's settings: 256x256, Ranger "
         "lr 5e-4, weight decay 1e-4, batch 4, Dice + BCE). Settings come from flags or --config FILE.yaml "
@@ -344,9 +346,12 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
 
     lock = _lock_run_dir(run_dir, context)
     try:
-        resumed = _agree(context, lambda: _resume_state(config, run_dir, model, optimizer, scheduler, scaler),
-                         cleanup=lock.abandon)
+        def check() -> tuple[OutputClaim | None, _Resumed]:
+            claim = _claim_run_dir(config, run_dir, training_set, validation_set) if context.is_main else None
+            return claim, _resume_state(config, run_dir, model, optimizer, scheduler, scaler)
+        claim, resumed = _agree(context, check, cleanup=lock.abandon)
         if context.is_main:
+            claim.take()
             remove_orphaned_temp_files(run_dir)   # a killed save's; safe, the lock is ours
             save_yaml(run_dir / "config.yaml", settings)
         return _train_epochs(config, settings, context, started, resumed, model, optimizer, scheduler, scaler,
@@ -354,6 +359,25 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
                              stop_after_epoch, on_epoch_end)
     finally:
         lock.release()
+
+
+# What a run writes into --out (see cares.runtime.claim_output); .lock is the RunLock's.
+OWNER = "cares train"
+RUN_ENTRIES = ("config.yaml", "last.pt", "best.pt", "log.csv", "loss_curve.png", "tensorboard")
+
+
+def _claim_run_dir(config: TrainConfig, run_dir: Path, training_set, validation_set) -> OutputClaim:
+    """The run folder's ownership check (main process, under the lock). A new run is refused when any
+    file a run writes is already there (a stale best.pt or log.csv would sit beside the new last.pt);
+    --resume continues the earlier run's files, or, when it finds no last.pt to continue, replaces them.
+    Files that cares train did not write, and the run's inputs, are never overwritten."""
+    mode = "new"
+    if config.resume:
+        mode = "update" if (run_dir / "last.pt").is_file() else "replace"
+    inputs = [("--data", config.data), ("--pseudo", config.pseudo), ("--init-from", config.init_from)]
+    return claim_output(run_dir, OWNER, RUN_ENTRIES, mode=mode, inputs=inputs,
+                        input_files=[("--data", f) for f in dataset_files(training_set, validation_set)],
+                        remedy="pass --resume to continue it or choose another --out")
 
 
 @dataclass
@@ -418,10 +442,7 @@ def _resume_state(config: TrainConfig, run_dir: Path, model, optimizer, schedule
     """Load last.pt into the model, optimizer, scheduler and scaler when --resume finds one; raise
     ValueError (before anything is written) when it does not fit this run."""
     last_path = run_dir / "last.pt"
-    if not config.resume:
-        if last_path.exists():
-            raise ValueError(f"--out {str(run_dir)!r} already holds a run (last.pt); pass --resume to continue "
-                             "it or choose another --out")
+    if not config.resume:   # a folder holding a run was refused by _claim_run_dir
         return _Resumed()
     if not last_path.is_file():
         print(f"no checkpoint in {run_dir} yet: starting a new run", file=sys.stderr)
@@ -694,7 +715,14 @@ def train_all_folds(config: TrainConfig, context: DistributedContext | None = No
     check_output_dir(run_dir)
     lock = _lock_run_dir(run_dir, context)
     try:
+        # The folds' inputs are checked by each fold's own run (fold_<i> is a run folder).
+        entries = ("config.yaml", "folds.json", *(f"fold_{fold}" for fold in range(config.folds)))
+        claim = _agree(context, lambda: claim_output(
+            run_dir, OWNER, entries, mode="update" if config.resume else "new",
+            remedy="pass --resume to continue it or choose another --out") if context.is_main else None,
+            cleanup=lock.abandon)
         if context.is_main:
+            claim.take()
             save_yaml(run_dir / "config.yaml", config)
         return _train_folds(config, context, run_dir)
     finally:

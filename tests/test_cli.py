@@ -106,3 +106,14 @@ def test_demo_quick(tmp_path):
         assert piece in report
     for name in ("loss_curve.png", "qualitative.png", "metrics.json", "train/best.pt"):
         assert (tmp_path / "demo" / name).is_file()
+
+    # A second demo into the folder needs --overwrite, which replaces only what the first one wrote.
+    (tmp_path / "demo" / "notes.txt").write_text("mine")
+    again = ["-m", "cares", "demo", "--quick", "--out", str(tmp_path / "demo"), "--epochs", "2"]
+    refused = subprocess.run([sys.executable, *again], capture_output=True, text=True, env=subprocess_env(),
+                             cwd=REPO_ROOT, timeout=300)
+    assert refused.returncode == 2 and "from an earlier cares demo; pass --overwrite" in refused.stderr
+    replaced = subprocess.run([sys.executable, *again, "--overwrite"], capture_output=True, text=True,
+                              env=subprocess_env(), cwd=REPO_ROOT, timeout=300)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert "(2 epochs)" in replaced.stdout and (tmp_path / "demo" / "notes.txt").read_text() == "mine"

@@ -381,10 +381,14 @@ def test_predict_keeps_inputs_that_share_a_stem_apart(tmp_path, capsys):
     write_volume(inputs / "vol.nii", np.full((8, 8, 2), -1000.0, np.float32))
     write_volume(inputs / "vol.nii.gz", np.full((8, 8, 2), 500.0, np.float32))
     out = tmp_path / "out"
-    (out / "masks").mkdir(parents=True)
-    (out / "masks" / "stale.png").write_bytes(b"from an earlier run")
+    earlier = tmp_path / "earlier"   # an earlier predict into the same --out leaves masks/stale.png.png
+    earlier.mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(earlier / "stale.png")
+    assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(earlier), "--out", str(out)]) == 0
+    capsys.readouterr()
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--out", str(out)]) == 0
     assert "for 5 input(s)" in capsys.readouterr().err
+    assert (out / "masks" / "stale.png.png").is_file()   # the earlier run's files are left alone
     manifest = json.loads((out / "manifest.json").read_text())
     masks = {Path(e["input"]).name: e["mask"] for e in manifest["inputs"]}
     assert len(set(masks.values())) == 5 and manifest["written"] == 5 and manifest["failed"] == 0
@@ -451,3 +455,219 @@ def test_model_options_parse_the_same_from_flags_and_brackets():
     for text in ("dropout=1e-3", "base_channels=16", "upsampler=deconv", "flag=true"):
         key, value = _model_option(text)
         assert parse_model_spec(f"fcn[{text}]")[1] == {key: value}
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. No command deletes or overwrites a file it did not write, nor writes where its inputs are
+#    (cares.runtime.claim_output; issue 23)
+# --------------------------------------------------------------------------------------------------
+
+def snapshot(folder):
+    """Every file under `folder` (hidden ones included) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def write_labelled_split(root, split="train", count=2):
+    for index in range(count):
+        for kind in ("Imgs", "GT"):
+            (root / split / kind).mkdir(parents=True, exist_ok=True)
+            value = 255 * index if kind == "GT" else 100 * index
+            Image.fromarray(np.full((16, 16), value, np.uint8)).save(root / split / kind / f"{index}.png")
+    return root
+
+
+def test_demo_overwrite_keeps_a_training_run_and_a_dataset_root(tmp_path, capsys):
+    """Item 1: `cares demo --out runs --overwrite` deleted runs/train (a `cares train` run) and a dataset
+    root's train/Imgs and train/GT; without --overwrite it called them "a demo run"."""
+    runs = tmp_path / "runs"
+    assert main(TRAIN + ["--model", TINY_MODEL, "--out", str(runs / "train")]) == 0
+    data = write_labelled_split(tmp_path / "data")
+    for out in (runs, data):
+        before = snapshot(out)
+        for extra in ([], ["--overwrite"]):
+            capsys.readouterr()
+            rc = main(["demo", "--quick", "--out", str(out), *extra])
+            assert_one_line_error(capsys, rc, "train/", "which cares demo did not write")
+            assert snapshot(out) == before
+
+
+def test_pseudo_label_never_deletes_its_input(tmp_path, capsys):
+    """Item 2: --out R/unlabeled --overwrite deleted R/unlabeled/Imgs before reading it, and --out X
+    --input X/Imgs deleted X/GT; without --overwrite the message said "already holds pseudo labels"."""
+    checkpoint = str(write_checkpoint(tmp_path / "best.pt"))
+    root = tmp_path / "R"
+    for index in range(2):
+        (root / "unlabeled" / "Imgs").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16), 200, np.uint8)).save(root / "unlabeled" / "Imgs" / f"{index}.png")
+    write_labelled_split(tmp_path, "X")
+    cases = [(["--input", str(root), "--split", "unlabeled", "--out", str(root / "unlabeled")], root,
+              "would get Imgs/ written over"),
+             (["--input", str(tmp_path / "X" / "Imgs"), "--out", str(tmp_path / "X")], tmp_path / "X",
+              "contains --input")]
+    for args, folder, message in cases:
+        before = snapshot(folder)
+        for extra in ([], ["--overwrite"]):
+            capsys.readouterr()
+            rc = main(["pseudo-label", "--checkpoint", checkpoint, *args, *extra])
+            assert_one_line_error(capsys, rc, message)
+            assert snapshot(folder) == before
+    # A folder whose GT/ is not a pseudo-label's: --overwrite does not delete it either.
+    other = write_labelled_split(tmp_path / "other", "Y")
+    before = snapshot(other)
+    capsys.readouterr()
+    rc = main(["pseudo-label", "--checkpoint", checkpoint, "--input", str(root), "--out", str(other / "Y"),
+               "--overwrite"])
+    assert_one_line_error(capsys, rc, "GT/", "which cares pseudo-label did not write")
+    assert snapshot(other) == before
+
+
+def test_pseudo_label_says_what_it_wrote(tmp_path, capsys):
+    """It printed "wrote .../Imgs, GT/" when no folder existed; both now exist, even when none is kept."""
+    checkpoint = str(write_checkpoint(tmp_path / "best.pt"))
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.fromarray(np.full((16, 16), 128, np.uint8)).save(images / "gray.png")   # uncertain: not kept
+    out = tmp_path / "pseudo"
+    assert main(["pseudo-label", "--checkpoint", checkpoint, "--input", str(images), "--out", str(out)]) == 0
+    assert "kept 0 of 1" in capsys.readouterr().err
+    assert (out / "Imgs").is_dir() and (out / "GT").is_dir() and (out / "summary.json").is_file()
+
+
+def test_a_new_run_is_refused_while_any_file_of_an_earlier_run_is_there(tmp_path, capsys, monkeypatch):
+    """Item 6: the guard looked at last.pt only, so a new run without validation left an old model's
+    best.pt beside its last.pt, and overwrote log.csv silently."""
+    out = tmp_path / "run"
+    fake_validation(monkeypatch, [0.5, 0.4])
+    assert main(TRAIN + ["--model", TINY_MODEL, "--val-split", "val", "--out", str(out)]) == 0
+    (out / "last.pt").unlink()            # an old model's best.pt and log.csv are left
+    before = snapshot(out)
+    capsys.readouterr()
+    rc = main(TRAIN + ["--model", TINY_MODEL, "--out", str(out)])
+    assert_one_line_error(capsys, rc, "best.pt", "from an earlier cares train", "--resume")
+    assert snapshot(out) == before
+    # --resume finds no last.pt to continue: it starts afresh (with the saved settings), replacing the files.
+    assert main(TRAIN + ["--model", TINY_MODEL, "--out", str(out), "--resume"]) == 0
+    best, last = best_and_last(out)
+    assert best["best_val_dice"] == last["best_val_dice"] == 0.4 and last["epoch"] == 1
+
+    # Files that cares train did not write are refused even with --resume.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "log.csv").write_text("my own log")
+    for extra in ([], ["--resume"]):
+        capsys.readouterr()
+        rc = main(TRAIN + ["--model", TINY_MODEL, "--out", str(mine), *extra])
+        assert_one_line_error(capsys, rc, "log.csv", "which cares train did not write")
+        assert (mine / "log.csv").read_text() == "my own log" and not (mine / "config.yaml").exists()
+
+
+def test_commands_refuse_an_out_where_their_inputs_are(tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "run" / "best.pt")
+    data = write_labelled_split(tmp_path / "data", "test")
+    images = data / "test" / "Imgs"
+    cases = [
+        (["predict", "--checkpoint", str(checkpoint), "--input", str(images), "--out", str(images)], "is --input"),
+        (["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(data)], "is --data"),
+        (["evaluate", "--checkpoint", str(checkpoint), "--data", str(data / "test"), "--split", "x",
+          "--out", str(tmp_path)], "contains --data"),
+        (TRAIN + ["--model", POINTWISE_MODEL, "--init-from", str(checkpoint), "--out", str(checkpoint.parent)],
+         "would get best.pt written over"),
+        (["export", "--checkpoint", str(checkpoint), "--out", str(checkpoint)], "would get best.pt written over"),
+    ]
+    for args, message in cases:
+        (tmp_path / "run" / ".lock").unlink(missing_ok=True)  # the lock train takes before it checks (a pid)
+        before = snapshot(tmp_path)
+        capsys.readouterr()
+        assert_one_line_error(capsys, main(args), message)
+        (tmp_path / "run" / ".lock").unlink(missing_ok=True)
+        assert snapshot(tmp_path) == before, args
+    # A checkpoint elsewhere in --out is no obstacle: evaluate writes only metrics.json, metrics.md, figures.
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(checkpoint.parent),
+                 "--figures", "0"]) == 0
+    assert (checkpoint.parent / "metrics.json").is_file()
+
+
+def test_claim_output_replaces_only_what_its_owner_wrote(tmp_path):
+    out = tmp_path / "out"
+    runtime.claim_output(out, "cares x", ("a", "b.txt"), mode="new").take()
+    (out / "a").mkdir()
+    (out / "a" / "1").write_text("x's")
+    (out / "b.txt").write_text("x's")
+    (out / "c.txt").write_text("a user's")
+    assert runtime.read_owners(out) == {"a": "cares x", "b.txt": "cares x"}
+    with pytest.raises(ValueError, match=r"already holds a/, b.txt from an earlier cares x; pass --again"):
+        runtime.claim_output(out, "cares x", ("a", "b.txt"), remedy="pass --again")
+    with pytest.raises(ValueError, match=r"b.txt \(written by cares x\), which cares y did not write"):
+        runtime.claim_output(out, "cares y", ("b.txt",), mode="replace")
+    with pytest.raises(ValueError, match=r"c.txt \(not in .cares-owner.json\), which cares x did not write"):
+        runtime.claim_output(out, "cares x", ("a", "c.txt"), mode="replace")
+    runtime.claim_output(out, "cares x", ("a", "b.txt"), mode="replace").take()
+    assert sorted(p.name for p in out.iterdir()) == [".cares-owner.json", "c.txt"]
+    runtime.claim_output(out, "cares y", ("d",), mode="update").take()        # a second owner in the folder
+    assert runtime.read_owners(out) == {"a": "cares x", "b.txt": "cares x", "d": "cares y"}
+    (out / runtime.OWNER_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="cannot be read"):
+        runtime.claim_output(out, "cares x", ("a",), mode="update")
+
+
+# The script of a run holding the output lock when it is killed, with a forked child still alive (as
+# DataLoader workers are, for a few seconds, after their parent is killed).
+FORKED_LOCK_HOLDER = """
+import os, signal, sys, time
+from cares.runtime import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+child = os.fork()
+if child == 0:
+    os.close(1), os.close(2)    # so the test reads the parent's output to its end; .lock stays open
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_lock_of_a_killed_run_is_not_held_by_its_forked_children(tmp_path):
+    """Item 7: fcntl.flock is shared with forked children, so orphaned DataLoader workers held .lock
+    for seconds after a kill -9, and --resume was refused naming the dead pid."""
+    out = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", FORKED_LOCK_HOLDER, str(out)], env=subprocess_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    child = int(killed.stdout)
+    try:
+        os.kill(child, 0)                 # the child is alive, and still has the lock file open
+        with runtime.RunLock(out):        # yet the folder is free at once
+            with pytest.raises(runtime.RunInUseError, match=f"pid {os.getpid()}"):
+                runtime.RunLock(out).acquire()     # a second lock in this process is refused too
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_resume_right_after_sigkill_of_a_run_with_dataloader_workers(tmp_path):
+    """Item 7 end to end: SIGKILL `cares train --num-workers 2` while its workers run, then --resume at once."""
+    launcher = write_launcher(tmp_path)
+    out = tmp_path / "run"
+    args = [sys.executable, str(launcher), "train", "--data", "synthetic", "--synthetic-samples", "64",
+            "--image-size", "32", "--model", TINY_MODEL, "--batch-size", "2", "--epochs", "3",
+            "--num-workers", "2", "--out", str(out)]
+    first = subprocess.Popen(args, env=subprocess_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        children = Path(f"/proc/{first.pid}/task/{first.pid}/children")
+        deadline = time.monotonic() + 120
+        # Killed during epoch 2, when last.pt exists and the DataLoader workers are running.
+        while time.monotonic() < deadline and first.poll() is None and not (
+                (out / "last.pt").is_file() and children.is_file() and children.read_text().split()):
+            time.sleep(0.01)
+        assert first.poll() is None, "the run ended before it could be killed"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    with runtime.RunLock(out):   # free at once, while the orphaned workers may still be alive
+        pass
+    resumed = subprocess.run(args + ["--resume"], env=subprocess_env(), cwd=tmp_path, capture_output=True,
+                             text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "in use by another run" not in resumed.stderr
+    assert load_checkpoint(out / "last.pt")["epoch"] == 3

@@ -188,3 +188,40 @@ def test_parallel_jobs_give_the_serial_results_and_continue_after_a_failure(data
     failed = command(broken, "--jobs", "2")
     assert failed.returncode == 1 and "error: step(s) failed: evaluate" in failed.stderr
     assert "see " in failed.stderr and "eval.log" in failed.stderr and "Traceback" not in failed.stderr.splitlines()[-1]
+
+
+def test_another_experiment_in_the_same_out_is_refused(dataset, tmp_path, capsys):
+    """Issue 23, item 3: a second experiment into an --out holding another one's finished steps is refused
+    (the choice stated in `cares reproduce --help`), instead of reporting the first one's models under
+    the second one's name; experiment.json, which records every setting, is left as it was."""
+    import dataclasses
+
+    from cares.cli import main
+    tiny = load_experiment("tiny")
+    out = tmp_path / "exp"
+    reproduce(tiny, str(dataset), out, stop_after_steps=1)      # the first training is done
+    recorded = (out / "experiment.json").read_bytes()
+    assert json.loads(recorded)["steps"]["cares_unet/seed_0/train"]["epochs"] == 2
+
+    longer = dataclasses.replace(tiny, train={**tiny.train, "epochs": 3})
+    with pytest.raises(ValueError, match=r"holds another experiment .*epochs.*: 2 there, 3 now"):
+        reproduce(longer, str(dataset), out, stop_after_steps=0)
+    rc = main(["reproduce", "--preset", "cpu", "--data", str(dataset), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: --out" in err and "holds another experiment" in err and "Traceback" not in err
+    assert (out / "experiment.json").read_bytes() == recorded
+    # The same experiment continues; rewording its description is not a change.
+    reworded = dataclasses.replace(tiny, description="other words")
+    reproduce(reworded, str(dataset), out, stop_after_steps=0)
+
+
+def test_reproduce_refuses_an_out_it_did_not_write_or_that_holds_the_data(dataset, tmp_path):
+    tiny = load_experiment("tiny")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "table1.md").write_text("a user's table")
+    with pytest.raises(ValueError, match="table1.md .*which cares reproduce did not write"):
+        reproduce(tiny, str(dataset), foreign, stop_after_steps=0)
+    assert (foreign / "table1.md").read_text() == "a user's table"
+    with pytest.raises(ValueError, match="is --data"):
+        reproduce(tiny, str(dataset), dataset, stop_after_steps=0)
