@@ -174,10 +174,12 @@ def requested_backend(backend: str) -> str:
     """The effective request: an explicit argument wins, then CARAFE_BACKEND, then "auto"."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    source = ""
     if backend == "auto":
         backend = os.environ.get("CARAFE_BACKEND", "auto") or "auto"
+        source = " from the environment variable CARAFE_BACKEND"  # say where it came from: no argument named it
     if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {['auto', *BACKENDS]}")
+        raise ValueError(f"unknown backend {backend!r}{source}; choose one of {['auto', *BACKENDS]}")
     return backend
 
 
