@@ -30,14 +30,33 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def _autocast_for(fused: bool, features, masks, autocast: torch.dtype | None) -> torch.dtype | None:
+    """The dtype torch.autocast runs this call in, or None when it does not cast it. PyTorch's autocast
+    leaves float64 alone, and so does this: float64 inputs run in float64. One float64 input with a
+    lower-precision one would then reach the kernels in two dtypes, so that is refused."""
+    if autocast is None or not (isinstance(features, torch.Tensor) and isinstance(masks, torch.Tensor)):
+        return autocast  # (a non-tensor is reported by _check_call)
+    f64 = features.dtype == torch.float64, masks.dtype == torch.float64
+    if f64[0] and f64[1]:
+        return None
+    if f64[0] or f64[1]:
+        m = "mask_logits" if fused else "masks"
+        raise TypeError(f"under torch.autocast float64 inputs are not cast (as PyTorch's autocast leaves float64 "
+                        f"alone), so features and {m} must both be float64 or neither, got {features.dtype} and "
+                        f"{masks.dtype}")
+    return autocast
+
+
 def _plan(fused: bool, features, masks, kernel_size, group_size, scale_factor, backend: str,
           autocast: torch.dtype | None):
-    """Validates one call and picks its backend: (backend, cast the inputs?, k, G, s)."""
+    """Validates one call and picks its backend: (backend, the dtype to cast the inputs to or None, k, G, s).
+    The cast is for backends without their own autocast kernels, to _autocast_for(...)."""
+    autocast = _autocast_for(fused, features, masks, autocast)
     k, G, s = _check_call(fused, features, masks, kernel_size, group_size, scale_factor, autocast)
     chosen = select_backend(backend, features, k, s, autocast)
     # The reference has no autocast kernel (it would promote mixed inputs to float32): cast for it.
     cast = autocast is not None and not (chosen.own_autocast and _ops.AUTOCAST_ERROR is None)
-    return chosen, cast, k, G, s
+    return chosen, (autocast if cast else None), k, G, s
 
 
 def _check_call(fused: bool, features, masks, kernel_size, group_size, scale_factor,
@@ -81,7 +100,7 @@ def _run(fused: bool, features, masks, kernel_size, group_size, scale_factor, ba
                                           autocast)
             impl = chosen.carafe_fused if fused else chosen.carafe
             triton_env = os.environ.get("TRITON_INTERPRET") if chosen.name == "triton" else None
-            plan = _PLANS[key] = (impl, cast and autocast, triton_env)
+            plan = _PLANS[key] = (impl, cast, triton_env)
         impl, cast_to, _ = plan
     elif torch.onnx.is_in_onnx_export():
         # torch.onnx.export(dynamo=True) traces with torch.export, so is_compiling() sent it here: one
@@ -96,13 +115,13 @@ def _run(fused: bool, features, masks, kernel_size, group_size, scale_factor, ba
         except (TypeError, ValueError, BackendUnavailableError) as exc:
             return _raise_when_run(exc, fused, features, masks, kernel_size, group_size, scale_factor)
         impl = chosen.carafe_fused if fused else chosen.carafe
-        cast_to = cast and autocast
+        cast_to = cast
     else:  # integral floats, numpy ints, or bad arguments (which raise here)
         autocast = _autocast_dtype(features.device.type) if isinstance(features, torch.Tensor) else None
         chosen, cast, kernel_size, group_size, scale_factor = _plan(
             fused, features, masks, kernel_size, group_size, scale_factor, backend, autocast)
         impl = chosen.carafe_fused if fused else chosen.carafe
-        cast_to = cast and autocast
+        cast_to = cast
     if cast_to:
         features, masks = features.to(cast_to), masks.to(cast_to)
     return impl(features, masks, kernel_size, group_size, scale_factor)
@@ -156,6 +175,7 @@ def _export_call(fused: bool, features, masks, kernel_size, group_size, scale_fa
     (carafe_kernels.onnx), in the autocast dtype when autocast is on."""
     from .onnx import export_call
     autocast = _autocast_dtype(features.device.type) if isinstance(features, torch.Tensor) else None
+    autocast = _autocast_for(fused, features, masks, autocast)
     k, G, s = _check_call(fused, features, masks, kernel_size, group_size, scale_factor, autocast)
     if autocast is not None:
         features, masks = features.to(autocast), masks.to(autocast)

@@ -39,10 +39,14 @@ def _output_like(features: torch.Tensor, scale_factor: int) -> torch.Tensor:
 # tests/test_ops.py::test_autocast_registration_works fails loudly.
 AUTOCAST_ERROR: str | None = None
 
+# What autocast casts: the floating dtypes but float64, as PyTorch's own autocast does (at::autocast's
+# is_eligible): float64 is asked for on purpose, and stays float64.
+AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def _register_autocast(qualname: str, device_type: str) -> None:
     """Under torch.autocast, run the op in the autocast dtype (like a convolution): mixed
-    fp32/fp16/bf16 inputs are cast to it, so the kernels always see one dtype."""
+    fp32/fp16/bf16 inputs are cast to it, so the kernels always see one dtype; float64 is not cast."""
     global AUTOCAST_ERROR
     try:
         op = torch._library.utils.lookup_op(qualname)
@@ -53,7 +57,7 @@ def _register_autocast(qualname: str, device_type: str) -> None:
 
         def cast_and_call(*args):
             dtype = torch.get_autocast_dtype(device_type)
-            args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
+            args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.dtype in AUTOCAST_ELIGIBLE
                          and a.device.type == device_type else a for a in args)
             with guard(exclude):
                 return op(*args)

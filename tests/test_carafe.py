@@ -270,6 +270,23 @@ def test_autocast_mixed_dtypes(op, backend, device):
     torch.testing.assert_close(out.double().cpu(), want, **TOLERANCES[torch.bfloat16])
 
 
+@pytest.mark.parametrize("backend, device", [c for c in BACKENDS if c.values[0] != "triton"])  # (no fp64)
+@pytest.mark.parametrize("op", OPS)
+def test_autocast_leaves_float64_alone(op, backend, device):
+    """As PyTorch's autocast does: float64 inputs stay float64 under torch.autocast(bf16) (they were cut
+    to bf16), with the float64 result; one float64 input with a float32 one is refused."""
+    N, C, H, W, k, G, s = GROUPS
+    features, second = make_inputs(*GROUPS, fused=op == "fused", dtype=torch.float64, device=device)
+    expected = run_op(op, backend, features, second, k, G, s)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = run_op(op, backend, features, second, k, G, s)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        with pytest.raises(TypeError, match="float64 inputs are not cast .* must both be float64 or neither, "
+                                            "got torch.float64 and torch.float32"):
+            run_op(op, backend, features, second.float(), k, G, s)
+
+
 @pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 def test_mixed_dtypes_outside_autocast_raise(op, backend, device):

@@ -158,6 +158,18 @@ def test_op_autocast_follows_the_region_dtype(namespace, dtype):
     assert out.dtype == dtype
 
 
+@pytest.mark.parametrize("name", ["carafe", "carafe_fused"])
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_op_autocast_leaves_float64_alone(namespace, name):
+    """The ops' autocast kernels cast float32/float16/bfloat16 only, as PyTorch's autocast does."""
+    features, second, k, G, s = _op_args(name, (1, 4, 3, 3, 3, 2, 2), torch.float64)
+    expected = _op(namespace, name)(features, second, k, G, s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _op(namespace, name)(features, second, k, G, s)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("needs", [(True, False), (False, True)], ids=["features-only", "masks-only"])
 @pytest.mark.parametrize("namespace", FAMILIES)
 def test_backward_returns_only_the_requested_gradients(namespace, needs):
