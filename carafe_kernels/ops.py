@@ -6,6 +6,8 @@ caller of ``torch.ops.carafe_kernels.*`` gets them. Nothing here runs when the l
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch.utils.flop_counter import register_flop_formula
@@ -242,7 +244,13 @@ def _register_autograd_kernel(op, op_rule) -> None:
 
     namespace, name = op._schema.name.split("::")
     lib = torch.library.Library(namespace, "FRAGMENT")
-    lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+    with warnings.catch_warnings():
+        # The Triton ops are torch.library.custom_op / triton_op ops, which come with register_autograd's
+        # kernel: replacing it is the point, so PyTorch's "Overriding a previously registered kernel"
+        # warning (shown to every user of the Triton backend) says nothing to act on.
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel",
+                                category=UserWarning)
+        lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
     _LIBS.append(lib)
 
 

@@ -8,6 +8,8 @@ The Triton cases run under the interpreter in their own process:
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -218,3 +220,14 @@ def test_direct_op_calls_under_torch_func_are_refused_clearly():
     with fwAD.dual_level():
         tangent = fwAD.unpack_dual(op(fwAD.make_dual(features, features), masks, 3, 2, 2)).tangent
     torch.testing.assert_close(tangent, op(features, masks, 3, 2, 2))  # linear in the features
+
+
+@pytest.mark.parametrize("backend, device", [c for c in CASES if c.values[0] == "triton"])
+def test_triton_rules_load_without_warnings(backend, device):
+    """The Triton ops' own autograd kernel is replaced on purpose: PyTorch's override warning is not
+    shown to users (fresh interpreter, the environment inherited)."""
+    code = ("import carafe_kernels.triton as t\n"
+            "assert t.unavailable_reason() is None, t.unavailable_reason()\n")
+    result = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
