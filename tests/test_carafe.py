@@ -1,7 +1,7 @@
 """Every CARAFE backend against the float64 reference: forward and both gradients of `carafe` (plain)
 and `carafe_fused` on a grid of shapes, dtypes and memory layouts; gradcheck; determinism; autocast;
-NaN locality; double backward; torch.compile. Parametrised over the registry's (backend, device)
-cases; a backend that cannot run here is skipped with the reason backend_status() gives.
+NaN locality; torch.compile (forward mode, torch.func and second order: tests/test_autodiff.py).
+Parametrised over the registry's (backend, device) cases; a backend that cannot run here is skipped with the reason backend_status() gives.
 
 Oracle: carafe_kernels.reference in float64 on CPU, run on the same (already rounded) input values.
 Reference vs a scalar loop and the algebraic invariants live in tests/test_reference.py; bad inputs in
@@ -202,19 +202,6 @@ def test_gradgradcheck_reference():
     logits.requires_grad_(True)
     assert torch.autograd.gradgradcheck(
         lambda f, lg: carafe_fused(f, lg, 3, 1, 2, backend="reference"), (features, logits), fast_mode=True)
-
-
-@pytest.mark.parametrize("backend, device", native_backend_cases())
-@pytest.mark.parametrize("op", OPS)
-def test_double_backward_raises_clear_error(op, backend, device):
-    N, C, H, W, k, G, s = ODD
-    features, second = make_inputs(*ODD, fused=op == "fused", device=device)
-    features.requires_grad_(True)
-    second.requires_grad_(True)
-    out = run_op(op, backend, features, second, k, G, s)
-    grads = torch.autograd.grad(out, (features, second), torch.randn_like(out), create_graph=True)
-    with pytest.raises(NotImplementedError, match="double backward"):
-        torch.autograd.grad(grads[0].sum() + grads[1].sum(), (features, second))
 
 
 # --- determinism, NaN locality, autocast --------------------------------------------------------------
