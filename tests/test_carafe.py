@@ -1,7 +1,8 @@
 """Every CARAFE backend against the float64 reference: forward and both gradients of `carafe` (plain)
 and `carafe_fused` on a grid of shapes, dtypes and memory layouts; gradcheck; determinism; autocast;
 NaN locality; torch.compile (forward mode, torch.func and second order: tests/test_autodiff.py).
-Parametrised over the registry's (backend, device) cases; a backend that cannot run here is skipped with the reason backend_status() gives.
+Parametrised over the registry's (backend, device) cases; a backend that cannot run here is skipped
+with the reason backend_status() gives.
 
 Oracle: carafe_kernels.reference in float64 on CPU, run on the same (already rounded) input values.
 Reference vs a scalar loop and the algebraic invariants live in tests/test_reference.py; bad inputs in
