@@ -217,8 +217,9 @@ def _register_vmap(op, tensor_count: int) -> None:
 def _no_second_order(op) -> None:
     raise NotImplementedError(
         f"{op._name} has no derivative: double backward and forward-over-reverse (e.g. torch.func.hessian) "
-        "through the fused CARAFE op are not supported; use carafe(features, normalize_mask_logits(...)) "
-        "(the plain op supports them) or backend='reference'")
+        "through the fused CARAFE op are not supported; use carafe(features, "
+        "carafe_kernels.reference.normalize_mask_logits(mask_logits, k, G, s), k, G, s) (the plain op supports "
+        "them) or backend='reference'")
 
 
 def _register_autograd_kernel(op, op_rule) -> None:
@@ -230,13 +231,14 @@ def _register_autograd_kernel(op, op_rule) -> None:
     below_autograd = torch._C._AutoDispatchBelowAutograd
     is_grad_enabled, any_requires_grad = torch._C.is_grad_enabled, torch._C._any_requires_grad
     transforms_active = torch._C._are_functorch_transforms_active
+    op_path = "torch.ops." + op._name.replace("::", ".")
 
     def autograd_kernel(keyset, *args):
         if (is_grad_enabled() and any_requires_grad(*args)) or _forward_ad._current_level >= 0:
             if transforms_active():
                 raise NotImplementedError(
                     f"torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, hessian) cannot differentiate a "
-                    f"direct call of torch.ops.{op._name}: call carafe_kernels.carafe / carafe_fused (or "
+                    f"direct call of {op_path}: call carafe_kernels.carafe / carafe_fused (or "
                     f"carafe_kernels.ops.rule(op).apply), which support them")
             return apply(*args)
         with below_autograd():
