@@ -11,3 +11,12 @@ from .registry import BackendUnavailableError, backend_status
 __version__ = "0.1.0"
 __all__ = ["carafe", "carafe_fused", "carafe_naive", "CARAFE", "CARAFENaive", "CARAFEPack", "backend_status",
            "carafe_flops", "BackendUnavailableError", "__version__"]
+
+
+def __getattr__(name: str):
+    # carafe_kernels.onnx, as the README writes it, without an import of its own: loaded on first use
+    # (PEP 562), so `import carafe_kernels` stays as light as before. The submodule needs only torch.
+    if name == "onnx":
+        import importlib
+        return importlib.import_module(".onnx", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from . import ops as _ops
 from .contract import check_arguments, check_int
-from .registry import select_backend
+from .registry import BackendUnavailableError, select_backend
 
 __all__ = ["carafe", "carafe_fused", "carafe_naive"]
 
@@ -29,14 +30,33 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def _autocast_for(fused: bool, features, masks, autocast: torch.dtype | None) -> torch.dtype | None:
+    """The dtype torch.autocast runs this call in, or None when it does not cast it. PyTorch's autocast
+    leaves float64 alone, and so does this: float64 inputs run in float64. One float64 input with a
+    lower-precision one would then reach the kernels in two dtypes, so that is refused."""
+    if autocast is None or not (isinstance(features, torch.Tensor) and isinstance(masks, torch.Tensor)):
+        return autocast  # (a non-tensor is reported by _check_call)
+    f64 = features.dtype == torch.float64, masks.dtype == torch.float64
+    if f64[0] and f64[1]:
+        return None
+    if f64[0] or f64[1]:
+        m = "mask_logits" if fused else "masks"
+        raise TypeError(f"under torch.autocast float64 inputs are not cast (as PyTorch's autocast leaves float64 "
+                        f"alone), so features and {m} must both be float64 or neither, got {features.dtype} and "
+                        f"{masks.dtype}")
+    return autocast
+
+
 def _plan(fused: bool, features, masks, kernel_size, group_size, scale_factor, backend: str,
           autocast: torch.dtype | None):
-    """Validates one call and picks its backend: (backend, cast the inputs?, k, G, s)."""
+    """Validates one call and picks its backend: (backend, the dtype to cast the inputs to or None, k, G, s).
+    The cast is for backends without their own autocast kernels, to _autocast_for(...)."""
+    autocast = _autocast_for(fused, features, masks, autocast)
     k, G, s = _check_call(fused, features, masks, kernel_size, group_size, scale_factor, autocast)
     chosen = select_backend(backend, features, k, s, autocast)
     # The reference has no autocast kernel (it would promote mixed inputs to float32): cast for it.
     cast = autocast is not None and not (chosen.own_autocast and _ops.AUTOCAST_ERROR is None)
-    return chosen, cast, k, G, s
+    return chosen, (autocast if cast else None), k, G, s
 
 
 def _check_call(fused: bool, features, masks, kernel_size, group_size, scale_factor,
@@ -80,22 +100,74 @@ def _run(fused: bool, features, masks, kernel_size, group_size, scale_factor, ba
                                           autocast)
             impl = chosen.carafe_fused if fused else chosen.carafe
             triton_env = os.environ.get("TRITON_INTERPRET") if chosen.name == "triton" else None
-            plan = _PLANS[key] = (impl, cast and autocast, triton_env)
+            plan = _PLANS[key] = (impl, cast, triton_env)
         impl, cast_to, _ = plan
     elif torch.onnx.is_in_onnx_export():
         # torch.onnx.export(dynamo=True) traces with torch.export, so is_compiling() sent it here: one
         # standard-op graph for every backend, none of which has to run. (Asked only off the fast path:
         # is_in_onnx_export costs about 1 us, more than a tenth of a small call.)
         return _export_call(fused, features, masks, kernel_size, group_size, scale_factor)
-    else:  # integral floats, numpy ints, bad arguments (which raise here), or torch.compile tracing
+    elif torch.compiler.is_compiling():
+        autocast = _autocast_dtype(features.device.type) if isinstance(features, torch.Tensor) else None
+        try:
+            chosen, cast, kernel_size, group_size, scale_factor = _plan(
+                fused, features, masks, kernel_size, group_size, scale_factor, backend, autocast)
+        except (TypeError, ValueError, BackendUnavailableError) as exc:
+            return _raise_when_run(exc, fused, features, masks, kernel_size, group_size, scale_factor)
+        impl = chosen.carafe_fused if fused else chosen.carafe
+        cast_to = cast
+    else:  # integral floats, numpy ints, or bad arguments (which raise here)
         autocast = _autocast_dtype(features.device.type) if isinstance(features, torch.Tensor) else None
         chosen, cast, kernel_size, group_size, scale_factor = _plan(
             fused, features, masks, kernel_size, group_size, scale_factor, backend, autocast)
         impl = chosen.carafe_fused if fused else chosen.carafe
-        cast_to = cast and autocast
+        cast_to = cast
     if cast_to:
         features, masks = features.to(cast_to), masks.to(cast_to)
     return impl(features, masks, kernel_size, group_size, scale_factor)
+
+
+# torch.compile: an exception raised while Dynamo traces is a graph break, which fullgraph=True turns
+# into torch._dynamo.exc.Unsupported ("Observed exception"), not the documented ValueError (torch 2.13:
+# Dynamo cannot put a raise into a graph, and torch._check* or a fake kernel's error fail the same
+# way). So a bad call found while tracing becomes this op in the graph: it raises the same exception,
+# with the same message, when the compiled code runs, as eager would at that call.
+_ERRORS = {cls.__name__: cls for cls in (TypeError, ValueError, BackendUnavailableError)}
+
+
+@torch.library.custom_op("carafe_kernels::invalid_call", mutates_args=())
+def _invalid_call(anchor: torch.Tensor, error: str, message: str, out_shape: list[int]) -> torch.Tensor:
+    raise _ERRORS[error](message)
+
+
+@_invalid_call.register_fake
+def _invalid_call_fake(anchor, error, message, out_shape):
+    # What the call would have returned (the code after it traces on), as far as the arguments say.
+    return anchor.new_empty(out_shape)
+
+
+# The op is never differentiated (it raises first), but torch.compile traces a backward for every op on
+# a path that requires grad.
+torch.library.register_autograd("carafe_kernels::invalid_call", lambda ctx, grad: (None, None, None, None))
+
+
+def _raise_when_run(exc: Exception, fused: bool, features, masks, kernel_size, group_size,
+                    scale_factor) -> torch.Tensor:
+    message = exc.args[0]
+    if isinstance(features, torch.Tensor):
+        anchor, out_shape = features, list(features.shape)
+        if features.dim() == 4 and type(scale_factor) is int and scale_factor >= 1:
+            out_shape[2:] = [out_shape[2] * scale_factor, out_shape[3] * scale_factor]
+        shapes = (*features.shape, *(masks.shape if isinstance(masks, torch.Tensor) else ()))
+        if not all(has_static_value(d) for d in shapes):  # (Dynamo answers this one while tracing)
+            # torch.compile with dynamic shapes: a message naming symbolic sizes cannot go into the
+            # graph, so this one names what is known while tracing.
+            message = (f"{'carafe_fused' if fused else 'carafe'}: invalid arguments (kernel_size={kernel_size}, "
+                       f"group_size={group_size}, scale_factor={scale_factor}) for the input shapes; torch.compile "
+                       "traced them with dynamic shapes, so call it eagerly for the message naming them")
+    else:
+        anchor, out_shape = torch.empty(0), [0]
+    return _invalid_call(anchor, type(exc).__name__, message, out_shape)
 
 
 def _export_call(fused: bool, features, masks, kernel_size, group_size, scale_factor) -> torch.Tensor:
@@ -103,6 +175,7 @@ def _export_call(fused: bool, features, masks, kernel_size, group_size, scale_fa
     (carafe_kernels.onnx), in the autocast dtype when autocast is on."""
     from .onnx import export_call
     autocast = _autocast_dtype(features.device.type) if isinstance(features, torch.Tensor) else None
+    autocast = _autocast_for(fused, features, masks, autocast)
     k, G, s = _check_call(fused, features, masks, kernel_size, group_size, scale_factor, autocast)
     if autocast is not None:
         features, masks = features.to(autocast), masks.to(autocast)

@@ -6,13 +6,17 @@ caller of ``torch.ops.carafe_kernels.*`` gets them. Nothing here runs when the l
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch.utils.flop_counter import register_flop_formula
 
 from ._native import HAS_NATIVE
 from .contract import NATIVE_DTYPES, check_arguments
+from .reference import normalize_mask_logits_jvp
 
-__all__ = ["carafe_flops", "register_carafe_op_family", "AUTOCAST_ERROR"]
+__all__ = ["carafe_flops", "register_carafe_op_family", "rule", "AUTOCAST_ERROR"]
 
 
 def carafe_flops(features_shape, kernel_size: int, scale_factor: int) -> int:
@@ -37,10 +41,14 @@ def _output_like(features: torch.Tensor, scale_factor: int) -> torch.Tensor:
 # tests/test_ops.py::test_autocast_registration_works fails loudly.
 AUTOCAST_ERROR: str | None = None
 
+# What autocast casts: the floating dtypes but float64, as PyTorch's own autocast does (at::autocast's
+# is_eligible): float64 is asked for on purpose, and stays float64.
+AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def _register_autocast(qualname: str, device_type: str) -> None:
     """Under torch.autocast, run the op in the autocast dtype (like a convolution): mixed
-    fp32/fp16/bf16 inputs are cast to it, so the kernels always see one dtype."""
+    fp32/fp16/bf16 inputs are cast to it, so the kernels always see one dtype; float64 is not cast."""
     global AUTOCAST_ERROR
     try:
         op = torch._library.utils.lookup_op(qualname)
@@ -51,7 +59,7 @@ def _register_autocast(qualname: str, device_type: str) -> None:
 
         def cast_and_call(*args):
             dtype = torch.get_autocast_dtype(device_type)
-            args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
+            args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.dtype in AUTOCAST_ELIGIBLE
                          and a.device.type == device_type else a for a in args)
             with guard(exclude):
                 return op(*args)
@@ -66,6 +74,186 @@ def _register_autocast(qualname: str, device_type: str) -> None:
     except (AttributeError, TypeError, RuntimeError) as exc:  # a torch whose internals moved
         AUTOCAST_ERROR = (f"autocast kernels could not be registered for {qualname} on {device_type} "
                           f"({type(exc).__name__}: {exc}); carafe_kernels.functional casts the inputs instead")
+
+
+# Why not torch.library.register_autograd: the autograd.Function it generates (torch 2.13,
+# torch/_library/autograd.py) has no setup_context staticmethod, no jvp and no vmap rule, and it runs the
+# op below autograd whenever no input requires grad. So forward-mode AD (torch.autograd.forward_ad,
+# torch.func.jvp) silently dropped the tangent (a zero or None derivative), and every torch.func
+# transform (grad, vjp, jacrev, ...) raised "must override the setup_context staticmethod" (pytorch
+# issues 168393, 170834, 179652). So each op gets its own autograd.Function (a "rule", _RULES) with:
+#   * forward mode: CARAFE is bilinear, d carafe(F, M) = carafe(dF, M) + carafe(F, dM), so the jvp is
+#     two calls of the op itself; for the fused op, carafe_fused(dF, L) + carafe(F, dM) with dM the
+#     softmax's tangent (reference.normalize_mask_logits_jvp);
+#   * double backward and forward-over-reverse for the plain op (its backward is bilinear too, see
+#     BackwardRule); the fused op's backward refuses them;
+#   * setup_context and generate_vmap_rule, which torch.func needs.
+# The rules call each other through .apply, so the derivatives are differentiable in turn.
+#
+# torch.func transforms must meet the rule at the Python level: a torch.func transform that reaches the
+# op's Autograd kernel cannot apply an autograd.Function from there ("could not find kernel for
+# HigherOrderOperator custom_function_call at dispatch key AutogradCPU"). So carafe_kernels.functional
+# calls rule(op).apply under a transform (registry._native_op), and a direct torch.ops call under
+# torch.func.grad/jvp/... is refused with a message that says so.
+_RULES: dict = {}
+
+
+def rule(op) -> type[torch.autograd.Function]:
+    """The autograd.Function of a registered CARAFE op (an OpOverload): what to call under torch.func."""
+    return _RULES[op]
+
+
+def _register_autograd(forward_op, backward_op, plain_op, *, fused: bool) -> None:
+    """Autograd kernels (reverse mode, forward mode, torch.func) for one (forward, backward) op pair.
+    plain_op: the family's unfused forward op, whose rule is registered already (the fused jvp uses it)."""
+
+    class CarafeRule(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(features, masks, kernel_size, group_size, scale_factor):
+            with torch._C._AutoDispatchBelowAutograd():
+                return forward_op(features, masks, kernel_size, group_size, scale_factor)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            features, masks, kernel_size, group_size, scale_factor = inputs
+            ctx.save_for_backward(features, masks)
+            ctx.save_for_forward(features, masks)
+            ctx.args = (kernel_size, group_size, scale_factor)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            # Only the gradients autograd asks for are returned, and none is computed when neither is
+            # asked for. NB: the backward kernels compute both gradients in one pass, so asking for one
+            # costs about as much as asking for both.
+            need_features, need_masks = ctx.needs_input_grad[:2]
+            if not (need_features or need_masks):
+                return None, None, None, None, None
+            features, masks = ctx.saved_tensors
+            grad_features, grad_masks = BackwardRule.apply(grad_output.contiguous(), features, masks, *ctx.args)
+            return (grad_features if need_features else None), (grad_masks if need_masks else None), None, None, None
+
+        @staticmethod
+        def jvp(ctx, d_features, d_masks, *_):
+            features, masks = ctx.saved_tensors
+            tangent = None
+            if d_features is not None:
+                tangent = CarafeRule.apply(d_features, masks, *ctx.args)
+            if d_masks is not None:
+                if fused:
+                    d_masks = normalize_mask_logits_jvp(masks, d_masks, *ctx.args)
+                part = _RULES[plain_op].apply(features, d_masks, *ctx.args)
+                tangent = part if tangent is None else tangent + part
+            return tangent
+
+    class BackwardRule(torch.autograd.Function):
+        """The backward op. For the plain op it is B(g, X, Y) = (B_F(g, Y), B_M(g, X)): grad_features
+        depends only on the masks, grad_masks only on the features, each linear in both arguments. So
+        its vjp for cotangents (u, v) is  g: carafe(u, M) + carafe(F, v),  (F, M): B(g, u, v),  and
+        its jvp is B(dg, F, M) + B(g, dF, dM)."""
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(grad_output, features, masks, kernel_size, group_size, scale_factor):
+            with torch._C._AutoDispatchBelowAutograd():
+                return backward_op(grad_output, features, masks, kernel_size, group_size, scale_factor)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            grad_output, features, masks, kernel_size, group_size, scale_factor = inputs
+            ctx.save_for_backward(grad_output, features, masks)
+            ctx.save_for_forward(grad_output, features, masks)
+            ctx.args = (kernel_size, group_size, scale_factor)
+
+        @staticmethod
+        def backward(ctx, u, v):
+            if fused:
+                _no_second_order(backward_op)
+            grad_output, features, masks = ctx.saved_tensors
+            u = torch.zeros_like(features) if u is None else u.contiguous()
+            v = torch.zeros_like(masks) if v is None else v.contiguous()
+            grad_grad = CarafeRule.apply(u, masks, *ctx.args) + CarafeRule.apply(features, v, *ctx.args)
+            grad_features, grad_masks = BackwardRule.apply(grad_output, u, v, *ctx.args)
+            return grad_grad, grad_features, grad_masks, None, None, None
+
+        @staticmethod
+        def jvp(ctx, d_grad_output, d_features, d_masks, *_):
+            if fused:
+                _no_second_order(backward_op)
+            grad_output, features, masks = ctx.saved_tensors
+            d_grad_output = torch.zeros_like(grad_output) if d_grad_output is None else d_grad_output
+            d_features = torch.zeros_like(features) if d_features is None else d_features
+            d_masks = torch.zeros_like(masks) if d_masks is None else d_masks
+            a_features, a_masks = BackwardRule.apply(d_grad_output.contiguous(), features, masks, *ctx.args)
+            b_features, b_masks = BackwardRule.apply(grad_output, d_features, d_masks, *ctx.args)
+            return a_features + b_features, a_masks + b_masks
+
+    _RULES[forward_op] = CarafeRule
+    _RULES[backward_op] = BackwardRule
+    for op, op_rule, tensor_count in ((forward_op, CarafeRule, 2), (backward_op, BackwardRule, 3)):
+        _register_autograd_kernel(op, op_rule)
+        _register_vmap(op, tensor_count)
+
+
+def _register_vmap(op, tensor_count: int) -> None:
+    """torch.vmap rule for op: every CARAFE op is independent per sample, so the vmapped dimension folds
+    into the batch N (one kernel call) instead of PyTorch's per-sample loop ("There is a performance
+    drop because we have not yet implemented the batching rule")."""
+
+    def batched(info, in_dims, *args):
+        size = info.batch_size
+        tensors = [t.movedim(d, 0) if d is not None else t.expand(size, *t.shape)
+                   for t, d in zip(args[:tensor_count], in_dims[:tensor_count])]
+        n = tensors[0].shape[1]
+        out = op(*(t.reshape(size * n, *t.shape[2:]) for t in tensors), *args[tensor_count:])
+        if isinstance(out, torch.Tensor):
+            return out.reshape(size, n, *out.shape[1:]), 0
+        return tuple(o.reshape(size, n, *o.shape[1:]) for o in out), (0,) * len(out)
+
+    torch.library.register_vmap(op._schema.name, batched, lib=_LIBS[-1])
+
+
+def _no_second_order(op) -> None:
+    raise NotImplementedError(
+        f"{op._name} has no derivative: double backward and forward-over-reverse (e.g. torch.func.hessian) "
+        "through the fused CARAFE op are not supported; use carafe(features, "
+        "carafe_kernels.reference.normalize_mask_logits(mask_logits, k, G, s), k, G, s) (the plain op supports "
+        "them) or backend='reference'")
+
+
+def _register_autograd_kernel(op, op_rule) -> None:
+    """Registers op_rule.apply as op's Autograd kernel (where torch.library.register_autograd puts its
+    generated one). Without grad and without dual tensors the op runs below autograd directly, as
+    register_autograd's kernel does: the inference path pays two cheap checks more."""
+    apply = op_rule.apply
+    after_autograd = torch._C._after_autograd_keyset
+    below_autograd = torch._C._AutoDispatchBelowAutograd
+    is_grad_enabled, any_requires_grad = torch._C.is_grad_enabled, torch._C._any_requires_grad
+    transforms_active = torch._C._are_functorch_transforms_active
+    op_path = "torch.ops." + op._name.replace("::", ".")
+
+    def autograd_kernel(keyset, *args):
+        if (is_grad_enabled() and any_requires_grad(*args)) or _forward_ad._current_level >= 0:
+            if transforms_active():
+                raise NotImplementedError(
+                    f"torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, hessian) cannot differentiate a "
+                    f"direct call of {op_path}: call carafe_kernels.carafe / carafe_fused (or "
+                    f"carafe_kernels.ops.rule(op).apply), which support them")
+            return apply(*args)
+        with below_autograd():
+            return op.redispatch(keyset & after_autograd, *args)
+
+    namespace, name = op._schema.name.split("::")
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    with warnings.catch_warnings():
+        # The Triton ops are torch.library.custom_op / triton_op ops, which come with register_autograd's
+        # kernel: replacing it is the point, so PyTorch's "Overriding a previously registered kernel"
+        # warning (shown to every user of the Triton backend) says nothing to act on.
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel",
+                                category=UserWarning)
+        lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+    _LIBS.append(lib)
 
 
 def _packet(qualname: str):
@@ -103,33 +291,10 @@ def register_carafe_op_family(forward_qualname: str, backward_qualname: str, *,
         return torch.empty_like(features, memory_format=torch.contiguous_format), \
             torch.empty_like(masks, memory_format=torch.contiguous_format)
 
-    def setup_context(ctx, inputs, output):
-        features, masks, kernel_size, group_size, scale_factor = inputs
-        ctx.save_for_backward(features, masks)
-        ctx.args = (kernel_size, group_size, scale_factor)
-
-    def backward(ctx, grad_output):
-        # Only the gradients autograd asks for are returned, and none is computed when neither is asked
-        # for. NB: the backward kernels compute both gradients in one pass, so asking for one costs
-        # about as much as asking for both.
-        need_features, need_masks = ctx.needs_input_grad[:2]
-        if not (need_features or need_masks):
-            return None, None, None, None, None
-        features, masks = ctx.saved_tensors
-        grad_features, grad_masks = backward_op(grad_output.contiguous(), features, masks, *ctx.args)
-        return (grad_features if need_features else None), (grad_masks if need_masks else None), None, None, None
-
-    torch.library.register_autograd(forward_qualname, backward, setup_context=setup_context)
-
-    def no_double_backward(ctx, *grads):
-        raise NotImplementedError(
-            f"{backward_qualname} has no derivative: double backward through CARAFE is not supported; "
-            "use backend='reference' if you need higher-order gradients")
-
-    def backward_setup_context(ctx, inputs, output):
-        pass
-
-    torch.library.register_autograd(backward_qualname, no_double_backward, setup_context=backward_setup_context)
+    _register_autograd(torch._library.utils.lookup_op(forward_qualname),
+                       torch._library.utils.lookup_op(backward_qualname),
+                       # the family's unfused op, registered first (its rule is in _RULES)
+                       torch._library.utils.lookup_op(forward_qualname.removesuffix("_fused")), fused=fused)
 
     for device_type in ("cpu", "cuda"):
         _register_autocast(forward_qualname, device_type)

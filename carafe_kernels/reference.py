@@ -14,23 +14,45 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["carafe_reference", "carafe_fused_reference", "normalize_mask_logits", "carafe_unfold",
-           "down_output_size", "carafe_down_reference", "carafe_down_fused_reference", "normalize_down_mask_logits",
-           "carafe_down_unfold"]
+__all__ = ["carafe_reference", "carafe_fused_reference", "normalize_mask_logits", "normalize_mask_logits_jvp",
+           "carafe_unfold", "down_output_size", "carafe_down_reference", "carafe_down_fused_reference",
+           "normalize_down_mask_logits", "carafe_down_unfold"]
 
 
 def normalize_mask_logits(mask_logits: torch.Tensor, kernel_size: int, group_size: int,
                           scale_factor: int) -> torch.Tensor:
     """(N, G*k*k*s*s, H, W) encoder logits -> (N, G*k*k, H*s, W*s) masks: pixel shuffle, then a softmax
     over the k*k taps of each group (exactly what mmcv's ``CARAFEPack.kernel_normalizer`` does)."""
+    return _shuffle_taps(_grouped_taps(mask_logits, kernel_size, group_size, scale_factor).softmax(dim=2))
+
+
+def _grouped_taps(mask_logits: torch.Tensor, kernel_size: int, group_size: int, scale_factor: int) -> torch.Tensor:
+    """(N, G*k*k*s*s, H, W) -> (N, G, k*k, s, s, H, W), a view: channel (g*k*k + t)*s*s + i*s + j is tap t
+    of group g at sub-pixel (i, j), the order pixel_shuffle implies."""
     n, _, h, w = mask_logits.shape
-    k2, s = kernel_size * kernel_size, scale_factor
-    # pixel_shuffle by view + permute: channel (g*k*k + t)*s*s + i*s + j -> tap t of group g at
-    # sub-pixel (i, j). NB: not F.pixel_shuffle, whose backward returns a wrongly shaped gradient for an
-    # empty batch (torch 2.13: "PixelShuffleBackward0 returned an invalid gradient ... [0, ...]").
-    masks = mask_logits.reshape(n, group_size, k2, s, s, h, w).softmax(dim=2)
-    masks = masks.permute(0, 1, 2, 5, 3, 6, 4)  # (N, G, k*k, H, s, W, s)
-    return masks.reshape(n, group_size * k2, h * s, w * s)
+    s = scale_factor
+    return mask_logits.reshape(n, group_size, kernel_size * kernel_size, s, s, h, w)
+
+
+def _shuffle_taps(taps: torch.Tensor) -> torch.Tensor:
+    """(N, G, k*k, s, s, H, W) -> (N, G*k*k, H*s, W*s): the pixel shuffle, by permute. NB: not
+    F.pixel_shuffle, whose backward returns a wrongly shaped gradient for an empty batch (torch 2.13:
+    "PixelShuffleBackward0 returned an invalid gradient ... [0, ...]")."""
+    n, g, k2, s, _, h, w = taps.shape
+    return taps.permute(0, 1, 2, 5, 3, 6, 4).reshape(n, g * k2, h * s, w * s)  # via (N, G, k*k, H, s, W, s)
+
+
+def normalize_mask_logits_jvp(mask_logits: torch.Tensor, tangent: torch.Tensor, kernel_size: int,
+                              group_size: int, scale_factor: int) -> torch.Tensor:
+    """The tangent of normalize_mask_logits at mask_logits in the direction tangent, (N, G*k*k, H*s, W*s):
+    the softmax's derivative p * (dz - sum_t p * dz) over each group's k*k taps, then the same shuffle.
+    Computed in float32 (at least) and returned in tangent's dtype. The native ops' forward-mode rule
+    (carafe_kernels/ops.py) uses it: carafe_fused's jvp needs the normalised masks' tangent."""
+    dtype = torch.promote_types(tangent.dtype, torch.float32)
+    p = _grouped_taps(mask_logits, kernel_size, group_size, scale_factor).softmax(dim=2, dtype=dtype)
+    dz = _grouped_taps(tangent, kernel_size, group_size, scale_factor).to(dtype)
+    dp = p * (dz - (p * dz).sum(dim=2, keepdim=True))
+    return _shuffle_taps(dp).to(tangent.dtype)
 
 
 def carafe_reference(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,

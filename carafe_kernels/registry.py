@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from . import _native
+from . import ops as _ops
 from .contract import MAX_KERNEL_SIZE, MAX_SCALE_FACTOR, NATIVE_DTYPES, TRITON_DTYPES
 from .reference import carafe_fused_reference, carafe_reference
 
@@ -95,13 +96,18 @@ def clear_cache() -> None:
 
 def _native_op(name: str) -> Callable[..., torch.Tensor]:
     """Calls torch.ops.carafe_kernels.<name>.default, looked up on the first call (the ops exist only
-    when the extension is loaded) and kept."""
-    op = None
+    when the extension is loaded) and kept. Under a torch.func transform it applies the op's
+    autograd.Function instead, which the transforms need to meet in Python (carafe_kernels/ops.py)."""
+    op = apply = None
+    transforms_active = torch._C._are_functorch_transforms_active
 
     def call(*args):
-        nonlocal op
+        nonlocal op, apply
         if op is None:
             op = getattr(torch.ops.carafe_kernels, name).default
+            apply = _ops.rule(op).apply
+        if transforms_active():
+            return apply(*args)
         return op(*args)
     call.__name__ = f"carafe_kernels_{name}"
     return call
@@ -168,10 +174,12 @@ def requested_backend(backend: str) -> str:
     """The effective request: an explicit argument wins, then CARAFE_BACKEND, then "auto"."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    source = ""
     if backend == "auto":
         backend = os.environ.get("CARAFE_BACKEND", "auto") or "auto"
+        source = " from the environment variable CARAFE_BACKEND"  # say where it came from: no argument named it
     if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {['auto', *BACKENDS]}")
+        raise ValueError(f"unknown backend {backend!r}{source}; choose one of {['auto', *BACKENDS]}")
     return backend
 
 

@@ -1,7 +1,8 @@
 """Every CARAFE backend against the float64 reference: forward and both gradients of `carafe` (plain)
 and `carafe_fused` on a grid of shapes, dtypes and memory layouts; gradcheck; determinism; autocast;
-NaN locality; double backward; torch.compile. Parametrised over the registry's (backend, device)
-cases; a backend that cannot run here is skipped with the reason backend_status() gives.
+NaN locality; torch.compile (forward mode, torch.func and second order: tests/test_autodiff.py).
+Parametrised over the registry's (backend, device) cases; a backend that cannot run here is skipped
+with the reason backend_status() gives.
 
 Oracle: carafe_kernels.reference in float64 on CPU, run on the same (already rounded) input values.
 Reference vs a scalar loop and the algebraic invariants live in tests/test_reference.py; bad inputs in
@@ -204,19 +205,6 @@ def test_gradgradcheck_reference():
         lambda f, lg: carafe_fused(f, lg, 3, 1, 2, backend="reference"), (features, logits), fast_mode=True)
 
 
-@pytest.mark.parametrize("backend, device", native_backend_cases())
-@pytest.mark.parametrize("op", OPS)
-def test_double_backward_raises_clear_error(op, backend, device):
-    N, C, H, W, k, G, s = ODD
-    features, second = make_inputs(*ODD, fused=op == "fused", device=device)
-    features.requires_grad_(True)
-    second.requires_grad_(True)
-    out = run_op(op, backend, features, second, k, G, s)
-    grads = torch.autograd.grad(out, (features, second), torch.randn_like(out), create_graph=True)
-    with pytest.raises(NotImplementedError, match="double backward"):
-        torch.autograd.grad(grads[0].sum() + grads[1].sum(), (features, second))
-
-
 # --- determinism, NaN locality, autocast --------------------------------------------------------------
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
@@ -268,6 +256,23 @@ def test_autocast_mixed_dtypes(op, backend, device):
     assert features.grad.dtype == torch.float32 and second.grad.dtype == torch.bfloat16
     want = oracle(op, features.to(torch.bfloat16), second, k, G, s)[0]
     torch.testing.assert_close(out.double().cpu(), want, **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend, device", [c for c in BACKENDS if c.values[0] != "triton"])  # (no fp64)
+@pytest.mark.parametrize("op", OPS)
+def test_autocast_leaves_float64_alone(op, backend, device):
+    """As PyTorch's autocast does: float64 inputs stay float64 under torch.autocast(bf16) (they were cut
+    to bf16), with the float64 result; one float64 input with a float32 one is refused."""
+    N, C, H, W, k, G, s = GROUPS
+    features, second = make_inputs(*GROUPS, fused=op == "fused", dtype=torch.float64, device=device)
+    expected = run_op(op, backend, features, second, k, G, s)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = run_op(op, backend, features, second, k, G, s)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        with pytest.raises(TypeError, match="float64 inputs are not cast .* must both be float64 or neither, "
+                                            "got torch.float64 and torch.float32"):
+            run_op(op, backend, features, second.float(), k, G, s)
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)

@@ -1,6 +1,8 @@
 """ONNX export (carafe_kernels.onnx): every backend choice exports, the graph runs in onnxruntime with
 dynamic batch and spatial size and matches PyTorch (max relative error <= 1e-4 in fp32)."""
 import io
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -114,3 +116,17 @@ def test_torchscript_refused_with_a_clear_message():
         torch.jit.script(CARAFEPack(8, 2))
     with pytest.raises(TypeError, match="does not support torch.jit.script"):
         torch.jit.script(CARAFE(3, 1, 2))
+
+
+def test_onnx_submodule_reachable_as_the_readme_writes_it():
+    """`import carafe_kernels` then carafe_kernels.onnx.decomposition_table() (it raised AttributeError
+    without `import carafe_kernels.onnx`), in a fresh interpreter; the onnx package stays unimported."""
+    code = ("import sys, carafe_kernels\n"
+            "assert 'carafe_kernels.onnx' not in sys.modules and 'onnx' not in sys.modules\n"
+            "table = carafe_kernels.onnx.decomposition_table()\n"
+            "assert table and 'onnx' not in sys.modules\n"
+            "print(len(table))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > 0
+

@@ -158,6 +158,18 @@ def test_op_autocast_follows_the_region_dtype(namespace, dtype):
     assert out.dtype == dtype
 
 
+@pytest.mark.parametrize("name", ["carafe", "carafe_fused"])
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_op_autocast_leaves_float64_alone(namespace, name):
+    """The ops' autocast kernels cast float32/float16/bfloat16 only, as PyTorch's autocast does."""
+    features, second, k, G, s = _op_args(name, (1, 4, 3, 3, 3, 2, 2), torch.float64)
+    expected = _op(namespace, name)(features, second, k, G, s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _op(namespace, name)(features, second, k, G, s)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("needs", [(True, False), (False, True)], ids=["features-only", "masks-only"])
 @pytest.mark.parametrize("namespace", FAMILIES)
 def test_backward_returns_only_the_requested_gradients(namespace, needs):
@@ -203,13 +215,23 @@ def test_op_autocast(namespace, name):
     assert out.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("name", ["carafe", "carafe_fused"])
 @pytest.mark.parametrize("namespace", FAMILIES)
-def test_op_double_backward_raises(namespace, name):
-    features, second, k, G, s = _op_args(name, (1, 2, 3, 3, 3, 1, 2), torch.float64)
-    out = _op(namespace, name)(features, second, k, G, s)
+def test_op_double_backward(namespace):
+    """The plain op's backward is differentiable (carafe_kernels/ops.py, BackwardRule): gradgradcheck
+    in float64, reverse over reverse and forward over reverse."""
+    features, second, k, G, s = _op_args("carafe", (1, 2, 3, 3, 3, 1, 2), torch.float64)
+    op = _op(namespace, "carafe")
+    assert torch.autograd.gradgradcheck(lambda f, m: op(f, m, k, G, s), (features, second))
+    assert torch.autograd.gradcheck(lambda f, m: op(f, m, k, G, s), (features, second), check_forward_ad=True,
+                                    check_backward_ad=False, check_undefined_grad=False)
+
+
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_op_fused_double_backward_raises(namespace):
+    features, second, k, G, s = _op_args("carafe_fused", (1, 2, 3, 3, 3, 1, 2), torch.float64)
+    out = _op(namespace, "carafe_fused")(features, second, k, G, s)
     grads = torch.autograd.grad(out.sum(), (features, second), create_graph=True)
-    with pytest.raises(NotImplementedError, match="double backward through CARAFE is not supported"):
+    with pytest.raises(NotImplementedError, match="through the fused CARAFE op are not supported"):
         torch.autograd.grad(grads[0].sum() + grads[1].sum(), (features, second))
 
 

@@ -127,7 +127,9 @@ def test_validation_runs_before_backend_selection():
 
 def test_env_var_is_read(monkeypatch):
     monkeypatch.setenv("CARAFE_BACKEND", "cudnn")
-    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+    # the message names the variable: the call itself named no backend
+    with pytest.raises(ValueError, match="unknown backend 'cudnn' from the environment variable CARAFE_BACKEND; "
+                                         "choose one of"):
         carafe_fused(*_good(True), K, G, S)
 
 
@@ -258,3 +260,35 @@ def test_repeated_calls_are_validated_once(monkeypatch):
     monkeypatch.setenv("CARAFE_BACKEND", "cudnn")
     with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
         carafe(features, masks, K, G, S)
+
+
+# --- torch.compile(fullgraph=True) -----------------------------------------------------------------------
+
+def test_compiled_bad_call_raises_the_eager_error():
+    """Dynamo cannot trace a raise (fullgraph=True made it torch._dynamo.exc.Unsupported): the compiled
+    call raises the eager ValueError / TypeError, with the eager message where the shapes are static."""
+    torch._dynamo.reset()
+    features, masks = _good(False)
+    bad_masks = masks[:, :-1]
+
+    def fn(f, m):
+        return carafe(f, m, K, G, S) * 2  # code after the call traces on
+
+    eager_message = re.escape("masks must have G*k*k = 2*3*3 = 18 channels, got shape (1, 17, 6, 6)")
+    with pytest.raises(ValueError, match=eager_message):
+        fn(features, bad_masks)
+    for requires_grad in (False, True):  # (each compiled afresh: a changed shape would make it dynamic)
+        torch._dynamo.reset()
+        with pytest.raises(ValueError, match=eager_message):
+            torch.compile(fn, fullgraph=True)(features.detach().requires_grad_(requires_grad), bad_masks)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(features, masks), fn(features, masks))
+    torch._dynamo.reset()
+    with pytest.raises(TypeError, match="features and masks must have the same dtype"):
+        torch.compile(fn, fullgraph=True)(features, masks.double())
+    torch._dynamo.reset()
+    dynamic = torch.compile(fn, fullgraph=True, dynamic=True)
+    with pytest.raises(ValueError, match=r"carafe: invalid arguments \(kernel_size=3, group_size=2, "
+                                         r"scale_factor=2\) for the input shapes; torch.compile traced them with "
+                                         r"dynamic shapes"):
+        dynamic(features.detach(), bad_masks)
