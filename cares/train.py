@@ -224,6 +224,17 @@ class _Deterministic:
         torch.backends.cudnn.benchmark = self._previous[1]
 
 
+def _check_deterministic_layers(model: torch.nn.Module, model_name: str, device: torch.device) -> None:
+    """--deterministic refuses up front (not at the first backward pass, after files are written) a
+    model with a layer torch cannot run deterministically on this device. cares' own models have none:
+    they use BilinearUpsample2x and MaxUnpool2x (cares/models/blocks.py)."""
+    from cares.models.blocks import nondeterministic_layers
+    blocking = nondeterministic_layers(model, device)
+    if blocking:
+        raise ValueError(f"--deterministic on {device.type}: model {model_name!r} has layers torch cannot run "
+                         f"deterministically there: {', '.join(blocking)}; train without --deterministic")
+
+
 # --------------------------------------------------------------------------------------------------
 # Logs
 # --------------------------------------------------------------------------------------------------
@@ -315,6 +326,8 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
     seed_everything(config.seed)
     training_set, num_labelled, num_pseudo, validation_set = build_datasets(config)
     model = build_model_for(config)
+    if config.deterministic:
+        _check_deterministic_layers(model, config.model, device)
     if config.init_from is not None:
         _load_initial_weights(model, config)
     model = model.to(device)
