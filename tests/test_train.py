@@ -370,6 +370,77 @@ def test_baselines_train_under_deterministic_algorithms(tmp_path, model, monkeyp
     assert np.isfinite(result.history[-1]["train_loss"])
 
 
+class _HostSyncGuard:
+    """Records what would make the host wait for a GPU in a training step, for a CPU-only machine: the
+    step runs on the "meta" device, where reading a device value back (.item(), bool(), float(),
+    .tolist(), .cpu()) raises as torch.cuda.set_sync_debug_mode("error") does on a GPU; and host-built
+    tensors created on the device (torch.tensor(..., device=...)) or copied to it without non_blocking,
+    blocking copies on CUDA, are recorded."""
+
+    def __init__(self, monkeypatch):
+        self.blocking: list[str] = []
+        real_tensor, real_to = torch.tensor, torch.Tensor.to
+
+        def tensor(*args, **kwargs):
+            if kwargs.get("device") is not None and torch.device(kwargs["device"]).type != "cpu":
+                self.blocking.append(f"torch.tensor(..., device={kwargs['device']})")
+            return real_tensor(*args, **kwargs)
+
+        def to(self_tensor, *args, **kwargs):
+            target = kwargs.get("device", args[0] if args and isinstance(args[0], (str, torch.device)) else None)
+            if (target is not None and self_tensor.device.type == "cpu" and torch.device(target).type != "cpu"
+                    and not kwargs.get("non_blocking", False)):
+                self.blocking.append(f"blocking .to({target})")
+            return real_to(self_tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "tensor", tensor)
+        monkeypatch.setattr(torch.Tensor, "to", to)
+
+
+def _training_steps(tmp_path, device, steps=3):
+    """Build train.py's per-step pieces (device batches with augmentation, stepper, training loss, step
+    accounts) for the tiny model on `device`; returns a function that runs `steps` steps."""
+    import cares.train as train_module
+    from cares.data.device_batches import DeviceBatches
+    from cares.optim import build_optimizer
+    config = tiny_config(tmp_path / "run", synthetic_samples=6, data_on_device=True)
+    training_set = train_module.build_datasets(config)[0]
+    batches = DeviceBatches(training_set, device, batch_size=2)
+    model = TinyTestNet().to(device)
+    stepper = train_module._Stepper(train_model=model, model=model, loss_function=train_module.training_loss(config),
+                                    optimizer=build_optimizer(config.optimizer, model.parameters()), scaler=None,
+                                    device=torch.device(device), amp="off", memory_format=torch.contiguous_format)
+    accounts = train_module._StepAccounts(torch.device(device))
+
+    def run():
+        for step in range(steps):
+            images, loss = stepper.step(batches.batch([(2 * step) % 6, (2 * step + 1) % 6]))
+            accounts.add(step, images, loss)
+        return accounts
+    return run
+
+
+def test_training_steps_make_no_host_sync(tmp_path, monkeypatch):
+    run = _training_steps(tmp_path, "meta")
+    guard = _HostSyncGuard(monkeypatch)
+    accounts = run()   # raises on meta if the step reads a device value (the loss's mask-range check did)
+    assert accounts.totals.device.type == "meta"
+    assert guard.blocking == []   # augmentation and batching built their index tensors with blocking copies
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU-side check is "
+                                                          "test_training_steps_make_no_host_sync)")
+def test_training_steps_make_no_host_sync_on_cuda(tmp_path):
+    run = _training_steps(tmp_path, "cuda")
+    run()                                   # warm-up: cuDNN/cuBLAS handles and the allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     train(tiny_config(tmp_path / "run"))
     with pytest.raises(ValueError, match="--resume"):
