@@ -565,8 +565,10 @@ class Driver:
             self.run("smoke", pyrun + ["smoke"] + common, env=self.env(**interp))
         if self.wanted("gpu-tests"):
             selection = REHEARSAL_TEST_ARGS if self.rehearse else GPU_TEST_ARGS
+            # CARAFE_TRITON_AUTOTUNE=0: one Triton config per kernel and shape (correctness does not need
+            # the fastest; timing 8 candidates x 3 kernels for every new test shape does not fit the budget).
             self.run("gpu-tests", self.python("-m", "pytest", "-p", "benchmarks.gpu_check", "-rs", "-q",
-                                              *selection), events=True)
+                                              *selection), env=self.env(CARAFE_TRITON_AUTOTUNE="0"), events=True)
         if self.wanted("bench"):
             bench_args = shlex.split(self.args.bench_args) if self.args.bench_args else (
                 REHEARSAL_BENCH_ARGS if self.rehearse else BENCH_ARGS)
@@ -581,7 +583,7 @@ class Driver:
                 self.skip("rest", "rehearsal: the rest of the suite is CI's own run")
             else:
                 # Everything the gpu-tests stage did not run (its events name what it ran), slow ones aside.
-                env = self.env(GPU_CHECK_DESELECT=str(self.out / "gpu-tests.events.jsonl"))
+                env = self.env(GPU_CHECK_DESELECT=str(self.out / "gpu-tests.events.jsonl"), CARAFE_TRITON_AUTOTUNE="0")
                 self.run("rest", self.python("-m", "pytest", "-p", "benchmarks.gpu_check", "-rs", "-q",
                                              "-m", "not slow", "tests"), env=env, events=True)
         return self.finish()

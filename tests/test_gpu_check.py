@@ -144,3 +144,39 @@ def test_bad_arguments_exit_2_with_one_message(tmp_path, args, message):
     done = run_script(str(tmp_path / "out"), *args, timeout=60)
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def _fake_wheel(path: Path, changed: str | None = None) -> Path:
+    """A wheel-shaped zip of this checkout's packages and its built extension (what the portable wheel
+    holds); `changed` names a source file written with different content."""
+    import zipfile
+    with zipfile.ZipFile(path, "w") as wheel:
+        for package in ("carafe_kernels", "cares"):
+            for file in sorted((REPO / package).rglob("*")):
+                if file.is_file() and "__pycache__" not in file.parts:
+                    name = file.relative_to(REPO).as_posix()
+                    wheel.writestr(name, b"# changed\n" if name == changed else file.read_bytes())
+    return path
+
+
+@pytest.mark.skipif(not any((REPO / "carafe_kernels").glob("_C*.so")), reason="needs the built extension")
+def test_wheel_is_unpacked_and_imported_instead_of_the_checkout(tmp_path):
+    out = tmp_path / "out"
+    done = run_script("--rehearse", str(out), "--wheel", str(_fake_wheel(tmp_path / "ck.whl")),
+                      "--only", "wheel,env,status", timeout=180)
+    summary = json.loads((out / "summary.json").read_text())
+    by_name = stages(summary)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert by_name["wheel"]["status"] == "ok" and by_name["build"]["status"] == "skipped"
+    env = json.loads((out / "env.json").read_text())
+    assert env["carafe_kernels"] == str(out / "wheel-site" / "carafe_kernels")   # not the checkout's
+    assert by_name["status"]["details"]["cpu"]["status"] == "ok"                # its binary runs
+
+
+def test_wheel_from_other_sources_fails_and_nothing_is_built(tmp_path):
+    out = tmp_path / "out"
+    wheel = _fake_wheel(tmp_path / "ck.whl", changed="carafe_kernels/ops.py")
+    done = run_script("--rehearse", str(out), "--wheel", str(wheel), "--only", "wheel", timeout=60)
+    summary = json.loads((out / "summary.json").read_text())
+    assert done.returncode == 1 and summary["failed_stages"] == ["wheel"]
+    assert "carafe_kernels/ops.py" in stages(summary)["wheel"]["reason"]

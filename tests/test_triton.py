@@ -11,6 +11,7 @@ every test is skipped with the reason ``carafe_kernels.triton.unavailable_reason
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -151,6 +152,72 @@ def test_backward_is_deterministic():
         again = forward_backward(_triton(op, k, G, s), features, second)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
+
+
+def _launch_recorder(monkeypatch):
+    """Records (kernel, inside the device context) for every launch of carafe_kernels.triton.ops."""
+    from carafe_kernels.triton import ops as triton_ops
+    launches, inside = [], []
+    real_guard, real_wrap = triton_ops._on_device, triton_ops.wrap_triton
+
+    @contextlib.contextmanager
+    def guard(tensor):
+        with real_guard(tensor):
+            inside.append(tensor.device)
+            try:
+                yield
+            finally:
+                inside.pop()
+
+    def wrap(kernel):
+        launches.append((kernel, list(inside)))
+        return real_wrap(kernel)
+
+    monkeypatch.setattr(triton_ops, "_on_device", guard)
+    monkeypatch.setattr(triton_ops, "wrap_triton", wrap)
+    return launches
+
+
+def test_every_launch_runs_under_the_tensors_device(monkeypatch):
+    launches = _launch_recorder(monkeypatch)
+    for op in OPS:
+        features, second = make_inputs(1, 4, 3, 3, 3, 2, 2, fused=op == "fused", device=DEVICE)
+        forward_backward(_triton(op, 3, 2, 2), features, second)
+    assert len(launches) == 6                                     # forward + two backward kernels, per op
+    assert all(devices == [features.device] for _, devices in launches)
+
+
+def test_device_context_is_the_tensors_device():
+    from carafe_kernels.triton.ops import _on_device
+
+    class OnSecondGpu:  # what a CUDA tensor on cuda:1 answers; entering the context would need the GPU
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    context = _on_device(OnSecondGpu())
+    assert isinstance(context, torch.cuda.device) and context.idx == 1
+    assert isinstance(_on_device(torch.zeros(1)), contextlib.nullcontext)
+
+
+def test_deterministic_request_launches_fixed_configs(monkeypatch):
+    from carafe_kernels.triton import kernels
+    fixed = kernels.launchers(deterministic=True)
+    assert all(len(kernel.configs) == 1 for kernel in fixed)      # nothing timed: the same choice everywhere
+    assert kernels.launchers(deterministic=False) == (kernels.carafe_fwd_kernel, kernels.carafe_bwd_mask_kernel,
+                                                      kernels.carafe_bwd_feat_kernel)
+    launches = _launch_recorder(monkeypatch)
+    features, second = make_inputs(1, 4, 3, 3, 3, 2, 2, fused=True, device=DEVICE)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        forward_backward(_triton("fused", 3, 2, 2), features, second)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert [kernel for kernel, _ in launches] == list(fixed)
+    launches.clear()
+    monkeypatch.setenv("CARAFE_TRITON_AUTOTUNE", "0")             # the GPU check's test stages
+    forward_backward(_triton("fused", 3, 2, 2), features, second)
+    assert [kernel for kernel, _ in launches] == list(fixed)
 
 
 # --------------------------------------------------------------------------------------------------

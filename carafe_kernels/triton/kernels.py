@@ -22,7 +22,8 @@ then the reassembly pass, which weights tap t by exp(logit_t - max) and divides 
 weights at the end; the normalised masks never touch memory. The backward kernels use
 prob_t = exp(logit_t - lse), lse = logsumexp over the taps, computed once by the mask-gradient kernel.
 
-Backward, no atomics, deterministic by construction (fixed loop orders, one writer per element):
+Backward, no atomics, one writer per element, fixed loop orders for a given config (bitwise
+reproducible across processes only with a fixed config: launchers() below):
 - grad features is a gather: features position p receives, for each tap t = (ky, kx), from the output
   pixels of q = p + (R - ky, R - kx): grad_f[c, p] = sum_t sum_sub grad_out[c, q*S + sub] * mask_t[q, sub].
 - grad masks is a reduction over the group's channels:
@@ -36,14 +37,16 @@ Autotuning. On a GPU each kernel is wrapped in triton.autotune over block shapes
 num_stages, keyed on (C, H, W, G, K, S, FUSED) plus the tensor dtypes (the autotuner adds those),
 with an early prune that fits the blocks to the shape (register budget BLOCK_C*BLOCK_P*SS_PAD,
 channel blocks no wider than the group). Under TRITON_INTERPRET=1 a single config is used, so tests
-never benchmark configs in the interpreter.
+never benchmark configs in the interpreter. Deterministic requests (torch.use_deterministic_algorithms)
+and CARAFE_TRITON_AUTOTUNE=0 get one fixed config per kernel instead of the timed choice.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRET", "carafe_fwd_kernel", "carafe_bwd_mask_kernel", "carafe_bwd_feat_kernel", "next_pow2"]
+__all__ = ["INTERPRET", "carafe_fwd_kernel", "carafe_bwd_mask_kernel", "carafe_bwd_feat_kernel", "launchers",
+           "next_pow2"]
 
 
 def next_pow2(x: int) -> int:
@@ -404,6 +407,32 @@ def _autotuned(fn, configs):
     return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _fit_configs})(fn)
 
 
+def _fixed(fn, configs):
+    # One candidate, fitted to the shape by the same prune: nothing is timed, so every process picks the
+    # same blocks for the same shape, and with them the same summation order.
+    if INTERPRET:
+        return _autotuned(fn, configs)
+    return triton.autotune(configs=configs[:1], key=_KEY, prune_configs_by={"early_config_prune": _fit_configs})(fn)
+
+
 carafe_fwd_kernel = _autotuned(_carafe_fwd, _FWD_CONFIGS)
 carafe_bwd_mask_kernel = _autotuned(_carafe_bwd_mask, _BWD_MASK_CONFIGS)
 carafe_bwd_feat_kernel = _autotuned(_carafe_bwd_feat, _BWD_FEAT_CONFIGS)
+_FIXED = (_fixed(_carafe_fwd, _FWD_CONFIGS), _fixed(_carafe_bwd_mask, _BWD_MASK_CONFIGS),
+          _fixed(_carafe_bwd_feat, _BWD_FEAT_CONFIGS))
+
+
+def launchers(deterministic: bool | None = None):
+    """(forward, mask-gradient, features-gradient) kernels to launch. Autotuned ones time their
+    candidates in each process, and the chosen channel block sets the summation order of the
+    mask-gradient reduction, so results may differ bitwise between processes; under
+    torch.use_deterministic_algorithms(True) (deterministic=None reads it) or CARAFE_TRITON_AUTOTUNE=0
+    the fixed-config kernels run instead: bitwise reproducible, and nothing to compile but one config."""
+    import os
+
+    import torch
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic or os.environ.get("CARAFE_TRITON_AUTOTUNE") == "0":
+        return _FIXED
+    return carafe_fwd_kernel, carafe_bwd_mask_kernel, carafe_bwd_feat_kernel

@@ -19,6 +19,8 @@ compiled extension loaded (CARAFE_NO_NATIVE=1).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 from torch import Tensor
@@ -54,6 +56,13 @@ def _check(op: str, features: Tensor, masks: Tensor, k: int, G: int, s: int, *, 
                          "in-plane offsets")
 
 
+def _on_device(tensor: Tensor):
+    """The context to launch in: Triton launches on torch.cuda.current_device(), not on its arguments'
+    device, so a CUDA tensor's device is made current for the launch (tensors on cuda:1 while cuda:0 is
+    current would otherwise run on the wrong GPU); a no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 # The four op bodies differ only in their names and the fused flag, so the checks and the launches
 # live in _forward / _backward; the op functions stay separate because each is registered under its
 # own name and schema (argument names included: masks vs mask_logits).
@@ -70,8 +79,9 @@ def _forward(op: str, features: Tensor, masks: Tensor, k: int, G: int, s: int, f
     def grid(meta):
         return (N * G * triton.cdiv(Cg, meta["BLOCK_C"]) * triton.cdiv(H * W, meta["BLOCK_P"]),)
 
-    wrap_triton(_k.carafe_fwd_kernel)[grid](
-        features, masks, out, C, H, W, G, k, s, _k.next_pow2(s * s), fused)
+    forward_kernel, _, _ = _k.launchers()
+    with _on_device(features):
+        wrap_triton(forward_kernel)[grid](features, masks, out, C, H, W, G, k, s, _k.next_pow2(s * s), fused)
     return out
 
 
@@ -104,10 +114,12 @@ def _backward(op: str, grad_output: Tensor, features: Tensor, masks: Tensor, k: 
     def feat_grid(meta):
         return (N * G * triton.cdiv(Cg, meta["BLOCK_C"]) * triton.cdiv(H * W, meta["BLOCK_P"]),)
 
-    wrap_triton(_k.carafe_bwd_mask_kernel)[mask_grid](
-        grad_output, features, masks, dp, grad_masks, lse, C, H, W, G, k, s, ss_pad, fused, acc_in_grad)
-    wrap_triton(_k.carafe_bwd_feat_kernel)[feat_grid](
-        grad_output, masks, lse, grad_features, C, H, W, G, k, s, ss_pad, fused)
+    _, mask_kernel, feat_kernel = _k.launchers()
+    with _on_device(features):
+        wrap_triton(mask_kernel)[mask_grid](
+            grad_output, features, masks, dp, grad_masks, lse, C, H, W, G, k, s, ss_pad, fused, acc_in_grad)
+        wrap_triton(feat_kernel)[feat_grid](
+            grad_output, masks, lse, grad_features, C, H, W, G, k, s, ss_pad, fused)
     return grad_features, grad_masks
 
 
