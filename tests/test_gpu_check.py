@@ -180,3 +180,18 @@ def test_wheel_from_other_sources_fails_and_nothing_is_built(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert done.returncode == 1 and summary["failed_stages"] == ["wheel"]
     assert "carafe_kernels/ops.py" in stages(summary)["wheel"]["reason"]
+
+
+def test_rest_stage_leaves_out_what_the_gpu_tests_ran_and_events_count_outcomes(tmp_path):
+    ran = "tests/test_losses.py::test_target_check_can_leave_the_per_step_path"
+    events = tmp_path / "gpu-tests.events.jsonl"
+    events.write_text(json.dumps({"test": ran, "outcome": "passed", "when": "call"}) + "\n")
+    env = dict(os.environ, GPU_CHECK_DESELECT=str(events), GPU_CHECK_EVENTS=str(tmp_path / "rest.events.jsonl"))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "benchmarks.gpu_check", "-q", "-p", "no:cacheprovider",
+                           "tests/test_losses.py", "-k", "target_check or hand_value or per_image"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+    counts, reasons, failures = gpu_check.count_events(tmp_path / "rest.events.jsonl")
+    outcomes = [json.loads(line) for line in (tmp_path / "rest.events.jsonl").read_text().splitlines()]
+    assert ran not in {o["test"] for o in outcomes} and "2 passed" in done.stdout  # 3 selected by -k, 1 left out
+    assert counts["passed"] == len(outcomes) > 0 and failures == [] and reasons == {}
