@@ -529,7 +529,7 @@ class Driver:
     def wanted(self, name: str) -> bool:
         """Whether --only lets this stage run; a stage left out is recorded as skipped."""
         if self.only is not None and name not in self.only:
-            if name not in ("env", "build", "wheel"):
+            if name not in ("env", "wheel"):
                 self.skip(name, "not in --only")
             return False
         return True
@@ -540,10 +540,12 @@ class Driver:
         pyrun = [*self.python("-m", "benchmarks.gpu_check"), "stage"]
         common = ["--out", str(self.out)] + (["--rehearse"] if self.rehearse else [])
         env_ok = True
-        if self.wanted("wheel") and self.args.wheel:
-            self.unpack_wheel()
-        elif self.args.wheel:
-            self.skip("wheel", "not in --only")
+        if self.args.wheel:
+            # Whatever --only says: every later stage imports the wheel's carafe_kernels.
+            if not self.unpack_wheel():
+                for name in ("env", "build", "status", "smoke", "gpu-tests", "bench", "rest"):
+                    self.skip(name, "the wheel stage failed: nothing would test that wheel")
+                return self.finish()
         else:
             self.skip("wheel", "no --wheel given")
         if self.wanted("env"):
@@ -551,8 +553,13 @@ class Driver:
                               + (["--wheel-site", self.wheel_site] if self.wheel_site else []))["status"] == "ok"
         else:
             self.skip("env", "not in --only")
+        if not env_ok and not self.rehearse:
+            # Nothing GPU-related can work (or the wrong carafe_kernels would be tested): no build either.
+            for name in ("build", "status", "smoke", "gpu-tests", "bench", "rest"):
+                self.skip(name, "the env stage failed (see env.log): no usable CUDA device or wrong import")
+            return self.finish()
         if not self.wanted("build"):
-            self.skip("build", "not in --only")
+            pass
         elif self.args.wheel:
             self.skip("build", "--wheel: the prebuilt extension is used, nothing is built")
         elif self.rehearse:
@@ -560,10 +567,6 @@ class Driver:
                                "is used")
         else:
             self.build()
-        if not env_ok and not self.rehearse:
-            for name in ("status", "smoke", "gpu-tests", "bench", "rest"):
-                self.skip(name, "the env stage failed (see env.log): no usable CUDA device or wrong import")
-            return self.finish()
         # CARAFE_TRITON_AUTOTUNE=0 everywhere but bench: one Triton config per kernel and shape. Checking
         # correctness does not need the fastest config, and timing 8 candidates x 3 kernels for every new
         # shape does not fit the budget; bench autotunes (and checks each autotuned row before timing it).
@@ -596,7 +599,7 @@ class Driver:
                                              "-m", "not slow", "tests"), env=env, events=True)
         return self.finish()
 
-    def unpack_wheel(self) -> None:
+    def unpack_wheel(self) -> bool:
         t0 = time.monotonic()
         site = Path(self.wheel_site)
         try:
@@ -617,6 +620,7 @@ class Driver:
             entry = {"name": "wheel", "status": "failed", "reason": str(exc)}
         entry["seconds"] = round(time.monotonic() - t0, 1)
         self.record(entry)
+        return entry["status"] == "ok"
 
     def build(self) -> None:
         env_json = self.out / "env.json"

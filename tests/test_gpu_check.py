@@ -180,6 +180,7 @@ def test_wheel_from_other_sources_fails_and_nothing_is_built(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert done.returncode == 1 and summary["failed_stages"] == ["wheel"]
     assert "carafe_kernels/ops.py" in stages(summary)["wheel"]["reason"]
+    assert all(s["status"] == "skipped" for s in summary["stages"] if s["name"] != "wheel")
 
 
 def test_rest_stage_leaves_out_what_the_gpu_tests_ran_and_events_count_outcomes(tmp_path):
@@ -195,3 +196,16 @@ def test_rest_stage_leaves_out_what_the_gpu_tests_ran_and_events_count_outcomes(
     outcomes = [json.loads(line) for line in (tmp_path / "rest.events.jsonl").read_text().splitlines()]
     assert ran not in {o["test"] for o in outcomes} and "2 passed" in done.stdout  # 3 selected by -k, 1 left out
     assert counts["passed"] == len(outcomes) > 0 and failures == [] and reasons == {}
+
+
+def test_without_a_gpu_a_real_check_fails_at_env_and_builds_nothing(tmp_path):
+    # Not a rehearsal, on a machine without CUDA: the env stage fails, and every later stage (the build
+    # included) is skipped with that reason instead of running on the wrong machine.
+    out = tmp_path / "out"
+    done = run_script(str(out), timeout=120)
+    summary = json.loads((out / "summary.json").read_text())
+    by_name = stages(summary)
+    assert done.returncode == 1 and summary["ok"] is False and summary["failed_stages"] == ["env"]
+    assert "no CUDA device" in (out / "env.log").read_text()
+    for name in ("build", "status", "smoke", "gpu-tests", "bench", "rest"):
+        assert by_name[name]["status"] == "skipped" and "env stage failed" in by_name[name]["reason"]
