@@ -7,9 +7,10 @@ Stages, in order of value per second of GPU time; each runs in its own process u
 (the smaller of its cap and what is left of --budget), logs to OUTDIR/<stage>.log, and the summary
 OUTDIR/summary.json is rewritten after every stage, so whatever ends the call keeps what was done:
 
-    env        versions, nvidia-smi, the GPU, where carafe_kernels is imported from
     wheel      (--wheel) unpack the prebuilt wheel into OUTDIR/wheel-site and check it matches this
-               checkout; nothing is built.      build: (no --wheel) the extension in place, this GPU's arch
+               checkout; nothing is built
+    env        versions, the GPU, where carafe_kernels is imported from
+    build      (no --wheel) the extension in place, for this GPU's arch only
     status     every backend's status, and one small call of each usable backend against the float64
                reference; a backend that should run here but cannot (cuda, triton on a GPU) FAILS
     smoke      correctness vs the float64 reference (tolerance scaled like the suite's: by max|ref| and
@@ -44,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (name, cap in seconds, required): a required stage that fails or times out fails the run; bench and
 # rest are expected to use up the time they are given, so their timeout is recorded, not a failure.
-STAGES = [("env", 60, True), ("wheel", 60, True), ("build", 300, True), ("status", 90, True),
+STAGES = [("wheel", 60, True), ("env", 60, True), ("build", 300, True), ("status", 90, True),
           ("smoke", 120, True), ("gpu-tests", 240, True), ("bench", 150, False), ("rest", 600, False)]
 DEFAULT_BUDGET = 540  # one 10-minute device call, less a minute for start-up, transfers and the summary
 RESERVE = 10          # seconds kept back from every limit for killing a stage and writing the summary
@@ -210,6 +211,12 @@ def stage_env(out: Path, rehearse: bool, wheel_site: str | None) -> int:
     info["carafe_kernels"] = str(Path(carafe_kernels.__file__).parent)
     for key, value in info.items():
         print(f"{key}: {value}")
+    for tool in (["nvidia-smi", "--query-gpu=name,compute_cap,memory.total,clocks.max.sm,clocks.max.mem,"
+                  "driver_version", "--format=csv"], ["nvcc", "--version"]):
+        try:  # informational: clocks and driver for the benchmark's reader, nvcc for a build
+            print(subprocess.run(tool, capture_output=True, text=True, timeout=20).stdout.strip())
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"{tool[0]}: {exc}")
     (out / "env.json").write_text(json.dumps(info, indent=1) + "\n")
     problems = []
     if wheel_site and not info["carafe_kernels"].startswith(wheel_site):
