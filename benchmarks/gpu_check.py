@@ -15,7 +15,7 @@ OUTDIR/summary.json is rewritten after every stage, so whatever ends the call ke
                reference; a backend that should run here but cannot (cuda, triton on a GPU) FAILS
     smoke      correctness vs the float64 reference (tolerance scaled like the suite's: by max|ref| and
                by the number of summed terms), bitwise determinism, >2^31-element offsets, channels_last
-    gpu-tests  the GPU-relevant part of the test suite, -rs (every skip listed with its reason), no -x
+    gpu-tests  the GPU-relevant part of the test suite, -rfEs (every skip listed with its reason), no -x
     bench      python -m benchmarks.carafe, each row appended to OUTDIR/bench.jsonl as it is measured
     rest       the rest of the suite (not slow), in whatever time is left
 
@@ -585,7 +585,7 @@ class Driver:
             self.run("smoke", pyrun + ["smoke"] + common, env=self.env(**interp))
         if self.wanted("gpu-tests"):
             selection = REHEARSAL_TEST_ARGS if self.rehearse else GPU_TEST_ARGS
-            self.run("gpu-tests", self.python("-m", "pytest", "-p", "benchmarks.gpu_check", "-rs", "-q",
+            self.run("gpu-tests", self.python("-m", "pytest", "-p", "benchmarks.gpu_check", "-rfEs", "-q",
                                               *selection), env=self.env(CARAFE_TRITON_AUTOTUNE="0"), events=True)
         if self.wanted("bench"):
             bench_args = shlex.split(self.args.bench_args) if self.args.bench_args else (
@@ -602,7 +602,7 @@ class Driver:
             else:
                 # Everything the gpu-tests stage did not run (its events name what it ran), slow ones aside.
                 env = self.env(GPU_CHECK_DESELECT=str(self.out / "gpu-tests.events.jsonl"), CARAFE_TRITON_AUTOTUNE="0")
-                self.run("rest", self.python("-m", "pytest", "-p", "benchmarks.gpu_check", "-rs", "-q",
+                self.run("rest", self.python("-m", "pytest", "-p", "benchmarks.gpu_check", "-rfEs", "-q",
                                              "-m", "not slow", "tests"), env=env, events=True)
         return self.finish()
 
