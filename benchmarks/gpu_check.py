@@ -409,7 +409,14 @@ def stage_smoke(out: Path, rehearse: bool) -> int:
             out_big = carafe_fused(f, logits, k, 1, s, backend="cuda")
             tail = carafe_fused_reference(f[:, -2:].double(), logits.double(), k, 1, s)
             check("cuda fused forward >2^31 elements, last 2 channels", out_big[:, -2:], tail, torch.bfloat16, k * k)
-            del f, logits, out_big, tail
+            go = torch.randn_like(out_big)
+            del out_big, tail
+            gf, _ = torch.ops.carafe_kernels.carafe_fused_backward(go, f, logits, k, 1, s)
+            fr = f[:, -2:].double().requires_grad_()
+            carafe_fused_reference(fr, logits.double(), k, 1, s).backward(go[:, -2:].double())
+            check("cuda fused backward >2^31 elements, grad_features of the last 2 channels", gf[:, -2:], fr.grad,
+                  torch.bfloat16, k * k * s * s)
+            del f, logits, go, gf, fr
             torch.cuda.empty_cache()
         except torch.OutOfMemoryError as exc:
             record["skipped"].append(f"cuda offsets beyond 2^31 elements: out of memory: {exc}")
