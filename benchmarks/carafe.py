@@ -35,6 +35,7 @@ FLOPs: fwd 2*O*k*k (one multiply-add per tap per output element), bwd twice that
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -122,8 +123,9 @@ def impl_fn(op: str, impl: str, shape: Shape) -> Callable[[torch.Tensor, torch.T
     return lambda f, m: carafe(f, m, k, G, s, backend=impl)
 
 
-def make_inputs(op: str, shape: Shape, dtype: torch.dtype, device: str, seed: int = 0):
-    """(features, masks_or_logits, grad_out): N(0, 1) features and logits; softmax-normalised masks."""
+def make_inputs(op: str, shape: Shape, dtype: torch.dtype, device: str, seed: int = 0, layout: str = "contiguous"):
+    """(features, masks_or_logits, grad_out): N(0, 1) features and logits; softmax-normalised masks;
+    layout "channels_last" gives all three in that memory format (cares' CUDA default)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     features = torch.randn(shape.N, shape.C, shape.H, shape.W, device=device, dtype=dtype, generator=gen)
     second = torch.randn(shape.second_shape(op == "fused"), device=device, dtype=dtype, generator=gen)
@@ -131,7 +133,18 @@ def make_inputs(op: str, shape: Shape, dtype: torch.dtype, device: str, seed: in
         n, c, h, w = second.shape
         second = second.view(n, shape.G, shape.k * shape.k, h, w).softmax(dim=2).view(n, c, h, w)
     grad_out = torch.randn(shape.out_shape, device=device, dtype=dtype, generator=gen)
+    if layout == "channels_last":
+        return tuple(t.contiguous(memory_format=torch.channels_last) for t in (features, second, grad_out))
     return features, second, grad_out
+
+
+def _append_jsonl(path: str | None, rows: list[dict]) -> None:
+    """Append rows to a JSON-lines file as soon as they are measured, so a run that is killed (a time
+    limit) keeps them; --json is written only at the end."""
+    if path:
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=str) + "\n")
 
 
 def mode_fn(fn, mode: str, features, second, grad_out) -> Callable[[], object]:
@@ -220,7 +233,7 @@ def inconsistencies(rows: list[dict], spread_limit: float = SPREAD_LIMIT) -> dic
 
 
 def retime_in_fresh_process(args, op: str, shape: Shape, dtype_name: str, modes: list[str], impls: list[str],
-                            backends: list[str], peaks: dict) -> list[dict]:
+                            backends: list[str], peaks: dict, layout: str = "contiguous") -> list[dict]:
     """The rows of `impls` timed again by `python -m benchmarks.carafe` in a new process (fresh
     allocator and thread pool state; the machine's load may also have changed)."""
     import subprocess
@@ -232,7 +245,7 @@ def retime_in_fresh_process(args, op: str, shape: Shape, dtype_name: str, modes:
                "--modes", ",".join(modes), "--backends", ",".join(backends), "--impls", ",".join(impls),
                "--device", args.device, "--threads", str(args.threads), "--min-run-time", str(args.min_run_time),
                "--peak-gbps", str(peaks["gbps"]), "--peak-gflops", str(peaks["gflops"]), "--retime", "0",
-               "--spread-limit", str(args.spread_limit), "--json", str(out)]
+               "--spread-limit", str(args.spread_limit), "--layouts", layout, "--json", str(out)]
         if args.max_baseline_gb:
             cmd += ["--max-baseline-gb", str(args.max_baseline_gb)]
         proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
@@ -245,7 +258,8 @@ def retime_in_fresh_process(args, op: str, shape: Shape, dtype_name: str, modes:
     return rows
 
 
-def gate_block(args, block: list[dict], op, shape, dtype_name, modes, backends, peaks) -> None:
+def gate_block(args, block: list[dict], op, shape, dtype_name, modes, backends, peaks,
+               layout: str = "contiguous") -> None:
     """Re-times inconsistent impls in fresh processes (up to args.retime times), then marks what is still
     inconsistent INVALID (row["invalid"] = why): such rows are listed, never reported as results."""
     problems = inconsistencies(block, args.spread_limit)
@@ -254,7 +268,8 @@ def gate_block(args, block: list[dict], op, shape, dtype_name, modes, backends, 
         attempt += 1
         for impl, why in problems.items():
             print(f"   re-timing {impl} at {op} {shape.id} {dtype_name} in a fresh process ({why})", flush=True)
-        fresh = retime_in_fresh_process(args, op, shape, dtype_name, modes, sorted(problems), backends, peaks)
+        fresh = retime_in_fresh_process(args, op, shape, dtype_name, modes, sorted(problems), backends, peaks,
+                                        layout)
         replacements = {(row["impl"], row["mode"]): row for row in fresh}
         for i, row in enumerate(block):
             new = replacements.get((row["impl"], row["mode"]))
@@ -271,7 +286,8 @@ def regate(rows: list[dict], spread_limit: float = SPREAD_LIMIT) -> None:
     or judged with another --spread-limit); nothing is re-timed."""
     blocks: dict[tuple, list[dict]] = {}
     for row in rows:
-        blocks.setdefault((row["op"], row["shape"], row["dtype"], row.get("device")), []).append(row)
+        blocks.setdefault((row["op"], row["shape"], row["dtype"], row.get("device"), row.get("layout", "contiguous")),
+                          []).append(row)
     for block in blocks.values():
         problems = inconsistencies(block, spread_limit)
         for row in block:
@@ -338,6 +354,9 @@ def unfold_bytes(shape: Shape, element_bytes: int) -> int:
     return element_bytes * N * C * k * k * shape.H * shape.W * (s * s + 1)
 
 
+LAYOUTS = ("contiguous", "channels_last")
+
+
 def run(args) -> dict:
     device = args.device
     try:
@@ -349,7 +368,9 @@ def run(args) -> dict:
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    for name, values, allowed in (("--ops", ops, OPS), ("--modes", modes, MODES), ("--dtypes", dtypes, DTYPES)):
+    layouts = [lay.strip() for lay in args.layouts.split(",") if lay.strip()]
+    for name, values, allowed in (("--ops", ops, OPS), ("--modes", modes, MODES), ("--dtypes", dtypes, DTYPES),
+                                  ("--layouts", layouts, LAYOUTS)):
         bad = [v for v in values if v not in allowed]
         if bad:
             raise SystemExit(f"{name}: unknown {bad}; choose from {', '.join(allowed)}")
@@ -381,7 +402,7 @@ def run(args) -> dict:
     oracle = Oracle()
     for op in ops:
         for preset, shape in shapes:
-            for dtype_name in dtypes:
+            for dtype_name, layout in itertools.product(dtypes, layouts):
                 dtype = DTYPES[dtype_name]
                 element_bytes = torch.finfo(dtype).bits // 8
                 impls = list(plan.backends)
@@ -390,7 +411,7 @@ def run(args) -> dict:
                 impls.append("unfold")
                 if args.impls:  # a re-timing run: only these
                     impls = [impl for impl in impls if impl in args.impls.split(",")]
-                features, second, grad_out = make_inputs(op, shape, dtype, device)
+                features, second, grad_out = make_inputs(op, shape, dtype, device, layout=layout)
                 need_grads = any(m != "fwd" for m in modes)
                 for impl in list(impls):
                     if impl == "unfold" and unfold_bytes(shape, element_bytes) * (3 if need_grads else 1) > budget:
@@ -418,14 +439,15 @@ def run(args) -> dict:
                         out_bytes = math.prod(shape.out_shape) * element_bytes
                         row = {
                             "op": op, "preset": preset, "shape": shape.id, **shape.as_dict(), "dtype": dtype_name,
-                            "mode": mode, "impl": impl, "device": device, "threads": args.threads,
+                            "layout": layout, "mode": mode, "impl": impl, "device": device,
+                            "threads": args.threads,
                             **timing,
                             "bytes": least_bytes(shape, mode, element_bytes), "flops": flops(shape, mode),
                             "floor_ms": floor_ms(shape, mode, element_bytes, peaks),
                             "peak_bytes": peak, "out_bytes": out_bytes,
                         }
                         block.append(row)
-                gate_block(args, block, op, shape, dtype_name, modes, plan.backends, peaks)
+                gate_block(args, block, op, shape, dtype_name, modes, plan.backends, peaks, layout)
                 for mode in modes:
                     group = [row for row in block if row["mode"] == mode]
                     for row in group:
@@ -434,6 +456,7 @@ def run(args) -> dict:
                     _add_speedups(group)
                     print_table(group, header=not rows)
                     rows.extend(group)
+                    _append_jsonl(args.jsonl, group)
                 del features, second, grad_out
     result = {"schema": 1, "machine": info, "peaks": peaks, "args": vars(args), "backends": plan.backends,
               "notes": plan.notes, "rows": rows, "skipped": failures}
@@ -452,7 +475,7 @@ def _add_speedups(group: list[dict]) -> None:
 
 # --- output --------------------------------------------------------------------------------------------
 
-COLUMNS = [("op", 5), ("shape", 26), ("dtype", 5), ("mode", 6), ("impl", 17), ("ms (p20-p80)", 26),
+COLUMNS = [("op", 5), ("shape", 26), ("dtype", 7), ("mode", 6), ("impl", 17), ("ms (p20-p80)", 26),
            ("GB/s", 7), ("floor%", 7), ("peak MB (xout)", 16), ("x unfold", 8), ("x ref", 7), ("x unfused", 9)]
 
 
@@ -465,10 +488,12 @@ def _fmt_x(v) -> str:
 
 
 def format_row(row: dict) -> list[str]:
+    # "cl": channels_last inputs (rows written before --layouts have no layout: contiguous)
+    dtype = row["dtype"] + (" cl" if row.get("layout") == "channels_last" else "")
     if row.get("invalid"):  # listed, never shown as a result
-        return [row["op"], row["shape"], row["dtype"], row["mode"], row["impl"], "INVALID", "-", "-", "-", "-",
+        return [row["op"], row["shape"], dtype, row["mode"], row["impl"], "INVALID", "-", "-", "-", "-",
                 "-", "-"]
-    return [row["op"], row["shape"], row["dtype"], row["mode"], row["impl"],
+    return [row["op"], row["shape"], dtype, row["mode"], row["impl"],
             f"{_fmt_ms(row['ms'])} ({_fmt_ms(row['p20'])}-{_fmt_ms(row['p80'])})",
             f"{row['gbps']:.1f}", f"{100 * row['floor_fraction']:.1f}",
             f"{row['peak_bytes'] / 2**20:.1f} ({row['peak_bytes'] / row['out_bytes']:.2f})",
@@ -581,6 +606,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", default="fused", help="comma list of fused, plain (default: fused)")
     parser.add_argument("--modes", default="fwd,bwd,fwdbwd", help="comma list of fwd, bwd, fwdbwd (default: all)")
     parser.add_argument("--dtypes", default="fp32", help="comma list of fp32, bf16, fp16, fp64 (default: fp32)")
+    parser.add_argument("--layouts", default="contiguous", help="comma list of contiguous, channels_last: the "
+                        "memory format of the inputs and grad_output (default: contiguous)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("CARAFE_BENCH_THREADS", 2)),
@@ -600,6 +627,8 @@ def main(argv=None) -> int:
                         help=f"largest p80/p20 ratio of a valid row (default {SPREAD_LIMIT})")
     parser.add_argument("--impls", help=argparse.SUPPRESS)  # re-timing runs: time only these rows
     parser.add_argument("--json", help="write machine, versions, git sha, ceilings and every row here")
+    parser.add_argument("--jsonl", help="append every row to this JSON-lines file as soon as it is measured "
+                        "(kept if the run is killed)")
     parser.add_argument("--plot", help="draw speedups and fractions of the floor to this image (matplotlib)")
     parser.add_argument("--from-json", help="re-print (and --plot) a previous run instead of running")
     args = parser.parse_args(argv)
@@ -620,6 +649,8 @@ def main(argv=None) -> int:
             parser.error("--device cuda: torch.cuda.is_available() is False")
         if args.min_run_time is None:
             args.min_run_time = 0.25 if args.device == "cuda" else 1.0
+        if args.jsonl:
+            Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
         with torch_threads(args.threads):
             result = run(args)
     print_targets(result.get("targets", []))

@@ -26,9 +26,24 @@ def carafe_flops(features_shape, kernel_size: int, scale_factor: int) -> int:
     return 2 * n * c * (h * scale_factor) * (w * scale_factor) * kernel_size * kernel_size
 
 
-def _output_like(features: torch.Tensor, scale_factor: int) -> torch.Tensor:
+def _output_like(features: torch.Tensor, scale_factor: int,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     n, c, h, w = features.shape
-    return features.new_empty((n, c, h * scale_factor, w * scale_factor))
+    return torch.empty((n, c, h * scale_factor, w * scale_factor), dtype=features.dtype, device=features.device,
+                       memory_format=memory_format)
+
+
+def follow_channels_last(features: torch.Tensor) -> torch.memory_format:
+    """The memory format of kernels that read channels_last in place: channels_last when the features
+    are (and not also NCHW-contiguous, as 1x1 images or one channel are), else contiguous NCHW. Their
+    output and both gradients are returned in it."""
+    if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _always_nchw(features: torch.Tensor) -> torch.memory_format:
+    return torch.contiguous_format
 
 
 # Why not torch.library.register_autocast: it casts to one dtype fixed at registration, while these
@@ -131,7 +146,9 @@ def _register_autograd(forward_op, backward_op, plain_op, *, fused: bool) -> Non
             if not (need_features or need_masks):
                 return None, None, None, None, None
             features, masks = ctx.saved_tensors
-            grad_features, grad_masks = BackwardRule.apply(grad_output.contiguous(), features, masks, *ctx.args)
+            # grad_output as it comes: each op brings it to the layout it computes in (a channels_last
+            # gradient stays channels_last for kernels that read it in place).
+            grad_features, grad_masks = BackwardRule.apply(grad_output, features, masks, *ctx.args)
             return (grad_features if need_features else None), (grad_masks if need_masks else None), None, None, None
 
         @staticmethod
@@ -265,11 +282,14 @@ _LIBS: list = []  # keep the Library objects alive: their registrations die with
 
 
 def register_carafe_op_family(forward_qualname: str, backward_qualname: str, *,
-                              dtypes: tuple[torch.dtype, ...] = NATIVE_DTYPES) -> None:
+                              dtypes: tuple[torch.dtype, ...] = NATIVE_DTYPES,
+                              layout=_always_nchw) -> None:
     """Fake kernels, autograd, autocast and FLOP formulas for one (forward, backward) op pair with the
     schemas of contract.SCHEMAS:  forward(features, masks_or_logits, k, G, s) -> out  and
     backward(grad_out, features, masks_or_logits, k, G, s) -> (grad_features, grad_masks_or_logits).
-    dtypes: what the kernels compute in (the fake kernels refuse the others, as the real ones do)."""
+    dtypes: what the kernels compute in (the fake kernels refuse the others, as the real ones do).
+    layout: features -> the memory format of the output and gradients the kernels return (the fake
+    kernels must give the real ones' strides): _always_nchw, or follow_channels_last."""
     # register_flop_formula takes the OpOverloadPacket (torch.ops.ns.name).
     forward_op = _packet(forward_qualname)
     backward_op = _packet(backward_qualname)
@@ -282,14 +302,14 @@ def register_carafe_op_family(forward_qualname: str, backward_qualname: str, *,
     def _forward_fake(features, masks, kernel_size, group_size, scale_factor):
         check_arguments(features, masks, kernel_size, group_size, scale_factor, fused=fused, op=forward_qualname,
                         dtypes=dtypes, limits=True)
-        return _output_like(features, scale_factor)
+        return _output_like(features, scale_factor, layout(features))
 
     @torch.library.register_fake(backward_qualname)
     def _backward_fake(grad_output, features, masks, kernel_size, group_size, scale_factor):
         check_arguments(features, masks, kernel_size, group_size, scale_factor, fused=fused, op=backward_qualname,
                         dtypes=dtypes, limits=True, grad_output=grad_output)
-        return torch.empty_like(features, memory_format=torch.contiguous_format), \
-            torch.empty_like(masks, memory_format=torch.contiguous_format)
+        return torch.empty_like(features, memory_format=layout(features)), \
+            torch.empty_like(masks, memory_format=layout(features))
 
     _register_autograd(torch._library.utils.lookup_op(forward_qualname),
                        torch._library.utils.lookup_op(backward_qualname),

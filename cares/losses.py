@@ -22,7 +22,7 @@ from torch import Tensor, nn
 __all__ = ["DiceBCELoss", "dice_bce_loss", "soft_dice_loss"]
 
 
-def _check_pair(logits: Tensor, target: Tensor) -> None:
+def _check_pair(logits: Tensor, target: Tensor, check_values: bool = True) -> None:
     if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f"logits and target must be torch.Tensors, got {type(logits).__name__} and "
                         f"{type(target).__name__}")
@@ -34,7 +34,9 @@ def _check_pair(logits: Tensor, target: Tensor) -> None:
     if target.shape != logits.shape:
         raise ValueError(f"target shape {tuple(target.shape)} must equal logits shape "
                          f"{tuple(logits.shape)}")
-    if target.numel() > 0:
+    # The value check reads the tensor back (a host sync on a GPU): callers on a per-step path whose
+    # targets are valid by construction turn it off (check_target=False).
+    if check_values and target.numel() > 0:
         low, high = torch.aminmax(target.detach().float())
         if low.item() < 0 or high.item() > 1:
             raise ValueError(f"target values must lie in [0, 1] (a 0/1 mask), got min "
@@ -78,13 +80,14 @@ def _soft_dice(logits: Tensor, target: Tensor, smooth: float) -> Tensor:
 
 
 def dice_bce_loss(logits: Tensor, target: Tensor, dice_weight: float = 1.0, bce_weight: float = 1.0,
-                  smooth: float = 1.0) -> Tensor:
+                  smooth: float = 1.0, check_target: bool = True) -> Tensor:
     """bce_weight * mean BCE-with-logits + dice_weight * soft Dice loss (see the module docstring).
 
     logits: (N, 1, H, W) (any float dtype); target: same shape, values in {0, 1} (soft labels in
     [0, 1] are accepted). Returns a scalar tensor (float32, or float64 for float64 input).
+    check_target=False skips the check that target lies in [0, 1], which reads it back to the host.
     """
-    _check_pair(logits, target)
+    _check_pair(logits, target, check_target)
     _check_weights(dice_weight, bce_weight, smooth)
     # At least float32 internally: BCE-with-logits and sigmoid are stable for any finite logit in
     # fp32, while fp16 sums over a 256x256 image would round badly.
@@ -96,15 +99,17 @@ def dice_bce_loss(logits: Tensor, target: Tensor, dice_weight: float = 1.0, bce_
 class DiceBCELoss(nn.Module):
     """nn.Module wrapper of `dice_bce_loss`: forward(logits, target) -> scalar tensor."""
 
-    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, smooth: float = 1.0):
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, smooth: float = 1.0,
+                 check_target: bool = True):
         super().__init__()
         _check_weights(dice_weight, bce_weight, smooth)
+        self.check_target = bool(check_target)
         self.dice_weight = float(dice_weight)
         self.bce_weight = float(bce_weight)
         self.smooth = float(smooth)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return dice_bce_loss(logits, target, self.dice_weight, self.bce_weight, self.smooth)
+        return dice_bce_loss(logits, target, self.dice_weight, self.bce_weight, self.smooth, self.check_target)
 
     def extra_repr(self) -> str:
         return f"dice_weight={self.dice_weight}, bce_weight={self.bce_weight}, smooth={self.smooth}"

@@ -361,6 +361,21 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def host_values_to(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor of host values (a list of numbers, or a CPU tensor) on `device` without making the host
+    wait for the device: built on the host, pinned and copied with non_blocking=True on CUDA (the
+    pinned buffer is kept until the copy is done by torch's caching host allocator). A plain
+    torch.tensor(values, device="cuda") is a blocking copy, a host sync in every training step that
+    makes one (issue 19)."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if dtype is not None:
+        tensor = tensor.to(dtype)
+    device = torch.device(device)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU computes bf16 natively (AVX512-BF16 or AMX), where oneDNN's bf16 convolutions
     beat fp32 ones. Measured on such a 2-core machine (CARes-UNet width 16, 256x256, batch 4, one

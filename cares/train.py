@@ -226,6 +226,17 @@ class _Deterministic:
         torch.backends.cudnn.benchmark = self._previous[1]
 
 
+def _check_deterministic_layers(model: torch.nn.Module, model_name: str, device: torch.device) -> None:
+    """--deterministic refuses up front (not at the first backward pass, after files are written) a
+    model with a layer torch cannot run deterministically on this device. cares' own models have none:
+    they use BilinearUpsample2x and MaxUnpool2x (cares/models/blocks.py)."""
+    from cares.models.blocks import nondeterministic_layers
+    blocking = nondeterministic_layers(model, device)
+    if blocking:
+        raise ValueError(f"--deterministic on {device.type}: model {model_name!r} has layers torch cannot run "
+                         f"deterministically there: {', '.join(blocking)}; train without --deterministic")
+
+
 # --------------------------------------------------------------------------------------------------
 # Logs
 # --------------------------------------------------------------------------------------------------
@@ -312,7 +323,6 @@ def train(config: TrainConfig, context: DistributedContext | None = None, *,
 
 def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: int | None,
            on_epoch_end: Callable[[dict[str, Any]], None] | None) -> TrainResult:
-    from cares.losses import DiceBCELoss
     from cares.optim import build_optimizer, build_scheduler
 
     started = time.monotonic()   # --time-limit counts from here
@@ -332,6 +342,8 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
     seed_everything(config.seed)
     training_set, num_labelled, num_pseudo, validation_set = build_datasets(config)
     model = build_model_for(config)
+    if config.deterministic:
+        _check_deterministic_layers(model, config.model, device)
     if config.init_from is not None:
         _load_initial_weights(model, config)
     model = model.to(device)
@@ -342,7 +354,7 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
     scheduler = build_scheduler(config.scheduler, optimizer, epochs=config.epochs, milestones=config.milestones,
                                 gamma=config.gamma, warmup_epochs=config.warmup_epochs)
     scaler = _amp_scaler(config, device)
-    loss_function = DiceBCELoss(dice_weight=config.dice_weight, bce_weight=config.bce_weight)
+    loss_function = training_loss(config)
 
     lock = _lock_run_dir(run_dir, context)
     try:
@@ -643,6 +655,33 @@ class _Stepper:
         return torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
 
 
+def training_loss(config: TrainConfig) -> torch.nn.Module:
+    """The loss of a training run. check_target=False: the loss's mask-range check reads the device
+    every step (a host sync on a GPU); training masks are 0/1 by construction (cares.data decodes them
+    as bool masks, and augmentation warps them with nearest sampling)."""
+    from cares.losses import DiceBCELoss
+    return DiceBCELoss(dice_weight=config.dice_weight, bce_weight=config.bce_weight, check_target=False)
+
+
+class _StepAccounts:
+    """One epoch's per-step bookkeeping, kept on the device so that a step never makes the host wait:
+    the loss sum and image count, the first step whose loss was not finite, and whether a batch held
+    NaN/inf pixels. Read once, at the end of the epoch."""
+
+    def __init__(self, device: torch.device):
+        self.totals = torch.zeros(2, dtype=torch.float64, device=device)      # sum of loss * images, images
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_input = torch.zeros((), dtype=torch.bool, device=device)
+
+    def add(self, step: int, images: torch.Tensor, loss: torch.Tensor) -> None:
+        self.first_bad_step = torch.where(~torch.isfinite(loss) & (self.first_bad_step < 0), step,
+                                          self.first_bad_step)
+        self.bad_input |= ~torch.isfinite(images).all()
+        # In-place adds of a Python number: no host-built tensor, so no blocking host-to-device copy.
+        self.totals[0] += loss.double() * len(images)
+        self.totals[1] += len(images)
+
+
 def _train_one_epoch(stepper: _Stepper, loader: Iterable[dict[str, Any]], config: TrainConfig, context: DistributedContext,
                      epoch: int, run_dir: Path) -> tuple[float, int]:
     """One pass over the epoch's samples; returns (mean loss, number of images), both over all processes.
@@ -653,11 +692,8 @@ def _train_one_epoch(stepper: _Stepper, loader: Iterable[dict[str, Any]], config
     non-finite) therefore stops the run at the end of its epoch, with NonFiniteLossError naming the
     first bad step.
     """
-    device = context.device
     stepper.train_model.train()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)      # sum of loss * images, images
-    first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-    bad_input = torch.zeros((), dtype=torch.bool, device=device)   # a batch held NaN/inf pixels
+    accounts = _StepAccounts(context.device)
     batch_names: list[list[str]] = []
     progress = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False,
                     disable=not context.is_main or None, file=sys.stderr)
@@ -665,10 +701,8 @@ def _train_one_epoch(stepper: _Stepper, loader: Iterable[dict[str, Any]], config
     for step, batch in enumerate(progress):
         batch_names.append(list(batch["name"]))
         images, loss = stepper.step(batch)
-        first_bad_step = torch.where(~torch.isfinite(loss) & (first_bad_step < 0), step, first_bad_step)
-        bad_input |= ~torch.isfinite(images).all()
-        totals += torch.stack([loss.double() * len(images),
-                               torch.tensor(len(images), dtype=torch.float64, device=device)])
+        accounts.add(step, images, loss)
+        totals = accounts.totals
         if progress.disable is False and step % PROGRESS_EVERY == 0:
             elapsed = time.monotonic() - started
             progress.set_postfix(loss=f"{float(totals[0] / totals[1]):.4f}",
@@ -676,6 +710,7 @@ def _train_one_epoch(stepper: _Stepper, loader: Iterable[dict[str, Any]], config
 
     # Every process must reach the same verdict, or the healthy ones would wait forever in the next
     # collective; so the flags are all-reduced with the loss totals.
+    totals, first_bad_step, bad_input = accounts.totals, accounts.first_bad_step, accounts.bad_input
     summary = all_reduce_sum(context, torch.stack([totals[0], totals[1], (first_bad_step >= 0).double(),
                                                    bad_input.double(), (~stepper.weights_are_finite()).double()]))
     if summary[2] > 0 or summary[4] > 0:

@@ -195,3 +195,53 @@ def test_register_model_adds_and_removes_a_builder():
         build_model("my_test_model")
     with pytest.raises(ValueError, match="built-in"):
         unregister_model("cares_unet")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 1, 1), (1, 2, 2, 3)])
+def test_deterministic_bilinear_upsample_equals_interpolate(shape):
+    from cares.models.blocks import BilinearUpsample2x, bilinear_upsample_2x
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    want = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    got = bilinear_upsample_2x(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
+    grad = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0],
+                               rtol=0, atol=1e-13)
+    cl = x.detach().contiguous(memory_format=torch.channels_last)
+    if shape[1] > 1 and shape[2] * shape[3] > 1:
+        assert bilinear_upsample_2x(cl).is_contiguous(memory_format=torch.channels_last)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        torch.testing.assert_close(BilinearUpsample2x()(x), want, rtol=0, atol=1e-14)
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_deterministic_max_unpool_equals_max_unpool():
+    from cares.models.blocks import MaxUnpool2x
+    x = torch.randn(2, 3, 6, 4, requires_grad=True)
+    pooled, indices = torch.nn.MaxPool2d(2, stride=2, return_indices=True)(x)
+    want = torch.nn.MaxUnpool2d(2, stride=2)(pooled, indices)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="deterministic"):   # torch's own, even on the CPU
+            torch.nn.MaxUnpool2d(2, stride=2)(pooled, indices)
+        got = MaxUnpool2x()(pooled, indices)
+        assert torch.equal(got, want)
+        grad = torch.randn_like(want)
+        assert torch.equal(torch.autograd.grad(got, x, grad, retain_graph=True)[0], torch.autograd.grad(want, x, grad)[0])
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_nondeterministic_layers_by_device():
+    from cares.models.blocks import nondeterministic_layers
+    net = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2, mode="bilinear"), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.MaxUnpool2d(2), torch.nn.Upsample(scale_factor=2, mode="nearest"))
+    assert nondeterministic_layers(net, "cuda") == ["0 (Upsample, mode bilinear)", "1 (AdaptiveAvgPool2d)",
+                                                    "2 (MaxUnpool2d)"]
+    assert nondeterministic_layers(net, "cpu") == ["2 (MaxUnpool2d)"]
+    for name in MODEL_NAMES + ABLATION_VARIANTS:  # cares' own models all train under --deterministic, CUDA too
+        assert nondeterministic_layers(build_model(name), "cuda") == [], name

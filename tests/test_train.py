@@ -29,6 +29,7 @@ from torch import nn
 import cares.models
 from cares.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint)
 from cares.config import TrainConfig, resolve_config
+from cares.models.blocks import BilinearUpsample2x
 from cares.sampling import EpochSampler, kfold_split
 from cares.train import NonFiniteLossError, train, train_all_folds
 
@@ -48,7 +49,8 @@ class TinyTestNet(cares.models.SegmentationModel):
                                     nn.BatchNorm2d(width), nn.ReLU())
         self.down = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())
-        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        # cares' bilinear upsampler: it trains under --deterministic on CUDA too (nn.Upsample does not)
+        self.up = BilinearUpsample2x()
         self.head = nn.Conv2d(2 * width, num_classes, 1)
 
     def forward(self, x):
@@ -262,7 +264,8 @@ def test_tensorboard_without_the_package_is_refused_before_anything_is_written(t
 def test_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     # Cosine schedule, Ranger (Lookahead every 6 steps), augmentation and DataLoader workers: all of
     # them carry state across epochs that resume must restore.
-    settings = dict(epochs=4, synthetic_samples=8, num_workers=1, scheduler="cosine")
+    # deterministic=True: bitwise equality needs it on CUDA (no cuDNN benchmarking, no atomic-add backward)
+    settings = dict(epochs=4, synthetic_samples=8, num_workers=1, scheduler="cosine", deterministic=True)
     train(tiny_config(tmp_path / "straight", **settings))
     interrupted = train(tiny_config(tmp_path / "resumed", **settings), stop_after_epoch=2)
     assert interrupted.stopped_early and interrupted.epochs_done == 2
@@ -286,7 +289,7 @@ def test_checkpoint_every_n_epochs_still_saves_the_end_and_stops_and_resumes_exa
         real_save(run_dir, last_state, best_state)
 
     monkeypatch.setattr(train_module, "save_epoch_checkpoints", recording_save)
-    settings = dict(epochs=5, checkpoint_every=3, val_split=None, scheduler="cosine")
+    settings = dict(epochs=5, checkpoint_every=3, val_split=None, scheduler="cosine", deterministic=True)
     train(tiny_config(tmp_path / "straight", **settings))
     train(tiny_config(tmp_path / "resumed", **settings), stop_after_epoch=2)
     train(tiny_config(tmp_path / "resumed", resume=True, **settings))
@@ -310,7 +313,7 @@ def _running_best(history):
 def test_data_on_device_trains_like_the_dataloader_and_resumes_exactly(tmp_path):
     # The same batches (cares.data.device_batches), so the same run up to float rounding of the
     # batched augmentation; and an interrupted run on device data resumes bitwise.
-    settings = dict(epochs=3, synthetic_samples=6, scheduler="cosine", optimizer="adam", lr=1e-2)
+    settings = dict(epochs=3, synthetic_samples=6, scheduler="cosine", optimizer="adam", lr=1e-2, deterministic=True)
     loader_run = train(tiny_config(tmp_path / "loader", data_on_device=False, **settings))
     device_run = train(tiny_config(tmp_path / "device", data_on_device=True, **settings))
     for theirs, mine in zip(loader_run.history, device_run.history, strict=True):
@@ -335,6 +338,142 @@ def test_execution_options(tmp_path, settings):
     assert (state["scaler"] is not None) == (settings.get("amp") == "fp16")          # GradScaler for fp16 only
     assert not any(key.startswith("_orig_mod") for key in state["model"]["state_dict"])  # plain module saved
     assert torch.are_deterministic_algorithms_enabled() == deterministic_before      # settings restored
+
+
+class PlainBilinearNet(TinyTestNet):
+    """TinyTestNet with torch's nn.Upsample(bilinear), which has no deterministic CUDA backward."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 1):
+        super().__init__(in_channels, num_classes)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def _fake_cuda_context():
+    from cares.distributed import DistributedContext
+    return DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
+
+
+def test_deterministic_on_cuda_refuses_a_layer_without_a_deterministic_algorithm(tmp_path):
+    # The refusal comes before the model or any tensor touches the device, so a CPU machine can show
+    # it with a CUDA context: one ValueError naming the layer, and nothing written.
+    cares.models.register_model("plain_bilinear_test_net", PlainBilinearNet, overwrite=True)
+    config = tiny_config(tmp_path / "run", model="plain_bilinear_test_net", deterministic=True, amp="off",
+                         channels_last=False, data_on_device=False)
+    with pytest.raises(ValueError, match=r"--deterministic on cuda: .*'plain_bilinear_test_net'.*"
+                                         r"up \(Upsample, mode bilinear\)"):
+        train(config, _fake_cuda_context())
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    # without --deterministic, or on the CPU, the same model is accepted by the check
+    from cares.models.blocks import nondeterministic_layers
+    assert nondeterministic_layers(PlainBilinearNet(), "cpu") == []
+
+
+def test_cli_deterministic_refusal_is_one_error_line(tmp_path, monkeypatch, capsys):
+    import cares.train as train_module
+    from cares.cli import main
+    cares.models.register_model("plain_bilinear_test_net", PlainBilinearNet, overwrite=True)
+    monkeypatch.setattr(train_module, "init_distributed", lambda preference: _fake_cuda_context())
+    code = main(["train", "--data", "synthetic", "--synthetic-samples", "4", "--image-size", "32", "--model",
+                 "plain_bilinear_test_net", "--epochs", "1", "--num-workers", "0", "--amp", "off",
+                 "--no-channels-last", "--no-data-on-device", "--deterministic", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("cares train: error: --deterministic on cuda")
+    assert "up (Upsample, mode bilinear)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model", ["cares_unet[upsampler=bilinear,base_channels=8]", "segnet", "unet_resnet34"])
+def test_baselines_train_under_deterministic_algorithms(tmp_path, model, monkeypatch):
+    # The bilinear ablation, SegNet (max-unpool) and UNet-ResNet34 (nearest upsampling) train with
+    # --deterministic; F.interpolate's bilinear mode raises here as torch's CUDA backward does under
+    # deterministic algorithms, so the CPU run takes the path a CUDA run must take.
+    import torch.nn.functional as F
+    real_interpolate = F.interpolate
+
+    def interpolate(*args, **kwargs):
+        mode = kwargs.get("mode", args[3] if len(args) > 3 else "nearest")  # nn.Upsample passes it 4th
+        if mode in ("bilinear", "bicubic", "linear") and torch.are_deterministic_algorithms_enabled():
+            raise RuntimeError(f"upsample_{mode}2d_backward_out_cuda does not have a deterministic implementation")
+        return real_interpolate(*args, **kwargs)
+
+    monkeypatch.setattr(F, "interpolate", interpolate)
+    from cares.models import build_model
+    from cares.models.blocks import nondeterministic_layers
+    assert nondeterministic_layers(build_model(model), "cuda") == []
+    config = tiny_config(tmp_path / "run", model=model, deterministic=True, synthetic_samples=2, batch_size=2,
+                         image_size=32, val_split=None)
+    result = train(config)
+    assert np.isfinite(result.history[-1]["train_loss"])
+
+
+class _HostSyncGuard:
+    """Records what would make the host wait for a GPU in a training step, for a CPU-only machine: the
+    step runs on the "meta" device, where reading a device value back (.item(), bool(), float(),
+    .tolist(), .cpu()) raises as torch.cuda.set_sync_debug_mode("error") does on a GPU; and host-built
+    tensors created on the device (torch.tensor(..., device=...)) or copied to it without non_blocking,
+    blocking copies on CUDA, are recorded."""
+
+    def __init__(self, monkeypatch):
+        self.blocking: list[str] = []
+        real_tensor, real_to = torch.tensor, torch.Tensor.to
+
+        def tensor(*args, **kwargs):
+            if kwargs.get("device") is not None and torch.device(kwargs["device"]).type != "cpu":
+                self.blocking.append(f"torch.tensor(..., device={kwargs['device']})")
+            return real_tensor(*args, **kwargs)
+
+        def to(self_tensor, *args, **kwargs):
+            target = kwargs.get("device", args[0] if args and isinstance(args[0], (str, torch.device)) else None)
+            if (target is not None and self_tensor.device.type == "cpu" and torch.device(target).type != "cpu"
+                    and not kwargs.get("non_blocking", False)):
+                self.blocking.append(f"blocking .to({target})")
+            return real_to(self_tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "tensor", tensor)
+        monkeypatch.setattr(torch.Tensor, "to", to)
+
+
+def _training_steps(tmp_path, device, steps=3):
+    """Build train.py's per-step pieces (device batches with augmentation, stepper, training loss, step
+    accounts) for the tiny model on `device`; returns a function that runs `steps` steps."""
+    import cares.train as train_module
+    from cares.data.device_batches import DeviceBatches
+    from cares.optim import build_optimizer
+    config = tiny_config(tmp_path / "run", synthetic_samples=6, data_on_device=True)
+    training_set = train_module.build_datasets(config)[0]
+    batches = DeviceBatches(training_set, device, batch_size=2)
+    model = TinyTestNet().to(device)
+    stepper = train_module._Stepper(train_model=model, model=model, loss_function=train_module.training_loss(config),
+                                    optimizer=build_optimizer(config.optimizer, model.parameters()), scaler=None,
+                                    device=torch.device(device), amp="off", memory_format=torch.contiguous_format)
+    accounts = train_module._StepAccounts(torch.device(device))
+
+    def run():
+        for step in range(steps):
+            images, loss = stepper.step(batches.batch([(2 * step) % 6, (2 * step + 1) % 6]))
+            accounts.add(step, images, loss)
+        return accounts
+    return run
+
+
+def test_training_steps_make_no_host_sync(tmp_path, monkeypatch):
+    run = _training_steps(tmp_path, "meta")
+    guard = _HostSyncGuard(monkeypatch)
+    accounts = run()   # raises on meta if the step reads a device value (the loss's mask-range check did)
+    assert accounts.totals.device.type == "meta"
+    assert guard.blocking == []   # augmentation and batching built their index tensors with blocking copies
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU-side check is "
+                                                          "test_training_steps_make_no_host_sync)")
+def test_training_steps_make_no_host_sync_on_cuda(tmp_path):
+    run = _training_steps(tmp_path, "cuda")
+    run()                                   # warm-up: cuDNN/cuBLAS handles and the allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
@@ -509,12 +648,13 @@ def test_killed_run_resumes_bitwise_equal(tmp_path):
     launcher = write_launcher(tmp_path)
     env = subprocess_env()
     epochs = 6
-    straight = subprocess.run([sys.executable, str(launcher), *_train_args(tmp_path / "straight", epochs)],
+    pinned = ["--deterministic"]  # bitwise equality on CUDA needs it
+    straight = subprocess.run([sys.executable, str(launcher), *_train_args(tmp_path / "straight", epochs, *pinned)],
                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     log = tmp_path / "killed" / "log.csv"
-    process = subprocess.Popen([sys.executable, str(launcher), *_train_args(tmp_path / "killed", epochs)],
+    process = subprocess.Popen([sys.executable, str(launcher), *_train_args(tmp_path / "killed", epochs, *pinned)],
                                env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
@@ -526,7 +666,7 @@ def test_killed_run_resumes_bitwise_equal(tmp_path):
     killed_at = load_checkpoint(tmp_path / "killed" / "last.pt")["epoch"]
     assert 2 <= killed_at < epochs, "the run finished before it could be killed"
 
-    resumed = subprocess.run([sys.executable, str(launcher), *_train_args(tmp_path / "killed", epochs), "--resume"],
+    resumed = subprocess.run([sys.executable, str(launcher), *_train_args(tmp_path / "killed", epochs, *pinned), "--resume"],
                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {tmp_path / 'killed'} after epoch {killed_at}" in resumed.stderr

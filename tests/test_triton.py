@@ -11,6 +11,7 @@ every test is skipped with the reason ``carafe_kernels.triton.unavailable_reason
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -121,10 +122,57 @@ def test_half_dtypes_within_2x_of_reference(op, dtype, shape):
 
 
 def test_non_contiguous_inputs():
-    """channels_last features and masks (the ops make them contiguous)."""
+    """channels_last features and masks, and strided (sliced) ones."""
     for op in OPS:
         _check_against_oracle(op, (1, 4, 3, 5, 3, 2, 2), torch.float32,
                               layout=lambda t: t.contiguous(memory_format=torch.channels_last))
+        _check_against_oracle(op, (1, 4, 3, 5, 3, 2, 2), torch.float32, layout=lambda t: t[:, :, :, :].transpose(
+            2, 3).contiguous().transpose(2, 3))
+
+
+CL_SHAPES = [(2, 4, 3, 5, 3, 2, 2), (1, 8, 4, 3, 5, 4, 3), (1, 6, 3, 4, 7, 2, 1)]
+
+
+@pytest.mark.parametrize("shape", CL_SHAPES, ids=_ids(CL_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("op", OPS)
+def test_channels_last_is_read_in_place_and_returned(op, dtype, shape, monkeypatch):
+    # cares' CUDA default is bf16 + channels_last: the kernels read those tensors without a copy and
+    # return the output and gradients in the same layout.
+    N, C, H, W, k, G, s = shape
+    cl = torch.channels_last
+    features, second = (t.contiguous(memory_format=cl) for t in
+                        make_inputs(*shape, fused=op == "fused", dtype=dtype, device=DEVICE))
+    grad_out = torch.randn(N, C, H * s, W * s, dtype=dtype, device=DEVICE).contiguous(memory_format=cl)
+    from carafe_kernels.triton import ops as triton_ops
+    pointers = []
+    real_wrap = triton_ops.wrap_triton
+
+    def wrap(kernel):
+        launcher = real_wrap(kernel)
+
+        class Recording:
+            def __getitem__(self, grid):
+                def launch(*args):
+                    pointers.append({a.data_ptr() for a in args if isinstance(a, torch.Tensor)})
+                    return launcher[grid](*args)
+                return launch
+        return Recording()
+
+    monkeypatch.setattr(triton_ops, "wrap_triton", wrap)
+    got = forward_backward(_triton(op, k, G, s), features, second, grad_out)
+    assert len(pointers) == 3                  # forward, mask gradient, features gradient
+    # the kernels got the caller's tensors, not copies
+    assert features.data_ptr() in pointers[0] and second.data_ptr() in pointers[0]
+    assert {features.data_ptr(), second.data_ptr(), grad_out.data_ptr()} <= pointers[1]
+    assert {second.data_ptr(), grad_out.data_ptr()} <= pointers[2]
+    for what, tensor in zip(("output", "grad features", "grad masks"), got):
+        assert tensor.is_contiguous(memory_format=cl), f"{what} is not channels_last"
+    want = oracle(op, features, second, k, G, s, grad_out)
+    ref = forward_backward(lambda f, m: run_op(op, "reference", f, m, k, G, s), features, second, grad_out)
+    for what, actual, expected, reference in zip(("output", "grad features", "grad masks"), got, want, ref):
+        assert_close_to_oracle(actual, expected, dtype, f"{shape_id(*shape)} channels_last {what}",
+                               None if dtype == torch.float32 else max_abs_err(reference, expected))
 
 
 def test_extreme_logits_stay_finite():
@@ -151,6 +199,72 @@ def test_backward_is_deterministic():
         again = forward_backward(_triton(op, k, G, s), features, second)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
+
+
+def _launch_recorder(monkeypatch):
+    """Records (kernel, inside the device context) for every launch of carafe_kernels.triton.ops."""
+    from carafe_kernels.triton import ops as triton_ops
+    launches, inside = [], []
+    real_guard, real_wrap = triton_ops._on_device, triton_ops.wrap_triton
+
+    @contextlib.contextmanager
+    def guard(tensor):
+        with real_guard(tensor):
+            inside.append(tensor.device)
+            try:
+                yield
+            finally:
+                inside.pop()
+
+    def wrap(kernel):
+        launches.append((kernel, list(inside)))
+        return real_wrap(kernel)
+
+    monkeypatch.setattr(triton_ops, "_on_device", guard)
+    monkeypatch.setattr(triton_ops, "wrap_triton", wrap)
+    return launches
+
+
+def test_every_launch_runs_under_the_tensors_device(monkeypatch):
+    launches = _launch_recorder(monkeypatch)
+    for op in OPS:
+        features, second = make_inputs(1, 4, 3, 3, 3, 2, 2, fused=op == "fused", device=DEVICE)
+        forward_backward(_triton(op, 3, 2, 2), features, second)
+    assert len(launches) == 6                                     # forward + two backward kernels, per op
+    assert all(devices == [features.device] for _, devices in launches)
+
+
+def test_device_context_is_the_tensors_device():
+    from carafe_kernels.triton.ops import _on_device
+
+    class OnSecondGpu:  # what a CUDA tensor on cuda:1 answers; entering the context would need the GPU
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    context = _on_device(OnSecondGpu())
+    assert isinstance(context, torch.cuda.device) and context.idx == 1
+    assert isinstance(_on_device(torch.zeros(1)), contextlib.nullcontext)
+
+
+def test_deterministic_request_launches_fixed_configs(monkeypatch):
+    from carafe_kernels.triton import kernels
+    fixed = kernels.launchers(deterministic=True)
+    assert all(len(kernel.configs) == 1 for kernel in fixed)      # nothing timed: the same choice everywhere
+    assert kernels.launchers(deterministic=False) == (kernels.carafe_fwd_kernel, kernels.carafe_bwd_mask_kernel,
+                                                      kernels.carafe_bwd_feat_kernel)
+    launches = _launch_recorder(monkeypatch)
+    features, second = make_inputs(1, 4, 3, 3, 3, 2, 2, fused=True, device=DEVICE)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        forward_backward(_triton("fused", 3, 2, 2), features, second)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert [kernel for kernel, _ in launches] == list(fixed)
+    launches.clear()
+    monkeypatch.setenv("CARAFE_TRITON_AUTOTUNE", "0")             # the GPU check's test stages
+    forward_backward(_triton("fused", 3, 2, 2), features, second)
+    assert [kernel for kernel, _ in launches] == list(fixed)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Shapes (docs/design.md#the-contract): features (N, C, H, W); masks (N, G*K*K, H*S, W*S); mask_logits
 (N, G*K*K*S*S, H, W) whose channel (g*K*K + t)*S*S + i*S + j is tap t of group g for sub-pixel (i, j);
-output (N, C, H*S, W*S). Every tensor is contiguous NCHW (the wrappers in ops.py make it so).
+output (N, C, H*S, W*S). The tensors of a launch are all contiguous NCHW or all channels_last (CL;
+the wrappers in ops.py follow the features' layout), read in place: the index maths below gives every
+(channel, pixel) offset through _chan_base / _mask_layout.
 
 Shared blocking. A program owns a block of BLOCK_P low-res positions p (flattened h*W + w) of one
 (image n, group g) and, except in the mask-gradient kernel, a block of BLOCK_C channels of that group.
@@ -22,7 +24,8 @@ then the reassembly pass, which weights tap t by exp(logit_t - max) and divides 
 weights at the end; the normalised masks never touch memory. The backward kernels use
 prob_t = exp(logit_t - lse), lse = logsumexp over the taps, computed once by the mask-gradient kernel.
 
-Backward, no atomics, deterministic by construction (fixed loop orders, one writer per element):
+Backward, no atomics, one writer per element, fixed loop orders for a given config (bitwise
+reproducible across processes only with a fixed config: launchers() below):
 - grad features is a gather: features position p receives, for each tap t = (ky, kx), from the output
   pixels of q = p + (R - ky, R - kx): grad_f[c, p] = sum_t sum_sub grad_out[c, q*S + sub] * mask_t[q, sub].
 - grad masks is a reduction over the group's channels:
@@ -36,14 +39,16 @@ Autotuning. On a GPU each kernel is wrapped in triton.autotune over block shapes
 num_stages, keyed on (C, H, W, G, K, S, FUSED) plus the tensor dtypes (the autotuner adds those),
 with an early prune that fits the blocks to the shape (register budget BLOCK_C*BLOCK_P*SS_PAD,
 channel blocks no wider than the group). Under TRITON_INTERPRET=1 a single config is used, so tests
-never benchmark configs in the interpreter.
+never benchmark configs in the interpreter. Deterministic requests (torch.use_deterministic_algorithms)
+and CARAFE_TRITON_AUTOTUNE=0 get one fixed config per kernel instead of the timed choice.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRET", "carafe_fwd_kernel", "carafe_bwd_mask_kernel", "carafe_bwd_feat_kernel", "next_pow2"]
+__all__ = ["INTERPRET", "carafe_fwd_kernel", "carafe_bwd_mask_kernel", "carafe_bwd_feat_kernel", "launchers",
+           "next_pow2"]
 
 
 def next_pow2(x: int) -> int:
@@ -90,28 +95,60 @@ def _position_block(pb, H, W, S: tl.constexpr, SS_PAD: tl.constexpr, BLOCK_P: tl
 
 
 @triton.jit
-def _mask_layout(ng, p, sub, opix, HW, KK: tl.constexpr, SS: tl.constexpr, FUSED: tl.constexpr):
-    """Where the mask of tap t for (p, sub) of group ng lives: base + t * tap_stride + mpix [BLOCK_P, SS_PAD].
-    FUSED: mask_logits (or grad logits), channel (g*KK + t)*SS + sub at low-res position p;
-    else:  masks (or grad masks), channel g*KK + t at output pixel opix."""
-    if FUSED:
-        base = ng * (KK * SS) * HW
-        mpix = sub[None, :] * HW + p[:, None]
-        tap_stride = tl.cast(SS * HW, tl.int64)  # NB: int64: t * stride overflows int32 on big images
+def _chan_base(chan, C, plane, CL: tl.constexpr):
+    """(offset of pixel 0 of channel chan = n*C + c, stride between pixels) in a tensor of C channels and
+    `plane` pixels per image: NCHW (chan*plane, 1), or channels_last (CL) ((n*plane)*C + c, C)."""
+    if CL:
+        n = chan // C
+        return n * plane * C + (chan - n * C), C
     else:
-        base = ng * KK * (HW * SS)
-        mpix = opix
-        tap_stride = tl.cast(HW * SS, tl.int64)
-    return base, mpix, tap_stride
+        return chan * plane, 1
 
 
 @triton.jit
-def _tap_features(feat_rows, p, w, row_ok, c_ok, dy, dx, W):
+def _mask_layout(ng, G, p, sub, opix, HW, KK: tl.constexpr, SS: tl.constexpr, FUSED: tl.constexpr,
+                 CL: tl.constexpr):
+    """Where the mask of tap t for (p, sub) of group ng = n*G + g lives:
+    base + t * tap_stride + mpix [BLOCK_P, SS_PAD], and the stride between pixels (a shift of the pixel by
+    d adds d * pix_stride).
+    FUSED: mask_logits (or grad logits), channel (g*KK + t)*SS + sub at low-res position p;
+    else:  masks (or grad masks), channel g*KK + t at output pixel opix.
+    NCHW, or channels_last (CL: pixel-major, the Cm = G*KK(*SS) channels of a pixel adjacent)."""
+    if CL:
+        n = ng // G
+        g = ng - n * G
+        if FUSED:
+            Cm = G * KK * SS
+            base = n * HW * Cm + g * (KK * SS)
+            mpix = p[:, None] * Cm + sub[None, :]
+            tap_stride = tl.cast(SS, tl.int64)
+        else:
+            Cm = G * KK
+            base = n * (HW * SS) * Cm + g * KK
+            mpix = opix * Cm
+            tap_stride = tl.cast(1, tl.int64)
+        pix_stride = Cm
+    else:
+        if FUSED:
+            base = ng * (KK * SS) * HW
+            mpix = sub[None, :] * HW + p[:, None]
+            tap_stride = tl.cast(SS * HW, tl.int64)  # NB: int64: t * stride overflows int32 on big images
+        else:
+            base = ng * KK * (HW * SS)
+            mpix = opix
+            tap_stride = tl.cast(HW * SS, tl.int64)
+        pix_stride = 1
+    return base, mpix, tap_stride, pix_stride
+
+
+@triton.jit
+def _tap_features(feat_rows, fstride, p, w, row_ok, c_ok, dy, dx, W):
     """Features [BLOCK_C, BLOCK_P] (fp32) at p + (dy, dx), 0 outside the image (the zero padding):
-    row_ok says whether row h + dy is inside, the column is checked here."""
+    row_ok says whether row h + dy is inside, the column is checked here; fstride: between pixels."""
     ww = w + dx
     ok = row_ok & (ww >= 0) & (ww < W)
-    return tl.load(feat_rows + (p + dy * W + dx)[None, :], mask=c_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
+    return tl.load(feat_rows + ((p + dy * W + dx) * fstride)[None, :], mask=c_ok[:, None] & ok[None, :],
+                   other=0.0).to(tl.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,6 +168,7 @@ def _carafe_fwd(
     S: tl.constexpr,        # scale_factor, <= 8
     SS_PAD: tl.constexpr,   # next power of two >= S*S (sub-pixel axis, masked)
     FUSED: tl.constexpr,    # mask_ptr holds logits: pixel-shuffle + per-group softmax on the fly
+    CL: tl.constexpr,       # every tensor argument is channels_last (NHWC in memory), else NCHW
     BLOCK_C: tl.constexpr,  # channels of one group per program (power of two)
     BLOCK_P: tl.constexpr,  # low-res positions per program (power of two)
 ):
@@ -148,10 +186,11 @@ def _carafe_fwd(
     c_ok, chan = _channel_block(cb, ng, Cg, BLOCK_C)
     p, p_ok, h, w, sub, sub_ok, opix = _position_block(pb, H, W, S, SS_PAD, BLOCK_P)
     pix_ok = p_ok[:, None] & sub_ok[None, :]
-    mbase, mpix, tap_stride = _mask_layout(ng, p, sub, opix, HW, KK, SS, FUSED)
+    mbase, mpix, tap_stride, mstride = _mask_layout(ng, G, p, sub, opix, HW, KK, SS, FUSED, CL)
     mask_base = mask_ptr + mbase
 
-    feat_rows = feat_ptr + chan[:, None] * HW              # [BLOCK_C, 1] pointers
+    fbase, fstride = _chan_base(chan, C, HW, CL)
+    feat_rows = feat_ptr + fbase[:, None]                  # [BLOCK_C, 1] pointers
     if FUSED:
         # Pass 1: max over the K*K taps [BLOCK_P, SS_PAD] (loads only, no exp).
         m_max = tl.full([BLOCK_P, SS_PAD], float("-inf"), tl.float32)
@@ -166,7 +205,7 @@ def _carafe_fwd(
         hh = h + (ky - R)
         row_ok = p_ok & (hh >= 0) & (hh < H)
         for kx in range(K):
-            f = _tap_features(feat_rows, p, w, row_ok, c_ok, ky - R, kx - R, W)  # [BLOCK_C, BLOCK_P]
+            f = _tap_features(feat_rows, fstride, p, w, row_ok, c_ok, ky - R, kx - R, W)  # [BLOCK_C, BLOCK_P]
             t = ky * K + kx
             m = tl.load(mask_base + t * tap_stride + mpix, mask=pix_ok, other=0.0).to(tl.float32)
             if FUSED:
@@ -178,7 +217,8 @@ def _carafe_fwd(
         # program, where normalising first would need a second exp pass; exp throughput is 1/8 of FMA's.
         acc = acc * (1.0 / denom)[None, :, :]
 
-    out_ptrs = out_ptr + chan[:, None, None] * HWs + opix[None, :, :]
+    obase, ostride = _chan_base(chan, C, HWs, CL)
+    out_ptrs = out_ptr + obase[:, None, None] + (opix * ostride)[None, :, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=c_ok[:, None, None] & pix_ok[None, :, :])
 
 
@@ -200,6 +240,7 @@ def _carafe_bwd_mask(
     SS_PAD: tl.constexpr,   # next power of two >= S*S
     FUSED: tl.constexpr,    # gradients w.r.t. logits (softmax + pixel-shuffle backward folded in)
     ACC_IN_GRAD: tl.constexpr,  # grad_ptr is fp32 and doubles as the accumulator (no aliased arguments)
+    CL: tl.constexpr,       # gout, feat, logit, dp and grad are channels_last (lse is always NCHW)
     BLOCK_C: tl.constexpr,  # channels per step of the reduction loop
     BLOCK_P: tl.constexpr,  # low-res positions per program
 ):
@@ -218,7 +259,7 @@ def _carafe_bwd_mask(
     pb, _, ng = _program_block(tl.cdiv(HW, BLOCK_P), 1)
     p, p_ok, h, w, sub, sub_ok, opix = _position_block(pb, H, W, S, SS_PAD, BLOCK_P)
     pix_ok = p_ok[:, None] & sub_ok[None, :]
-    mbase, mpix, tap_stride = _mask_layout(ng, p, sub, opix, HW, KK, SS, FUSED)
+    mbase, mpix, tap_stride, mstride = _mask_layout(ng, G, p, sub, opix, HW, KK, SS, FUSED, CL)
 
     if FUSED:
         logit_base = logit_ptr + mbase
@@ -231,8 +272,8 @@ def _carafe_bwd_mask(
             s_run = s_run * tl.exp(m_run - m_ref) + tl.exp(logit - m_ref)
             m_run = m_new
         lse = m_run + tl.log(s_run)
-        # lse of group g, sub-pixel sub at p: (n*G + g)*SS*HW + sub*HW + p
-        tl.store(lse_ptr + ng * SS * HW + mpix, lse, mask=pix_ok)
+        # lse of group g, sub-pixel sub at p: (n*G + g)*SS*HW + sub*HW + p (NCHW in either layout)
+        tl.store(lse_ptr + ng * SS * HW + sub[None, :] * HW + p[:, None], lse, mask=pix_ok)
 
     # dL/dmask_t accumulated over channel blocks in dp (fp32); only this program touches these elements.
     if ACC_IN_GRAD:
@@ -242,14 +283,16 @@ def _carafe_bwd_mask(
     for cb in range(n_cb):
         tl.debug_barrier()  # NB: last block's stores visible before this block's read-modify-write
         c_ok, chan = _channel_block(cb, ng, Cg, BLOCK_C)
-        go = tl.load(gout_ptr + chan[:, None, None] * HWs + opix[None, :, :],
+        gbase, gstride = _chan_base(chan, C, HWs, CL)
+        go = tl.load(gout_ptr + gbase[:, None, None] + (opix * gstride)[None, :, :],
                      mask=c_ok[:, None, None] & pix_ok[None, :, :], other=0.0).to(tl.float32)
-        feat_rows = feat_ptr + chan[:, None] * HW
+        fbase, fstride = _chan_base(chan, C, HW, CL)
+        feat_rows = feat_ptr + fbase[:, None]
         for ky in range(K):
             hh = h + (ky - R)
             row_ok = p_ok & (hh >= 0) & (hh < H)
             for kx in range(K):
-                f = _tap_features(feat_rows, p, w, row_ok, c_ok, ky - R, kx - R, W)
+                f = _tap_features(feat_rows, fstride, p, w, row_ok, c_ok, ky - R, kx - R, W)
                 contrib = tl.sum(go * f[:, :, None], axis=0)                    # [BLOCK_P, SS_PAD]
                 ptrs = dp_base + (ky * K + kx) * tap_stride + mpix
                 prev = tl.load(ptrs, mask=pix_ok & (cb > 0), other=0.0)
@@ -291,6 +334,7 @@ def _carafe_bwd_feat(
     S: tl.constexpr,        # scale_factor
     SS_PAD: tl.constexpr,   # next power of two >= S*S
     FUSED: tl.constexpr,    # mask_ptr holds logits (probabilities recomputed as exp(logit - lse))
+    CL: tl.constexpr,       # gout, mask and gfeat are channels_last (lse is always NCHW)
     BLOCK_C: tl.constexpr,  # channels of one group per program
     BLOCK_P: tl.constexpr,  # low-res positions per program
 ):
@@ -309,12 +353,14 @@ def _carafe_bwd_feat(
     c_ok, chan = _channel_block(cb, ng, Cg, BLOCK_C)
     p, p_ok, h, w, sub, sub_ok, opix = _position_block(pb, H, W, S, SS_PAD, BLOCK_P)
     # masks of tap t at p: mask_base + t * tap_stride + mpix (logit-layout pixels of p when FUSED, else opix)
-    mbase, mpix, tap_stride = _mask_layout(ng, p, sub, opix, HW, KK, SS, FUSED)
+    mbase, mpix, tap_stride, mstride = _mask_layout(ng, G, p, sub, opix, HW, KK, SS, FUSED, CL)
     mask_base = mask_ptr + mbase
 
-    gout_rows = gout_ptr + chan[:, None, None] * HWs                             # [BLOCK_C, 1, 1]
+    gbase, gstride = _chan_base(chan, C, HWs, CL)
+    gout_rows = gout_ptr + gbase[:, None, None]                                  # [BLOCK_C, 1, 1]
     if FUSED:
         lse_base = lse_ptr + ng * SS * HW
+        lpix = sub[None, :] * HW + p[:, None]                                     # lse is NCHW
 
     acc = tl.zeros([BLOCK_C, BLOCK_P, SS_PAD], tl.float32)
     for ky in range(K):
@@ -328,20 +374,22 @@ def _carafe_bwd_feat(
             qpix_ok = q_ok[:, None] & sub_ok[None, :]
             t = ky * K + kx
             # output pixels of q = those of p shifted by (dy*S, dx*S)
-            go = tl.load(gout_rows + (opix + (dy * S * Ws + dx * S))[None, :, :],
+            go = tl.load(gout_rows + ((opix + (dy * S * Ws + dx * S)) * gstride)[None, :, :],
                          mask=c_ok[:, None, None] & qpix_ok[None, :, :], other=0.0).to(tl.float32)
             if FUSED:
                 qoff = dy * W + dx
-                logit = tl.load(mask_base + t * tap_stride + mpix + qoff, mask=qpix_ok, other=0.0).to(tl.float32)
-                q_lse = tl.load(lse_base + mpix + qoff, mask=qpix_ok, other=0.0)
+                logit = tl.load(mask_base + t * tap_stride + mpix + qoff * mstride, mask=qpix_ok,
+                                other=0.0).to(tl.float32)
+                q_lse = tl.load(lse_base + lpix + qoff, mask=qpix_ok, other=0.0)
                 m = tl.exp(logit - q_lse)
             else:
-                m = tl.load(mask_base + t * tap_stride + mpix + (dy * S * Ws + dx * S), mask=qpix_ok,
+                m = tl.load(mask_base + t * tap_stride + mpix + (dy * S * Ws + dx * S) * mstride, mask=qpix_ok,
                             other=0.0).to(tl.float32)
             acc += go * m[None, :, :]
 
     gf = tl.sum(acc, axis=2)                                                    # [BLOCK_C, BLOCK_P]
-    tl.store(gfeat_ptr + chan[:, None] * HW + p[None, :], gf.to(gfeat_ptr.dtype.element_ty),
+    fbase, fstride = _chan_base(chan, C, HW, CL)
+    tl.store(gfeat_ptr + fbase[:, None] + (p * fstride)[None, :], gf.to(gfeat_ptr.dtype.element_ty),
              mask=c_ok[:, None] & p_ok[None, :])
 
 
@@ -352,7 +400,7 @@ def _carafe_bwd_feat(
 # Whether @triton.jit gave interpreted kernels (TRITON_INTERPRET=1 was set when this module was imported).
 INTERPRET: bool = type(_carafe_fwd).__name__ == "InterpretedFunction"
 
-_KEY = ["C", "H", "W", "G", "K", "S", "FUSED"]  # plus the tensor dtypes, which the autotuner appends
+_KEY = ["C", "H", "W", "G", "K", "S", "FUSED", "CL"]  # plus the tensor dtypes, which the autotuner appends
 # Registers for the fp32 accumulator tile: BLOCK_C * BLOCK_P * SS_PAD <= _ACC_PER_THREAD * threads.
 _ACC_PER_THREAD = 32
 
@@ -404,6 +452,32 @@ def _autotuned(fn, configs):
     return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _fit_configs})(fn)
 
 
+def _fixed(fn, configs):
+    # One candidate, fitted to the shape by the same prune: nothing is timed, so every process picks the
+    # same blocks for the same shape, and with them the same summation order.
+    if INTERPRET:
+        return _autotuned(fn, configs)
+    return triton.autotune(configs=configs[:1], key=_KEY, prune_configs_by={"early_config_prune": _fit_configs})(fn)
+
+
 carafe_fwd_kernel = _autotuned(_carafe_fwd, _FWD_CONFIGS)
 carafe_bwd_mask_kernel = _autotuned(_carafe_bwd_mask, _BWD_MASK_CONFIGS)
 carafe_bwd_feat_kernel = _autotuned(_carafe_bwd_feat, _BWD_FEAT_CONFIGS)
+_FIXED = (_fixed(_carafe_fwd, _FWD_CONFIGS), _fixed(_carafe_bwd_mask, _BWD_MASK_CONFIGS),
+          _fixed(_carafe_bwd_feat, _BWD_FEAT_CONFIGS))
+
+
+def launchers(deterministic: bool | None = None):
+    """(forward, mask-gradient, features-gradient) kernels to launch. Autotuned ones time their
+    candidates in each process, and the chosen channel block sets the summation order of the
+    mask-gradient reduction, so results may differ bitwise between processes; under
+    torch.use_deterministic_algorithms(True) (deterministic=None reads it) or CARAFE_TRITON_AUTOTUNE=0
+    the fixed-config kernels run instead: bitwise reproducible, and nothing to compile but one config."""
+    import os
+
+    import torch
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic or os.environ.get("CARAFE_TRITON_AUTOTUNE") == "0":
+        return _FIXED
+    return carafe_fwd_kernel, carafe_bwd_mask_kernel, carafe_bwd_feat_kernel

@@ -19,12 +19,15 @@ compiled extension loaded (CARAFE_NO_NATIVE=1).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
 from ..contract import SCHEMAS, TRITON_DTYPES, check_arguments
+from ..ops import follow_channels_last as _layout
 from ..ops import register_carafe_op_family
 from . import kernels as _k
 
@@ -54,15 +57,23 @@ def _check(op: str, features: Tensor, masks: Tensor, k: int, G: int, s: int, *, 
                          "in-plane offsets")
 
 
+def _on_device(tensor: Tensor):
+    """The context to launch in: Triton launches on torch.cuda.current_device(), not on its arguments'
+    device, so a CUDA tensor's device is made current for the launch (tensors on cuda:1 while cuda:0 is
+    current would otherwise run on the wrong GPU); a no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 # The four op bodies differ only in their names and the fused flag, so the checks and the launches
 # live in _forward / _backward; the op functions stay separate because each is registered under its
 # own name and schema (argument names included: masks vs mask_logits).
 def _forward(op: str, features: Tensor, masks: Tensor, k: int, G: int, s: int, fused: bool) -> Tensor:
     _check(op, features, masks, k, G, s, fused=fused)
-    features = features.contiguous()
-    masks = masks.contiguous()
+    layout = _layout(features)
+    features = features.contiguous(memory_format=layout)
+    masks = masks.contiguous(memory_format=layout)
     N, C, H, W = features.shape
-    out = features.new_empty((N, C, H * s, W * s))
+    out = torch.empty((N, C, H * s, W * s), dtype=features.dtype, device=features.device, memory_format=layout)
     if out.numel() == 0:
         return out
     Cg = C // G
@@ -70,17 +81,20 @@ def _forward(op: str, features: Tensor, masks: Tensor, k: int, G: int, s: int, f
     def grid(meta):
         return (N * G * triton.cdiv(Cg, meta["BLOCK_C"]) * triton.cdiv(H * W, meta["BLOCK_P"]),)
 
-    wrap_triton(_k.carafe_fwd_kernel)[grid](
-        features, masks, out, C, H, W, G, k, s, _k.next_pow2(s * s), fused)
+    forward_kernel, _, _ = _k.launchers()
+    with _on_device(features):
+        wrap_triton(forward_kernel)[grid](features, masks, out, C, H, W, G, k, s, _k.next_pow2(s * s), fused,
+                                          layout == torch.channels_last)
     return out
 
 
 def _backward(op: str, grad_output: Tensor, features: Tensor, masks: Tensor, k: int, G: int, s: int,
               fused: bool) -> tuple[Tensor, Tensor]:
     _check(op, features, masks, k, G, s, fused=fused, grad_output=grad_output)
-    grad_output = grad_output.contiguous()
-    features = features.contiguous()
-    masks = masks.contiguous()
+    layout = _layout(features)
+    grad_output = grad_output.contiguous(memory_format=layout)
+    features = features.contiguous(memory_format=layout)
+    masks = masks.contiguous(memory_format=layout)
     N, C, H, W = features.shape
     grad_features = torch.empty_like(features)
     grad_masks = torch.empty_like(masks)
@@ -94,7 +108,8 @@ def _backward(op: str, grad_output: Tensor, features: Tensor, masks: Tensor, k: 
     # (ACC_IN_GRAD; a 1-element placeholder goes in dp's slot, so no two kernel arguments alias, which
     # torch.compile's functionalisation of the kernel's mutations requires).
     acc_in_grad = masks.dtype == torch.float32
-    dp = features.new_empty((1,) if acc_in_grad else masks.shape, dtype=torch.float32)
+    dp = (features.new_empty((1,), dtype=torch.float32) if acc_in_grad
+          else torch.empty_like(masks, dtype=torch.float32))                  # laid out like grad_masks
     # logsumexp of the fused softmax, written by the mask kernel, read by the features kernel.
     lse = features.new_empty((N, G * s * s, H, W) if fused else (1,), dtype=torch.float32)
 
@@ -104,10 +119,13 @@ def _backward(op: str, grad_output: Tensor, features: Tensor, masks: Tensor, k: 
     def feat_grid(meta):
         return (N * G * triton.cdiv(Cg, meta["BLOCK_C"]) * triton.cdiv(H * W, meta["BLOCK_P"]),)
 
-    wrap_triton(_k.carafe_bwd_mask_kernel)[mask_grid](
-        grad_output, features, masks, dp, grad_masks, lse, C, H, W, G, k, s, ss_pad, fused, acc_in_grad)
-    wrap_triton(_k.carafe_bwd_feat_kernel)[feat_grid](
-        grad_output, masks, lse, grad_features, C, H, W, G, k, s, ss_pad, fused)
+    _, mask_kernel, feat_kernel = _k.launchers()
+    cl = layout == torch.channels_last
+    with _on_device(features):
+        wrap_triton(mask_kernel)[mask_grid](
+            grad_output, features, masks, dp, grad_masks, lse, C, H, W, G, k, s, ss_pad, fused, acc_in_grad, cl)
+        wrap_triton(feat_kernel)[feat_grid](
+            grad_output, masks, lse, grad_features, C, H, W, G, k, s, ss_pad, fused, cl)
     return grad_features, grad_masks
 
 
@@ -137,6 +155,8 @@ def triton_carafe_fused_backward(grad_output: Tensor, features: Tensor, mask_log
                      scale_factor, True)
 
 
-register_carafe_op_family(f"{_NS}::triton_carafe", f"{_NS}::triton_carafe_backward", dtypes=TRITON_DTYPES)
+# The Triton kernels read channels_last in place and return it (cares' CUDA default is bf16 + channels_last).
+register_carafe_op_family(f"{_NS}::triton_carafe", f"{_NS}::triton_carafe_backward", dtypes=TRITON_DTYPES,
+                          layout=_layout)
 register_carafe_op_family(f"{_NS}::triton_carafe_fused", f"{_NS}::triton_carafe_fused_backward",
-                          dtypes=TRITON_DTYPES)
+                          dtypes=TRITON_DTYPES, layout=_layout)

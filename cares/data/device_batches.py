@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from ..runtime import host_values_to
 from .base import SliceDataset
 from .transforms import AugmentDraw, augment_batch
 
@@ -88,7 +89,7 @@ class DeviceBatches:
 
     def batch(self, chunk: Sequence[int]) -> dict:
         """One batch of the given items, indexed and augmented on the device."""
-        index = torch.tensor(chunk, device=self.device)
+        index = host_values_to(chunk, self.device, torch.int64)
         draws = [leaf.augment_draw(local) for leaf, local in (self._items[i] for i in chunk)]
         images, masks = self.images[index], self.masks[index].float()
         if any(draw is not None for draw in draws):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cares.runtime import derive_seed  # noqa: F401  (the one seed derivation; re-exported for cares.data)
+from cares.runtime import host_values_to
 
 
 def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -188,7 +189,8 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor | None,
                   draws: list[AugmentDraw]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply item i's `draws[i]` to images[i] and masks[i] of a (B, 1, S, S) batch, on the batch's device.
 
-    The draws are host-side numbers, so choosing which items a step touches needs no device sync;
+    The draws are host-side numbers, so choosing which items a step touches needs no device sync, and
+    they reach the device as non-blocking copies (cares.runtime.host_values_to);
     each step runs once for the items that take it (one batched grid_sample for every warped item).
     Returns new float32 tensors: images in [0, 1], masks in {0, 1} (None when masks is None).
     """
@@ -204,7 +206,7 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor | None,
     def apply(selected: list[int], step) -> None:
         if not selected:
             return
-        index = torch.tensor(selected, device=images.device)
+        index = host_values_to(selected, images.device, torch.int64)
         images[index] = step(images[index])
         if masks is not None:
             masks[index] = step(masks[index])
@@ -217,8 +219,8 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor | None,
 
     warped = [i for i, d in enumerate(draws) if d.affine is not None]
     if warped:
-        index = torch.tensor(warped, device=images.device)
-        theta = torch.stack([_affine_theta(*draws[i].affine) for i in warped]).to(images.device)
+        index = host_values_to(warped, images.device, torch.int64)
+        theta = host_values_to(torch.stack([_affine_theta(*draws[i].affine) for i in warped]), images.device)
         grid = F.affine_grid(theta, size=(len(warped), 1, *images.shape[-2:]), align_corners=False)
         images[index] = F.grid_sample(images[index], grid, mode="bilinear", padding_mode="reflection",
                                       align_corners=False).clamp_(0.0, 1.0)
@@ -228,9 +230,9 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor | None,
 
     jittered = [i for i, d in enumerate(draws) if d.intensity is not None]
     if jittered:
-        index = torch.tensor(jittered, device=images.device)
-        gamma, contrast, brightness = (torch.tensor(values, dtype=torch.float32, device=images.device).view(-1, 1, 1, 1)
-                                       for values in zip(*(draws[i].intensity for i in jittered)))
+        index = host_values_to(jittered, images.device, torch.int64)
+        gamma, contrast, brightness = host_values_to([draws[i].intensity for i in jittered], images.device,
+                                                     torch.float32).T.reshape(3, -1, 1, 1, 1)
         selected = images[index].clamp(0.0, 1.0) ** gamma
         mean = selected.mean(dim=(1, 2, 3), keepdim=True)
         images[index] = ((selected - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)

@@ -4,6 +4,10 @@
 * ``ResidualBlock``       two 3x3 conv-BN with a skip (ResNet's basic block; CARes-UNet's residual block).
 * ``ConvResidualBlock``   ConvBNReLU then ResidualBlock: every encoder/decoder stage of CARes-UNet.
 * ``SegmentationModel``   base class: checks the input and says which spatial multiple a model needs.
+* ``BilinearUpsample2x``, ``MaxUnpool2x``: nn.Upsample(x2, bilinear) and nn.MaxUnpool2d(2, 2) that
+  keep working under ``torch.use_deterministic_algorithms(True)`` (``cares train --deterministic``),
+  where torch has no deterministic CUDA bilinear backward and no deterministic max-unpool at all.
+  ``nondeterministic_layers`` lists the layers of a model that would still raise.
 
 Activations are ``nn.ReLU`` modules rather than ``F.relu`` calls so that hook-based counters
 (the torchstat-style MAdd in ``cares.complexity``) see them.
@@ -15,7 +19,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-__all__ = ["ConvBNReLU", "ResidualBlock", "ConvResidualBlock", "SegmentationModel", "check_positive_int"]
+__all__ = ["ConvBNReLU", "ResidualBlock", "ConvResidualBlock", "SegmentationModel", "check_positive_int",
+           "BilinearUpsample2x", "MaxUnpool2x", "bilinear_upsample_2x", "nondeterministic_layers"]
 
 
 def check_positive_int(name: str, value) -> int:
@@ -131,3 +136,95 @@ class SegmentationModel(nn.Module):
         if height % self.size_multiple or width % self.size_multiple:
             raise ValueError(f"{type(self).__name__} needs H and W divisible by {self.size_multiple}, "
                              f"got input shape {tuple(x.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layers with a deterministic path
+# ---------------------------------------------------------------------------------------------------
+
+def bilinear_upsample_2x(x: torch.Tensor) -> torch.Tensor:
+    """F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False) from slices and weighted
+    sums, whose backward is deterministic on every device (torch's CUDA bilinear backward accumulates
+    with atomics and raises under torch.use_deterministic_algorithms). With align_corners=False, output
+    2i samples input i - 1/4 and 2i + 1 samples i + 1/4, clamped at the border: along each axis
+    out[2i] = x[i-1]/4 + 3x[i]/4, out[2i+1] = 3x[i]/4 + x[i+1]/4 on the edge-replicated input."""
+    def along(t: torch.Tensor, dim: int) -> torch.Tensor:
+        size = t.shape[dim]
+        first, last = t.narrow(dim, 0, 1), t.narrow(dim, size - 1, 1)
+        padded = torch.cat([first, t, last], dim=dim)               # edge replication (the clamp)
+        before, centre, after = (padded.narrow(dim, offset, size) for offset in (0, 1, 2))
+        even = 0.25 * before + 0.75 * centre
+        odd = 0.75 * centre + 0.25 * after
+        stacked = torch.stack([even, odd], dim=dim + 1)              # (..., size, 2, ...) -> interleaved
+        shape = list(t.shape)
+        shape[dim] = 2 * size
+        return stacked.reshape(shape)
+
+    out = along(along(x, 3), 2)
+    return out.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else out
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+class BilinearUpsample2x(nn.Upsample):
+    """nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False); under deterministic algorithms
+    it computes the same values with bilinear_upsample_2x, whose backward is deterministic. The switch
+    is on the setting, not the device, so CPU tests run the path that CUDA takes."""
+
+    def __init__(self):
+        super().__init__(scale_factor=2, mode="bilinear", align_corners=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.are_deterministic_algorithms_enabled():
+            return bilinear_upsample_2x(x)
+        return super().forward(x)
+
+
+class MaxUnpool2x(nn.MaxUnpool2d):
+    """nn.MaxUnpool2d(2, stride=2) for the indices of a MaxPool2d(2, stride=2, return_indices=True).
+    torch's max-unpool raises under deterministic algorithms on every device (it assumes indices may
+    repeat); the indices of a non-overlapping 2x2 pool never do, so there a scatter into zeros
+    (deterministic, its backward a gather) gives the same result."""
+
+    def __init__(self):
+        super().__init__(2, stride=2)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, output_size=None) -> torch.Tensor:
+        if not torch.are_deterministic_algorithms_enabled():
+            return super().forward(x, indices, output_size)
+        N, C, H, W = x.shape
+        out_h, out_w = (2 * H, 2 * W) if output_size is None else tuple(output_size)[-2:]
+        flat = x.new_zeros(N, C, out_h * out_w).scatter(2, indices.reshape(N, C, H * W), x.reshape(N, C, H * W))
+        out = flat.view(N, C, out_h, out_w)
+        return out.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else out
+
+
+# Layers torch refuses to run (or to differentiate) under deterministic algorithms, by device type
+# (torch.use_deterministic_algorithms' documentation), that cares' models do not replace above.
+_NONDETERMINISTIC = {
+    "cuda": (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d, nn.AvgPool3d,
+             nn.FractionalMaxPool2d, nn.FractionalMaxPool3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+             nn.ReflectionPad3d, nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d),
+    "cpu": (nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d),
+}
+_LINEAR_MODES = ("linear", "bilinear", "bicubic", "trilinear")
+
+
+def nondeterministic_layers(model: nn.Module, device: torch.device | str) -> list[str]:
+    """The layers of model ("name (Type)") that raise under torch.use_deterministic_algorithms(True) on
+    device when trained; empty when the model can train deterministically there. Checked by module
+    type: a functional call inside a forward (F.interpolate) is not seen."""
+    device_type = torch.device(device).type
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, (BilinearUpsample2x, MaxUnpool2x)):
+            continue
+        bad = isinstance(module, _NONDETERMINISTIC.get(device_type, ()))
+        if device_type == "cuda" and isinstance(module, nn.Upsample) and module.mode in _LINEAR_MODES:
+            bad = True
+        if bad:
+            detail = f", mode {module.mode}" if isinstance(module, nn.Upsample) else ""
+            found.append(f"{name or 'the model'} ({type(module).__name__}{detail})")
+    return found

@@ -40,7 +40,7 @@ from torch import nn
 
 from carafe_kernels import CARAFEPack
 
-from .blocks import ConvResidualBlock, SegmentationModel, check_base_channels
+from .blocks import BilinearUpsample2x, ConvResidualBlock, SegmentationModel, check_base_channels
 
 __all__ = ["CAResUNet", "UPSAMPLERS", "make_upsampler", "CARAFEUpsampler"]
 
@@ -88,7 +88,7 @@ def make_upsampler(kind: str, channels: int, carafe_backend: str = "auto") -> nn
         ))
     if kind == "bilinear":
         return nn.Sequential(OrderedDict(
-            interpolate=nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            interpolate=BilinearUpsample2x(),  # deterministic under --deterministic, on CUDA too
             reduce=nn.Conv2d(channels, channels // 2, 1),
         ))
     raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {kind!r}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import ConvBNReLU, SegmentationModel
+from .blocks import ConvBNReLU, MaxUnpool2x, SegmentationModel
 from .vgg import VGG16_STAGES, vgg16_encoder, vgg_stage
 
 __all__ = ["SegNet"]
@@ -28,7 +28,7 @@ class SegNet(SegmentationModel):
         super().__init__(in_channels, num_classes)
         self.encoders = vgg16_encoder(in_channels)
         self.pool = nn.MaxPool2d(2, stride=2, return_indices=True)
-        self.unpool = nn.MaxUnpool2d(2, stride=2)
+        self.unpool = MaxUnpool2x()  # runs under --deterministic (torch's max-unpool raises there)
 
         self.decoders = nn.ModuleList()
         stage_channels = [channels for channels, _ in VGG16_STAGES]
