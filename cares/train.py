@@ -51,7 +51,8 @@ from tqdm import tqdm
 from cares.checkpoint import (capture_rng_state, check_same_model, full_state, load_checkpoint, load_model_weights,
                               reconcile_best, remove_orphaned_temp_files, restore_rng_state,
                               save_epoch_checkpoints, unwrap_model, weights_state)
-from cares.config import TrainConfig, add_train_arguments, resolve_config, save_yaml
+from cares.config import (TrainConfig, add_train_arguments, build_configured_model, check_resume_settings,
+                          resolve_config, save_yaml)
 from cares.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, barrier,
                                broadcast_object, init_distributed, shutdown)
 from cares.inference import predict_probabilities
@@ -182,11 +183,7 @@ def build_datasets(config: TrainConfig) -> tuple[torch.utils.data.Dataset, int, 
 
 
 def build_model_for(config: TrainConfig) -> torch.nn.Module:
-    from cares.models import build_model
-    try:
-        return build_model(config.model, in_channels=1, num_classes=1, **config.model_options)
-    except (TypeError, ValueError) as err:  # e.g. upsampler=nosuch: a setting error, not a crash
-        raise ValueError(f"--model {config.model} --model-option {config.model_options}: {err}") from None
+    return build_configured_model(config)
 
 
 def _load_initial_weights(model: torch.nn.Module, config: TrainConfig) -> None:
@@ -331,6 +328,16 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
     try:
         resumed = _agree(context, lambda: _resume_state(config, run_dir, model, optimizer, scheduler, scaler),
                          cleanup=lock.abandon)
+        if resumed.start_epoch == config.epochs:
+            # Nothing to train, so nothing is written (config.yaml, log.csv and the curves stay as they are).
+            if context.is_main:
+                print(f"{run_dir} has already finished its {config.epochs} epochs: nothing to do (give a larger "
+                      "--epochs to train longer)", file=sys.stderr)
+            best_path = run_dir / "best.pt"
+            return TrainResult(run_dir=run_dir, epochs_done=len(resumed.history),
+                               best_val_dice=resumed.best_val_dice, last_checkpoint=run_dir / "last.pt",
+                               best_checkpoint=best_path if best_path.is_file() else None,
+                               history=resumed.history)
         if context.is_main:
             remove_orphaned_temp_files(run_dir)   # a killed save's; safe, the lock is ours
             save_yaml(run_dir / "config.yaml", settings)
@@ -399,6 +406,14 @@ def _agree(context: DistributedContext, work: Callable[[], Any], cleanup: Callab
     return result
 
 
+def _checkpoint_to_resume(config: TrainConfig, last_path: Path) -> dict[str, Any]:
+    """last.pt, once it is known to hold this run's model and experiment (else a ValueError)."""
+    state = load_checkpoint(last_path)
+    check_same_model(state, last_path, config.model, config.model_options, "--resume: checkpoint")
+    check_resume_settings(config, state.get("config") or {}, last_path)
+    return state
+
+
 def _resume_state(config: TrainConfig, run_dir: Path, model, optimizer, scheduler, scaler) -> _Resumed:
     """Load last.pt into the model, optimizer, scheduler and scaler when --resume finds one; raise
     ValueError (before anything is written) when it does not fit this run."""
@@ -411,12 +426,10 @@ def _resume_state(config: TrainConfig, run_dir: Path, model, optimizer, schedule
     if not last_path.is_file():
         print(f"no checkpoint in {run_dir} yet: starting a new run", file=sys.stderr)
         return _Resumed()
-    state = load_checkpoint(last_path)
-    check_same_model(state, last_path, config.model, config.model_options, "--resume: checkpoint")
-    saved_optimizer = (state.get("config") or {}).get("optimizer")
-    if saved_optimizer is not None and saved_optimizer != config.optimizer:
-        raise ValueError(f"--resume: {last_path} was trained with --optimizer {saved_optimizer}, this run asks "
-                         f"for {config.optimizer}; resume with the same optimizer or start a new --out")
+    state = _checkpoint_to_resume(config, last_path)
+    if state["epoch"] > config.epochs:
+        raise ValueError(f"--resume: {last_path} has already trained {state['epoch']} epochs, more than "
+                         f"--epochs {config.epochs}; give --epochs {state['epoch']} or more")
     if not isinstance(state.get("optimizer"), dict) or "rng_states" not in state:
         raise ValueError(f"--resume: {last_path} holds no optimizer/RNG state (exported weights?); "
                          "use --init-from to start from its weights")
@@ -678,6 +691,12 @@ def train_all_folds(config: TrainConfig, context: DistributedContext | None = No
     check_output_dir(run_dir)
     lock = _lock_run_dir(run_dir, context)
     try:
+        if config.resume:
+            # Every fold's checkpoint is checked before the folder's config.yaml is rewritten.
+            _agree(context, lambda: [_checkpoint_to_resume(fold_config, Path(fold_config.out) / "last.pt")
+                                     for fold_config in _fold_configs(config, run_dir)
+                                     if (Path(fold_config.out) / "last.pt").is_file()],
+                   cleanup=lock.abandon)
         if context.is_main:
             save_yaml(run_dir / "config.yaml", config)
         return _train_folds(config, context, run_dir)
@@ -685,10 +704,13 @@ def train_all_folds(config: TrainConfig, context: DistributedContext | None = No
         lock.release()
 
 
+def _fold_configs(config: TrainConfig, run_dir: Path) -> list[TrainConfig]:
+    return [dataclasses.replace(config, fold=fold, out=str(run_dir / f"fold_{fold}")) for fold in range(config.folds)]
+
+
 def _train_folds(config: TrainConfig, context: DistributedContext, run_dir: Path) -> dict[str, Any]:
     results = []
-    for fold in range(config.folds):
-        fold_config = dataclasses.replace(config, fold=fold, out=str(run_dir / f"fold_{fold}"))
+    for fold_config in _fold_configs(config, run_dir):
         results.append(train(fold_config, context))
     scores = [r.best_val_dice for r in results]
     summary = {"folds": config.folds, "best_val_dice": scores,

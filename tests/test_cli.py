@@ -106,3 +106,16 @@ def test_demo_quick(tmp_path):
         assert piece in report
     for name in ("loss_curve.png", "qualitative.png", "metrics.json", "train/best.pt"):
         assert (tmp_path / "demo" / name).is_file()
+
+
+def test_train_help_lists_the_settings_a_resume_may_change(capsys, monkeypatch):
+    from cares.config import EXPERIMENT_SETTINGS, MAY_CHANGE_ON_RESUME, flag_name
+    monkeypatch.setenv("COLUMNS", "1000")   # argparse would wrap lines inside flag names
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    listed = text[text.index("Only these may differ"):]
+    for name in MAY_CHANGE_ON_RESUME:
+        assert flag_name(name) in listed
+    assert "is refused" in listed
+    assert {"image_size", "data", "model", "model_options", "lr", "seed", "optimizer"} <= set(EXPERIMENT_SETTINGS)
