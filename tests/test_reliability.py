@@ -482,6 +482,8 @@ def write_image_dataset(root, count=4, size=32):
     (["--lr", "1e-3"], "--lr 0.0005"),
     (["--batch-size", "4"], "--batch-size 2"),
     (["--no-augment"], "--augment"),
+    # LambdaLR.load_state_dict restores the schedule's own settings: this resume would stay constant.
+    (["--scheduler", "multistep", "--milestones", "2"], "--scheduler constant --milestones (unset)"),
 ])
 def test_resume_refuses_a_changed_experiment_and_writes_nothing(tmp_path, capsys, change, was):
     data = write_image_dataset(tmp_path / "covid")
