@@ -328,11 +328,12 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
     try:
         resumed = _agree(context, lambda: _resume_state(config, run_dir, model, optimizer, scheduler, scaler),
                          cleanup=lock.abandon)
-        if resumed.start_epoch == config.epochs:
+        if resumed.start_epoch >= config.epochs:
             # Nothing to train, so nothing is written (config.yaml, log.csv and the curves stay as they are).
             if context.is_main:
-                print(f"{run_dir} has already finished its {config.epochs} epochs: nothing to do (give a larger "
-                      "--epochs to train longer)", file=sys.stderr)
+                print(f"{run_dir} has already trained {resumed.start_epoch} epochs (--epochs {config.epochs}): "
+                      f"the run is finished, nothing to do; give --epochs above {resumed.start_epoch} to train "
+                      "longer", file=sys.stderr)
             best_path = run_dir / "best.pt"
             return TrainResult(run_dir=run_dir, epochs_done=len(resumed.history),
                                best_val_dice=resumed.best_val_dice, last_checkpoint=run_dir / "last.pt",
@@ -427,9 +428,6 @@ def _resume_state(config: TrainConfig, run_dir: Path, model, optimizer, schedule
         print(f"no checkpoint in {run_dir} yet: starting a new run", file=sys.stderr)
         return _Resumed()
     state = _checkpoint_to_resume(config, last_path)
-    if state["epoch"] > config.epochs:
-        raise ValueError(f"--resume: {last_path} has already trained {state['epoch']} epochs, more than "
-                         f"--epochs {config.epochs}; give --epochs {state['epoch']} or more")
     if not isinstance(state.get("optimizer"), dict) or "rng_states" not in state:
         raise ValueError(f"--resume: {last_path} holds no optimizer/RNG state (exported weights?); "
                          "use --init-from to start from its weights")
