@@ -231,7 +231,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                                          "epoch adds as many pseudo-labelled samples as labelled ones")
     flag("--synthetic-samples", type=_positive_int("--synthetic-samples"), metavar="N",
          help="slices in the training split when --data is synthetic (None: cares.data's default, 64)")
-    flag("--image-size", type=_positive_int("--image-size"), metavar="S", help="train at S x S")
+    flag("--image-size", type=_positive_int("--image-size"), metavar="S",
+         help="train at S x S; S a multiple of the model's size multiple (16 for the U-Nets, 32 for segnet, fcn "
+              "and unet_resnet34), checked before anything is written")
     flag("--augment", action=argparse.BooleanOptionalAction, help="random training augmentation")
     flag("--num-workers", type=int, metavar="N", help="DataLoader worker processes")
     flag("--cache-data", action=argparse.BooleanOptionalAction,
