@@ -454,8 +454,15 @@ def validate(config: TrainConfig) -> None:
          f"--val-every must be >= 1, got {config.val_every!r}")
     need(config.time_limit is None or config.time_limit > 0,
          f"--time-limit must be > 0 minutes, got {config.time_limit!r}")
+    from cares.optim import OPTIMIZER_NAMES, SCHEDULER_NAMES, default_milestones
+    need(config.optimizer in OPTIMIZER_NAMES, f"--optimizer must be one of {OPTIMIZER_NAMES}, got {config.optimizer!r}")
+    need(config.scheduler in SCHEDULER_NAMES, f"--scheduler must be one of {SCHEDULER_NAMES}, got {config.scheduler!r}")
+    need(0 <= config.warmup_epochs < config.epochs,
+         f"--warmup-epochs must be in [0, --epochs {config.epochs}), got {config.warmup_epochs}")
+    need(config.milestones is None or (all(m >= 1 for m in config.milestones)
+                                       and config.milestones == sorted(config.milestones)),
+         f"--milestones must be non-decreasing epochs >= 1, got {config.milestones}")
     if config.scheduler == "multistep":
-        from cares.optim import default_milestones
         milestones = default_milestones(config.epochs) if config.milestones is None else config.milestones
         # The rate of 0-based epoch e drops at the milestones <= e, so only milestones < --epochs act.
         need(any(milestone < config.epochs for milestone in milestones),

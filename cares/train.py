@@ -276,22 +276,26 @@ def validation_dice(model: torch.nn.Module, dataset, config: TrainConfig, contex
 
 def train(config: TrainConfig, context: DistributedContext | None = None, *,
           stop_after_epoch: int | None = None,
-          on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+          on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+          before_writing: Callable[[], None] | None = None) -> TrainResult:
     """Train as `config` says, writing into config.out; returns what was done.
 
     stop_after_epoch: end the run after that many epochs as if it had been killed (tests use it to
         simulate an interruption; the checkpoint is written first, exactly as in a real kill).
     on_epoch_end: called on the main process with each epoch's log row once its checkpoint is written
         (`cares reproduce` uses it for its overall progress and ETA).
+    before_writing: called once every check has passed, just before the run's first write (not at all
+        when there is nothing to do); train_all_folds writes the parent folder's config.yaml then.
     Raises NonFiniteLossError at the end of an epoch in which the loss became NaN/inf.
     """
     context = context or init_distributed(config.device)
     with _Deterministic(config.deterministic):
-        return _train(config, context, stop_after_epoch, on_epoch_end)
+        return _train(config, context, stop_after_epoch, on_epoch_end, before_writing)
 
 
 def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: int | None,
-           on_epoch_end: Callable[[dict[str, Any]], None] | None) -> TrainResult:
+           on_epoch_end: Callable[[dict[str, Any]], None] | None,
+           before_writing: Callable[[], None] | None = None) -> TrainResult:
     from cares.losses import DiceBCELoss
     from cares.optim import build_optimizer, build_scheduler
 
@@ -339,6 +343,8 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
                                best_val_dice=resumed.best_val_dice, last_checkpoint=run_dir / "last.pt",
                                best_checkpoint=best_path if best_path.is_file() else None,
                                history=resumed.history)
+        if before_writing is not None:
+            before_writing()
         if context.is_main:
             remove_orphaned_temp_files(run_dir)   # a killed save's; safe, the lock is ours
             save_yaml(run_dir / "config.yaml", settings)
@@ -688,6 +694,14 @@ def train_all_folds(config: TrainConfig, context: DistributedContext | None = No
     run_dir = Path(config.out)
     check_output_dir(run_dir)
     lock = _lock_run_dir(run_dir, context)
+    wrote: list[bool] = []
+
+    def write_config() -> None:
+        # Written when the first fold passed its checks (datasets included), so a refused run writes nothing.
+        if not wrote and context.is_main:
+            save_yaml(run_dir / "config.yaml", config)
+        wrote.append(True)
+
     try:
         if config.resume:
             # Every fold's checkpoint is checked before the folder's config.yaml is rewritten.
@@ -695,9 +709,11 @@ def train_all_folds(config: TrainConfig, context: DistributedContext | None = No
                                      for fold_config in _fold_configs(config, run_dir)
                                      if (Path(fold_config.out) / "last.pt").is_file()],
                    cleanup=lock.abandon)
-        if context.is_main:
-            save_yaml(run_dir / "config.yaml", config)
-        return _train_folds(config, context, run_dir)
+        return _train_folds(config, context, run_dir, write_config)
+    except (ValueError, OSError):   # what `run` reports as a user error
+        if not wrote:
+            lock.abandon()   # removes the folder again when this run created it
+        raise
     finally:
         lock.release()
 
@@ -706,10 +722,11 @@ def _fold_configs(config: TrainConfig, run_dir: Path) -> list[TrainConfig]:
     return [dataclasses.replace(config, fold=fold, out=str(run_dir / f"fold_{fold}")) for fold in range(config.folds)]
 
 
-def _train_folds(config: TrainConfig, context: DistributedContext, run_dir: Path) -> dict[str, Any]:
+def _train_folds(config: TrainConfig, context: DistributedContext, run_dir: Path,
+                 before_writing: Callable[[], None]) -> dict[str, Any]:
     results = []
     for fold_config in _fold_configs(config, run_dir):
-        results.append(train(fold_config, context))
+        results.append(train(fold_config, context, before_writing=before_writing))
     scores = [r.best_val_dice for r in results]
     summary = {"folds": config.folds, "best_val_dice": scores,
                "mean_val_dice": float(np.mean(scores)), "std_val_dice": float(np.std(scores)),

@@ -642,3 +642,20 @@ def test_export_refuses_a_checkpoint_size_its_model_cannot_take(tmp_path, capsys
     save_checkpoint(checkpoint, state)
     assert_one_line_error(capsys, main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m.onnx")]),
                           "divisible by 2", "image size 33x33")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--optimizer", "nosuch"], "--optimizer must be one of"),
+    (["--scheduler", "nosuch"], "--scheduler must be one of"),
+    (["--warmup-epochs", "3"], "--warmup-epochs must be in [0, --epochs 1)"),
+    (["--scheduler", "multistep", "--epochs", "9", "--milestones", "5", "2"], "--milestones must be non-decreasing"),
+    (["--data", "MISSING"], "MISSING"),
+])
+@pytest.mark.parametrize("folds", [[], ["--folds", "2", "--fold", "all"]])
+def test_a_refused_run_writes_nothing_with_or_without_folds(tmp_path, capsys, bad, message, folds):
+    """--fold all wrote <out>/config.yaml before its first fold checked the optimizer, schedule and data."""
+    out = tmp_path / "run"
+    bad = [str(tmp_path / "missing") if arg == "MISSING" else arg for arg in bad]
+    message = str(tmp_path / "missing") if message == "MISSING" else message
+    assert_one_line_error(capsys, main(TRAIN + ["--model", TINY_MODEL, "--out", str(out)] + folds + bad), message)
+    assert not out.exists()
