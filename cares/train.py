@@ -707,8 +707,7 @@ def train_all_folds(config: TrainConfig, context: DistributedContext | None = No
             # Every fold's checkpoint is checked before the folder's config.yaml is rewritten.
             _agree(context, lambda: [_checkpoint_to_resume(fold_config, Path(fold_config.out) / "last.pt")
                                      for fold_config in _fold_configs(config, run_dir)
-                                     if (Path(fold_config.out) / "last.pt").is_file()],
-                   cleanup=lock.abandon)
+                                     if (Path(fold_config.out) / "last.pt").is_file()])
         return _train_folds(config, context, run_dir, write_config)
     except (ValueError, OSError):   # what `run` reports as a user error
         if not wrote:
