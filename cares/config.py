@@ -124,7 +124,8 @@ def _format_setting(name: str, value: Any) -> str:
 def _same_setting(name: str, saved: Any, wanted: Any) -> bool:
     if saved == wanted:
         return True
-    if name in _PATH_SETTINGS and isinstance(saved, str) and isinstance(wanted, str) and "synthetic" not in (saved, wanted):
+    if (name in _PATH_SETTINGS and isinstance(saved, str) and isinstance(wanted, str)
+            and "synthetic" not in (saved, wanted)):
         return os.path.realpath(saved) == os.path.realpath(wanted)
     return False
 

@@ -470,8 +470,10 @@ def write_image_dataset(root, count=4, size=32):
         (root / "train" / sub).mkdir(parents=True)
     rng = np.random.default_rng(0)
     for index in range(count):
-        Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / "train" / "Imgs" / f"{index}.png")
-        Image.fromarray((rng.random((size, size)) > 0.7).astype(np.uint8) * 255).save(root / "train" / "GT" / f"{index}.png")
+        image = rng.integers(0, 255, (size, size), dtype=np.uint8)
+        mask = (rng.random((size, size)) > 0.7).astype(np.uint8) * 255
+        Image.fromarray(image).save(root / "train" / "Imgs" / f"{index}.png")
+        Image.fromarray(mask).save(root / "train" / "GT" / f"{index}.png")
     return root
 
 
