@@ -240,6 +240,20 @@ def parse_input_size(text: str | int | tuple) -> tuple[int, int, int, int]:
     return tuple(values)
 
 
+def check_models(models, input_shape: tuple[int, int, int, int]) -> None:
+    """Raise ValueError, before any work, unless every model spec builds (name, options and their values)
+    and takes ``input_shape`` (H and W divisible by the model's size_multiple). Built on the meta device:
+    no memory, no work."""
+    for spec in models:
+        try:
+            with torch.device("meta"):
+                model = build_model(spec, in_channels=input_shape[1])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--models {spec}: {err}") from None
+        if hasattr(model, "check_size"):
+            model.check_size(*input_shape[2:], what=f"--input-size {input_shape[2]}x{input_shape[3]} for {spec}")
+
+
 def _count_on(device: str, spec: str, input_shape: tuple[int, ...]) -> tuple[ComputeCount, int, int]:
     """(operation counts, total params, trainable params) of the model built on ``device``."""
     with torch.device(device):
@@ -259,8 +273,7 @@ def complexity_report(models=DEFAULT_MODELS, input_shape=DEFAULT_INPUT_SHAPE, *,
     input_shape = parse_input_size(input_shape)
     if latency and (repeats < 1 or warmup < 0):
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    for spec in models:
-        parse_model_spec(spec)  # fail on a bad name before any work
+    check_models(models, input_shape)
     rows = []
     for spec in models:
         if log:
@@ -367,19 +380,36 @@ def _split_models(text: str) -> list[str]:
     return [spec.strip() for spec in specs if spec.strip()]
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+def _checked_arguments(args: argparse.Namespace) -> tuple[list[str], tuple[int, int, int, int]]:
+    """(model specs, input shape), or a ValueError naming the flag: everything is checked before any work."""
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if not args.no_latency and (args.repeats < 1 or args.warmup < 0):
+        raise ValueError(f"need --repeats >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     models = _split_models(args.models)
     if not models:
         raise ValueError(f"--models named no model: {args.models!r}")
+    try:
+        input_shape = parse_input_size(args.input_size)
+    except ValueError as err:
+        raise ValueError(f"--input-size: {err}") from None
+    check_models(models, input_shape)
+    return models, input_shape
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        models, input_shape = _checked_arguments(args)
+    except ValueError as err:
+        print(f"cares complexity: error: {err}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    rows = complexity_report(models, parse_input_size(args.input_size), latency=not args.no_latency,
+    rows = complexity_report(models, input_shape, latency=not args.no_latency,
                              repeats=args.repeats, warmup=args.warmup, log=log)
     if args.json:
         path = Path(args.json)

@@ -21,6 +21,8 @@ import dataclasses
 import importlib.util
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,73 @@ class TrainConfig:
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 DEFAULTS = TrainConfig()
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+
+# The settings a --resume may change: they decide how the run executes (where, how fast, how often it
+# saves or validates, when it stops), not what it learns; the data-order, augmentation and update
+# streams are the same whatever they are (cares.train's module docstring). Every other setting defines
+# the experiment (EXPERIMENT_SETTINGS, derived so that a new setting is experiment-defining unless it
+# is added here) and must equal the checkpoint's: see check_resume_settings. --epochs is the one
+# conditional entry: a schedule computed from it (cosine, multistep at its default milestones) is
+# restored from last.pt with the old epochs, so there a changed --epochs is refused too.
+MAY_CHANGE_ON_RESUME = ("epochs", "num_workers", "cache_data", "data_on_device", "device", "amp", "channels_last",
+                        "compile", "deterministic", "checkpoint_every", "time_limit", "val_every", "tensorboard", "out",
+                        "resume")
+EXPERIMENT_SETTINGS = tuple(name for name in FIELD_NAMES if name not in MAY_CHANGE_ON_RESUME)
+# Settings that name files or folders: two spellings of one path are the same setting.
+_PATH_SETTINGS = ("data", "pseudo", "init_from")
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a TrainConfig field."""
+    return "--model-option" if name == "model_options" else "--" + name.replace("_", "-")
+
+
+def schedule_uses_epochs(scheduler: str, milestones) -> bool:
+    """True when the learning rate of an epoch depends on --epochs (see MAY_CHANGE_ON_RESUME)."""
+    return scheduler == "cosine" or (scheduler == "multistep" and milestones is None)
+
+
+def _format_setting(name: str, value: Any) -> str:
+    flag = flag_name(name)
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    if value is None:
+        return f"{flag} (unset)"
+    if isinstance(value, dict):
+        return " ".join(f"{flag} {key}={option}" for key, option in value.items()) or f"{flag} (none)"
+    if isinstance(value, (list, tuple)):
+        return f"{flag} {' '.join(str(item) for item in value)}"
+    return f"{flag} {value}"
+
+
+def _same_setting(name: str, saved: Any, wanted: Any) -> bool:
+    if saved == wanted:
+        return True
+    if (name in _PATH_SETTINGS and isinstance(saved, str) and isinstance(wanted, str)
+            and "synthetic" not in (saved, wanted)):
+        return os.path.realpath(saved) == os.path.realpath(wanted)
+    return False
+
+
+def check_resume_settings(config: "TrainConfig", saved: dict[str, Any], checkpoint) -> None:
+    """Raise ValueError unless `config` continues the experiment whose settings `saved` (a checkpoint's
+    "config" record) holds: every EXPERIMENT_SETTINGS entry equal, and --epochs unchanged when the
+    schedule is computed from it. Settings the checkpoint does not record (older versions) are skipped."""
+    changed = [name for name in EXPERIMENT_SETTINGS
+               if name in saved and not _same_setting(name, saved[name], getattr(config, name))]
+    if ("epochs" in saved and saved["epochs"] != config.epochs
+            and schedule_uses_epochs(config.scheduler, config.milestones)):
+        changed.append("epochs")
+    if not changed:
+        return
+    was = " ".join(_format_setting(name, saved[name]) for name in changed)
+    now = " ".join(_format_setting(name, getattr(config, name)) for name in changed)
+    why = (f" (--scheduler {config.scheduler} is computed from --epochs, so --epochs cannot change either)"
+           if "epochs" in changed else "")
+    raise ValueError(f"--resume: {str(checkpoint)!r} was trained with {was}, this run asks for {now}: that "
+                     f"would change the experiment{why}. Resume with the run's settings, or start a new --out. "
+                     f"A resume may change only {', '.join(flag_name(n) for n in MAY_CHANGE_ON_RESUME)}")
 
 
 def _positive_int(name):
@@ -166,7 +235,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                                          "epoch adds as many pseudo-labelled samples as labelled ones")
     flag("--synthetic-samples", type=_positive_int("--synthetic-samples"), metavar="N",
          help="slices in the training split when --data is synthetic (None: cares.data's default, 64)")
-    flag("--image-size", type=_positive_int("--image-size"), metavar="S", help="train at S x S")
+    flag("--image-size", type=_positive_int("--image-size"), metavar="S",
+         help="train at S x S; S a multiple of the model's size multiple (16 for the U-Nets, 32 for segnet, fcn "
+              "and unet_resnet34), checked before anything is written")
     flag("--augment", action=argparse.BooleanOptionalAction, help="random training augmentation")
     flag("--num-workers", type=int, metavar="N", help="DataLoader worker processes")
     flag("--cache-data", action=argparse.BooleanOptionalAction,
@@ -189,7 +260,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--lr", type=_positive_finite_float("--lr"), help="learning rate")
     flag("--weight-decay", type=_finite_float("--weight-decay"), help="weight decay")
     flag("--scheduler", metavar="NAME", help="constant, multistep or cosine (stepped once per epoch)")
-    flag("--milestones", type=int, nargs="+", metavar="EPOCH", help="epochs at which multistep decays")
+    flag("--milestones", type=int, nargs="+", metavar="EPOCH",
+         help="epochs at which multistep decays (default: --epochs x 30/60 and x 50/60, the paper's 60-epoch "
+              "schedule scaled; at least one must be below --epochs)")
     flag("--gamma", type=_finite_float("--gamma"), help="multistep decay factor")
     flag("--warmup-epochs", type=int, metavar="N", help="linear learning-rate warm-up epochs")
     flag("--epochs", type=_positive_int("--epochs"), metavar="N", help="total epochs (paper: 1200)")
@@ -227,7 +300,59 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
               "--resume continues")
     flag("--out", metavar="DIR", help="run folder (checkpoints, log.csv, config.yaml)")
     flag("--resume", action=argparse.BooleanOptionalAction,
-         help="continue the run in --out from its last.pt (starts fresh when there is none)")
+         help="continue the run in --out from its last.pt (starts fresh when there is none). Only these "
+              f"may differ from the run's settings: {', '.join(flag_name(n) for n in MAY_CHANGE_ON_RESUME)} "
+              "(--epochs not with --scheduler cosine or multistep without --milestones); any other change "
+              "(image size, data, model, optimisation, seed, ...) is refused")
+
+
+def _kinds(name: str) -> tuple:
+    """The types a field may hold, from its annotation: (int,), (str, NoneType), (list[int], NoneType), ..."""
+    hint = _FIELD_TYPES[name]
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def _fits(kind, value) -> bool:
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    origin = typing.get_origin(kind)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(typing.get_args(kind)[0], item) for item in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, kind)
+
+
+def _describe(kind) -> str:
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if typing.get_origin(kind) is list:
+        return "a list of integers like [30, 50]"
+    if typing.get_origin(kind) is dict:
+        return "a mapping like {upsampler: carafe}"
+    return names.get(kind, kind.__name__)
+
+
+def check_setting_type(name: str, value: Any) -> Any:
+    """`value` if it has the type TrainConfig declares for `name`, else a ValueError naming the flag.
+
+    A string is read as a number for float settings: PyYAML follows YAML 1.1, where `1e-3` (no dot)
+    is a string and only `1.0e-3` a float, so `lr: 1e-3` in a --config file arrives as '1e-3'."""
+    kinds = _kinds(name)
+    if any(_fits(kind, value) for kind in kinds):
+        return value
+    if float in kinds and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    got = f"{value!r} ({'a string' if isinstance(value, str) else type(value).__name__})"
+    raise ValueError(f"{flag_name(name)} must be {' or '.join(_describe(k) for k in kinds)}, got {got}")
 
 
 def load_yaml(path, what: str = "--config file") -> dict[str, Any]:
@@ -237,10 +362,14 @@ def load_yaml(path, what: str = "--config file") -> dict[str, Any]:
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     try:
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            values = yaml.safe_load(f)
     except yaml.YAMLError as err:  # includes the !!python/object tags safe_load refuses
         reason = " ".join(str(err).split())
         raise ValueError(f"{what} {str(path)!r} is not plain YAML settings: {reason[:200]}") from None
+    if values is None or values == {}:
+        # An empty file would silently run the defaults (1200 epochs on synthetic data).
+        raise ValueError(f"{what} {str(path)!r} holds no settings (it is empty); give at least one, "
+                         "e.g. 'data: /path/to/dataset'")
     if not isinstance(values, dict):
         raise ValueError(f"{what} {str(path)!r} must hold a mapping of settings, "
                          f"got {type(values).__name__}")
@@ -283,7 +412,7 @@ def resolve_config(args: argparse.Namespace | dict[str, Any] | None = None) -> T
     unknown = sorted(set(values) - set(FIELD_NAMES))
     if unknown:
         raise ValueError(f"unknown training setting(s) {unknown}")
-    config = TrainConfig(**values)
+    config = TrainConfig(**{name: check_setting_type(name, value) for name, value in values.items()})
     validate(config)
     return config
 
@@ -293,6 +422,10 @@ def validate(config: TrainConfig) -> None:
     def need(ok, message):
         if not ok:
             raise ValueError(message)
+
+    for name in FIELD_NAMES:   # types first: the range checks below compare numbers
+        if check_setting_type(name, getattr(config, name)) is not getattr(config, name):
+            raise ValueError(f"{flag_name(name)} must be a number, got {getattr(config, name)!r} (a string)")
 
     need(isinstance(config.image_size, int) and config.image_size >= 8,
          f"--image-size must be an integer >= 8, got {config.image_size!r}")
@@ -332,6 +465,22 @@ def validate(config: TrainConfig) -> None:
          f"--val-every must be >= 1, got {config.val_every!r}")
     need(config.time_limit is None or config.time_limit > 0,
          f"--time-limit must be > 0 minutes, got {config.time_limit!r}")
+    from cares.optim import OPTIMIZER_NAMES, SCHEDULER_NAMES, default_milestones
+    need(config.optimizer in OPTIMIZER_NAMES, f"--optimizer must be one of {OPTIMIZER_NAMES}, got {config.optimizer!r}")
+    need(config.scheduler in SCHEDULER_NAMES, f"--scheduler must be one of {SCHEDULER_NAMES}, got {config.scheduler!r}")
+    need(0 <= config.warmup_epochs < config.epochs,
+         f"--warmup-epochs must be in [0, --epochs {config.epochs}), got {config.warmup_epochs}")
+    need(config.milestones is None or (all(m >= 1 for m in config.milestones)
+                                       and config.milestones == sorted(config.milestones)),
+         f"--milestones must be non-decreasing epochs >= 1, got {config.milestones}")
+    if config.scheduler == "multistep":
+        milestones = default_milestones(config.epochs) if config.milestones is None else config.milestones
+        # The rate of 0-based epoch e drops at the milestones <= e, so only milestones < --epochs act.
+        need(any(milestone < config.epochs for milestone in milestones),
+             f"--scheduler multistep: no milestone in {list(milestones)}"
+             + (" (the default, --epochs x 30/60 and x 50/60)" if config.milestones is None else "")
+             + f" comes before the end of --epochs {config.epochs}, so the rate would never drop; give "
+               f"--milestones below {config.epochs} or --scheduler constant")
     need(isinstance(config.model_options, dict), f"model_options must be a mapping, got {config.model_options!r}")
     _validate_model(config)
     if config.pseudo is not None:
@@ -354,3 +503,23 @@ def _validate_model(config: TrainConfig) -> None:
     if unknown:
         raise ValueError(f"--model-option {', '.join(unknown)}: model {name!r} takes "
                          f"{', '.join(allowed) if allowed else 'no options'}")
+    # Built on the meta device (no memory, no work), so every check of the model's own (its options'
+    # values, the sizes it takes) happens here, before anything is written.
+    model = build_configured_model(config, device="meta")
+    if hasattr(model, "check_size"):
+        model.check_size(config.image_size, config.image_size, what=f"--image-size {config.image_size}")
+
+
+def build_configured_model(config: TrainConfig, device=None):
+    """The model `config` trains (on `device`, default torch's), with a bad option value as a ValueError
+    naming the flags."""
+    import contextlib
+
+    import torch
+
+    from cares.models import build_model
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return build_model(config.model, in_channels=1, num_classes=1, **config.model_options)
+    except (TypeError, ValueError) as err:  # e.g. upsampler=nosuch: a setting error, not a crash
+        raise ValueError(f"--model {config.model} --model-option {config.model_options}: {err}") from None

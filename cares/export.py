@@ -1,7 +1,8 @@
 """`cares export`: a trained checkpoint as an ONNX model for deployment (onnxruntime, TensorRT, ...).
 
 The exported model takes ``image`` (batch, in_channels, height, width), float32, with dynamic batch and
-spatial size (height and width as in training: multiples of the model's total downsampling), and
+spatial size (height and width as in training: multiples of the model's total downsampling, its
+``size_multiple``, which the command prints; onnxruntime fails inside the graph on other sizes), and
 returns ``logits`` (batch, num_classes, height, width); sigmoid them for probabilities. It uses only
 standard ONNX operators: CARAFE is exported as plain tensor operations (carafe_kernels.onnx), whatever
 CARAFE backend the checkpoint was trained with. After writing, the model is run once in onnxruntime
@@ -16,7 +17,9 @@ from pathlib import Path
 import torch
 
 HELP = ("Export a checkpoint to ONNX (dynamic batch and spatial size, standard operators only; CARAFE "
-        "included) and check it in onnxruntime against PyTorch.")
+        "included) and check it in onnxruntime against PyTorch. The model takes the sizes the PyTorch model "
+        "takes: H and W multiples of its size multiple (16 for the U-Nets, 32 for segnet, fcn and "
+        "unet_resnet34), printed at export; onnxruntime fails on other sizes.")
 
 # What the command writes (see cares.runtime.claim_output): the --out file, in its folder.
 OWNER = "cares export"
@@ -57,26 +60,39 @@ def verify_onnx(path, model: torch.nn.Module, example: torch.Tensor) -> float:
     return float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
 
 
+def check_out_file(out) -> Path:
+    """Raise ValueError unless --out can be written as a file (checked before the export, which takes a while)."""
+    from cares.runtime import check_output_dir
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a folder; give the file to write, e.g. {str(out / 'model.onnx')!r}")
+    check_output_dir(out.parent, "--out's folder")
+    return out
+
+
 def run(args) -> int:
     from cares.checkpoint import build_model_from_checkpoint, load_checkpoint
     from cares.runtime import claim_output
 
-    out = Path(args.out)
     try:
+        out = check_out_file(args.out)
         # The model file may replace only an earlier export's (never the checkpoint, nor a user's file).
         claim = claim_output(out.parent, OWNER, (out.name,), mode="update", flag="--out's folder",
                              inputs=[("--checkpoint", args.checkpoint)])
-    except ValueError as err:
+        state = load_checkpoint(args.checkpoint)
+        model = build_model_from_checkpoint(state, "cpu", args.checkpoint)
+        size = state["input"]["image_size"]
+        multiple = getattr(model, "size_multiple", 1)
+        if hasattr(model, "check_size"):
+            model.check_size(size, size, what=f"the checkpoint's image size {size}x{size}")
+    except (ValueError, OSError) as err:
         print(f"cares export: error: {err}", file=sys.stderr)
         return 2
-    state = load_checkpoint(args.checkpoint)
-    model = build_model_from_checkpoint(state, "cpu")
-    size = state["input"]["image_size"]
     example = torch.randn(2, state["model"]["in_channels"], size, size, generator=torch.Generator().manual_seed(0))
     claim.take()
     path = export_onnx(model, example, out, opset=args.opset)
-    print(f"wrote {path} (input 'image' (batch, {state['model']['in_channels']}, height, width), output 'logits'; "
-          f"exported at {size}x{size})")
+    print(f"wrote {path} (input 'image' (batch, {state['model']['in_channels']}, height, width) with height and "
+          f"width multiples of {multiple}, output 'logits'; exported at {size}x{size})")
     if args.no_verify:
         return 0
     try:

@@ -221,7 +221,7 @@ class ScheduleFactor:
         return 1.0
 
 
-def _default_milestones(epochs: int) -> tuple[int, int]:
+def default_milestones(epochs: int) -> tuple[int, int]:
     """The paper's 60-epoch schedule (x0.1 at epochs 30 and 50) scaled to `epochs`.
 
     Rounded half up (so 3 epochs give (2, 3), not Python's banker's (2, 2)) and at least 1.
@@ -251,7 +251,7 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, *, epochs: int,
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     if milestones is None:
-        milestones = _default_milestones(epochs) if name == "multistep" else ()
+        milestones = default_milestones(epochs) if name == "multistep" else ()
     else:
         milestones = tuple(milestones)
         if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones) or \

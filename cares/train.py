@@ -53,7 +53,8 @@ from tqdm import tqdm
 from cares.checkpoint import (capture_rng_state, check_same_model, full_state, load_checkpoint, load_model_weights,
                               reconcile_best, remove_orphaned_temp_files, restore_rng_state,
                               save_epoch_checkpoints, unwrap_model, weights_state)
-from cares.config import TrainConfig, add_train_arguments, resolve_config, save_yaml
+from cares.config import (TrainConfig, add_train_arguments, build_configured_model, check_resume_settings,
+                          resolve_config, save_yaml)
 from cares.distributed import (DistributedContext, all_gather_objects, all_reduce_sum, barrier,
                                broadcast_object, init_distributed, shutdown)
 from cares.inference import predict_probabilities
@@ -184,11 +185,7 @@ def build_datasets(config: TrainConfig) -> tuple[torch.utils.data.Dataset, int, 
 
 
 def build_model_for(config: TrainConfig) -> torch.nn.Module:
-    from cares.models import build_model
-    try:
-        return build_model(config.model, in_channels=1, num_classes=1, **config.model_options)
-    except (TypeError, ValueError) as err:  # e.g. upsampler=nosuch: a setting error, not a crash
-        raise ValueError(f"--model {config.model} --model-option {config.model_options}: {err}") from None
+    return build_configured_model(config)
 
 
 def _load_initial_weights(model: torch.nn.Module, config: TrainConfig) -> None:
@@ -307,22 +304,26 @@ def validation_dice(model: torch.nn.Module, dataset, config: TrainConfig, contex
 
 def train(config: TrainConfig, context: DistributedContext | None = None, *,
           stop_after_epoch: int | None = None,
-          on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+          on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+          before_writing: Callable[[], None] | None = None) -> TrainResult:
     """Train as `config` says, writing into config.out; returns what was done.
 
     stop_after_epoch: end the run after that many epochs as if it had been killed (tests use it to
         simulate an interruption; the checkpoint is written first, exactly as in a real kill).
     on_epoch_end: called on the main process with each epoch's log row once its checkpoint is written
         (`cares reproduce` uses it for its overall progress and ETA).
+    before_writing: called once every check has passed, just before the run's first write (not at all
+        when there is nothing to do); train_all_folds writes the parent folder's config.yaml then.
     Raises NonFiniteLossError at the end of an epoch in which the loss became NaN/inf.
     """
     context = context or init_distributed(config.device)
     with _Deterministic(config.deterministic):
-        return _train(config, context, stop_after_epoch, on_epoch_end)
+        return _train(config, context, stop_after_epoch, on_epoch_end, before_writing)
 
 
 def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: int | None,
-           on_epoch_end: Callable[[dict[str, Any]], None] | None) -> TrainResult:
+           on_epoch_end: Callable[[dict[str, Any]], None] | None,
+           before_writing: Callable[[], None] | None = None) -> TrainResult:
     from cares.optim import build_optimizer, build_scheduler
 
     started = time.monotonic()   # --time-limit counts from here
@@ -362,6 +363,19 @@ def _train(config: TrainConfig, context: DistributedContext, stop_after_epoch: i
             claim = _claim_run_dir(config, run_dir, training_set, validation_set) if context.is_main else None
             return claim, _resume_state(config, run_dir, model, optimizer, scheduler, scaler)
         claim, resumed = _agree(context, check, cleanup=lock.abandon)
+        if resumed.start_epoch >= config.epochs:
+            # Nothing to train, so nothing is written (config.yaml, log.csv and the curves stay as they are).
+            if context.is_main:
+                print(f"{run_dir} has already trained {resumed.start_epoch} epochs (--epochs {config.epochs}): "
+                      f"the run is finished, nothing to do; give --epochs above {resumed.start_epoch} to train "
+                      "longer", file=sys.stderr)
+            best_path = run_dir / "best.pt"
+            return TrainResult(run_dir=run_dir, epochs_done=len(resumed.history),
+                               best_val_dice=resumed.best_val_dice, last_checkpoint=run_dir / "last.pt",
+                               best_checkpoint=best_path if best_path.is_file() else None,
+                               history=resumed.history)
+        if before_writing is not None:
+            before_writing()
         if context.is_main:
             claim.take()
             remove_orphaned_temp_files(run_dir)   # a killed save's; safe, the lock is ours
@@ -450,6 +464,14 @@ def _agree(context: DistributedContext, work: Callable[[], Any], cleanup: Callab
     return result
 
 
+def _checkpoint_to_resume(config: TrainConfig, last_path: Path) -> dict[str, Any]:
+    """last.pt, once it is known to hold this run's model and experiment (else a ValueError)."""
+    state = load_checkpoint(last_path)
+    check_same_model(state, last_path, config.model, config.model_options, "--resume: checkpoint")
+    check_resume_settings(config, state.get("config") or {}, last_path)
+    return state
+
+
 def _resume_state(config: TrainConfig, run_dir: Path, model, optimizer, scheduler, scaler) -> _Resumed:
     """Load last.pt into the model, optimizer, scheduler and scaler when --resume finds one; raise
     ValueError (before anything is written) when it does not fit this run."""
@@ -459,12 +481,7 @@ def _resume_state(config: TrainConfig, run_dir: Path, model, optimizer, schedule
     if not last_path.is_file():
         print(f"no checkpoint in {run_dir} yet: starting a new run", file=sys.stderr)
         return _Resumed()
-    state = load_checkpoint(last_path)
-    check_same_model(state, last_path, config.model, config.model_options, "--resume: checkpoint")
-    saved_optimizer = (state.get("config") or {}).get("optimizer")
-    if saved_optimizer is not None and saved_optimizer != config.optimizer:
-        raise ValueError(f"--resume: {last_path} was trained with --optimizer {saved_optimizer}, this run asks "
-                         f"for {config.optimizer}; resume with the same optimizer or start a new --out")
+    state = _checkpoint_to_resume(config, last_path)
     if not isinstance(state.get("optimizer"), dict) or "rng_states" not in state:
         raise ValueError(f"--resume: {last_path} holds no optimizer/RNG state (exported weights?); "
                          "use --init-from to start from its weights")
@@ -749,26 +766,45 @@ def train_all_folds(config: TrainConfig, context: DistributedContext | None = No
     run_dir = Path(config.out)
     check_output_dir(run_dir)
     lock = _lock_run_dir(run_dir, context)
+    claim = None
+    wrote: list[bool] = []
+
+    def write_config() -> None:
+        # Written when the first fold passed its checks (datasets included), so a refused run writes nothing.
+        if not wrote and context.is_main:
+            claim.take()
+            save_yaml(run_dir / "config.yaml", config)
+        wrote.append(True)
+
     try:
         # The folds' inputs are checked by each fold's own run (fold_<i> is a run folder).
         entries = ("config.yaml", "folds.json", *(f"fold_{fold}" for fold in range(config.folds)))
         claim = _agree(context, lambda: claim_output(
             run_dir, OWNER, entries, mode="update" if config.resume else "new",
-            remedy="pass --resume to continue it or choose another --out") if context.is_main else None,
-            cleanup=lock.abandon)
-        if context.is_main:
-            claim.take()
-            save_yaml(run_dir / "config.yaml", config)
-        return _train_folds(config, context, run_dir)
+            remedy="pass --resume to continue it or choose another --out") if context.is_main else None)
+        if config.resume:
+            # Every fold's checkpoint is checked before the folder's config.yaml is rewritten.
+            _agree(context, lambda: [_checkpoint_to_resume(fold_config, Path(fold_config.out) / "last.pt")
+                                     for fold_config in _fold_configs(config, run_dir)
+                                     if (Path(fold_config.out) / "last.pt").is_file()])
+        return _train_folds(config, context, run_dir, write_config)
+    except (ValueError, OSError):   # what `run` reports as a user error
+        if not wrote:
+            lock.abandon()   # removes the folder again when this run created it
+        raise
     finally:
         lock.release()
 
 
-def _train_folds(config: TrainConfig, context: DistributedContext, run_dir: Path) -> dict[str, Any]:
+def _fold_configs(config: TrainConfig, run_dir: Path) -> list[TrainConfig]:
+    return [dataclasses.replace(config, fold=fold, out=str(run_dir / f"fold_{fold}")) for fold in range(config.folds)]
+
+
+def _train_folds(config: TrainConfig, context: DistributedContext, run_dir: Path,
+                 before_writing: Callable[[], None]) -> dict[str, Any]:
     results = []
-    for fold in range(config.folds):
-        fold_config = dataclasses.replace(config, fold=fold, out=str(run_dir / f"fold_{fold}"))
-        results.append(train(fold_config, context))
+    for fold_config in _fold_configs(config, run_dir):
+        results.append(train(fold_config, context, before_writing=before_writing))
     scores = [r.best_val_dice for r in results]
     summary = {"folds": config.folds, "best_val_dice": scores,
                "mean_val_dice": float(np.mean(scores)), "std_val_dice": float(np.std(scores)),

@@ -117,3 +117,16 @@ def test_demo_quick(tmp_path):
                               env=subprocess_env(), cwd=REPO_ROOT, timeout=300)
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert "(2 epochs)" in replaced.stdout and (tmp_path / "demo" / "notes.txt").read_text() == "mine"
+
+
+def test_train_help_lists_the_settings_a_resume_may_change(capsys, monkeypatch):
+    from cares.config import EXPERIMENT_SETTINGS, MAY_CHANGE_ON_RESUME, flag_name
+    monkeypatch.setenv("COLUMNS", "1000")   # argparse would wrap lines inside flag names
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    listed = text[text.index("Only these may differ"):]
+    for name in MAY_CHANGE_ON_RESUME:
+        assert flag_name(name) in listed
+    assert "is refused" in listed
+    assert {"image_size", "data", "model", "model_options", "lr", "seed", "optimizer"} <= set(EXPERIMENT_SETTINGS)

@@ -199,12 +199,13 @@ def test_command_writes_json_and_markdown(tmp_path, capsys):
     assert "unet_resnet34" in capsys.readouterr().out  # the plain table still goes to stdout
 
 
-def test_command_rejects_bad_arguments_before_any_work():
+def test_command_rejects_bad_arguments_before_any_work(capsys):
+    """One `error:` line and status 2, as every cares command (tests/test_reliability.py has the rest)."""
     parser = argparse.ArgumentParser()
     complexity.add_arguments(parser)
-    with pytest.raises(ValueError, match="unknown model 'resnet99'"):
-        complexity.run(parser.parse_args(["--models", "unet,resnet99", "--no-latency"]))
-    with pytest.raises(ValueError, match="repeats=0"):
-        complexity.run(parser.parse_args(["--models", "unet", "--repeats", "0"]))
-    with pytest.raises(ValueError, match="input size"):
-        complexity.run(parser.parse_args(["--models", "unet", "--input-size", "1,1,64"]))
+    for args, message in ((["--models", "unet,resnet99", "--no-latency"], "unknown model 'resnet99'"),
+                          (["--models", "unet", "--repeats", "0"], "need --repeats >= 1"),
+                          (["--models", "unet", "--input-size", "1,1,64"], "--input-size: input size")):
+        assert complexity.run(parser.parse_args(args)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("cares complexity: error: ") and message in err and len(err.splitlines()) == 1

@@ -671,3 +671,213 @@ def test_resume_right_after_sigkill_of_a_run_with_dataloader_workers(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "in use by another run" not in resumed.stderr
     assert load_checkpoint(out / "last.pt")["epoch"] == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 23: --resume never changes the experiment; everything is checked before anything is written
+# --------------------------------------------------------------------------------------------------
+
+def folder_snapshot(folder):
+    """{file name: (bytes, mtime_ns)} of a folder's files but the lock (which every attempt takes):
+    "nothing was written" compares two of these."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.name != runtime.RunLock.FILE_NAME}
+
+
+def write_image_dataset(root, count=4, size=32):
+    """<root>/train/Imgs/*.png + GT/*.png, a COVID-SemiSeg layout."""
+    for sub in ("Imgs", "GT"):
+        (root / "train" / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        image = rng.integers(0, 255, (size, size), dtype=np.uint8)
+        mask = (rng.random((size, size)) > 0.7).astype(np.uint8) * 255
+        Image.fromarray(image).save(root / "train" / "Imgs" / f"{index}.png")
+        Image.fromarray(mask).save(root / "train" / "GT" / f"{index}.png")
+    return root
+
+
+@pytest.mark.parametrize("change, was", [
+    (["--image-size", "64"], "--image-size 32"),
+    (["--data", "synthetic"], "--data "),
+    (["--seed", "1"], "--seed 0"),
+    (["--lr", "1e-3"], "--lr 0.0005"),
+    (["--batch-size", "4"], "--batch-size 2"),
+    (["--no-augment"], "--augment"),
+    # LambdaLR.load_state_dict restores the schedule's own settings: this resume would stay constant.
+    (["--scheduler", "multistep", "--milestones", "2"], "--scheduler constant --milestones (unset)"),
+])
+def test_resume_refuses_a_changed_experiment_and_writes_nothing(tmp_path, capsys, change, was):
+    data = write_image_dataset(tmp_path / "covid")
+    out = tmp_path / "run"
+    first = TRAIN[:1] + ["--data", str(data)] + TRAIN[5:] + ["--model", TINY_MODEL, "--out", str(out)]
+    assert main(first) == 0
+    before = folder_snapshot(out)
+    capsys.readouterr()
+    assert_one_line_error(capsys, main(["train", "--resume", "--epochs", "3", "--out", str(out)] + change),
+                          f"was trained with {was}", "would change the experiment", "--epochs")
+    assert folder_snapshot(out) == before
+    # Settings listed as changeable are accepted.
+    assert main(["train", "--resume", "--epochs", "2", "--num-workers", "1", "--checkpoint-every", "2",
+                 "--out", str(out)]) == 0
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def test_resume_refuses_new_epochs_when_the_schedule_is_computed_from_them(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TRAIN + ["--model", TINY_MODEL, "--scheduler", "cosine", "--epochs", "2", "--out", str(out)]) == 0
+    before = folder_snapshot(out)
+    capsys.readouterr()
+    assert_one_line_error(capsys, main(["train", "--resume", "--epochs", "4", "--out", str(out)]),
+                          "--epochs 2", "--scheduler cosine is computed from --epochs")
+    assert folder_snapshot(out) == before
+
+
+def test_resume_of_every_fold_checks_each_fold_before_writing(tmp_path, capsys):
+    out = tmp_path / "cv"
+    assert main(TRAIN + ["--model", TINY_MODEL, "--folds", "2", "--fold", "all", "--out", str(out)]) == 0
+    before = [folder_snapshot(folder) for folder in (out, out / "fold_0", out / "fold_1")]
+    capsys.readouterr()
+    assert_one_line_error(capsys, main(["train", "--resume", "--epochs", "2", "--image-size", "64", "--out", str(out)]),
+                          "was trained with --image-size 32")
+    assert [folder_snapshot(folder) for folder in (out, out / "fold_0", out / "fold_1")] == before
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TRAIN + ["--model", TINY_MODEL, "--epochs", "2", "--out", str(out)]) == 0
+    before = folder_snapshot(out)
+    capsys.readouterr()
+    for epochs in ("2", "1"):
+        assert main(["train", "--resume", "--epochs", epochs, "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert f"has already trained 2 epochs (--epochs {epochs}): the run is finished, nothing to do" in err, err
+        assert "epochs 3..2" not in err and "error" not in err, err
+        assert folder_snapshot(out) == before
+
+
+@pytest.mark.parametrize("size", ["72", "20"])
+@pytest.mark.parametrize("folds", [[], ["--folds", "2", "--fold", "all"]])
+def test_an_image_size_the_model_cannot_take_is_refused_before_anything_is_written(tmp_path, capsys, size, folds):
+    out = tmp_path / "run"
+    args = TRAIN + ["--model", "cares_unet", "--model-option", "base_channels=4", "--out", str(out)] + folds
+    assert_one_line_error(capsys, main(args + ["--image-size", size]), f"--image-size {size}", "divisible by 16")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("augment: 'no'\n", "--augment must be true or false, got 'no' (a string)"),
+    ("milestones: 5\n", "--milestones must be a list of integers like [30, 50] or null, got 5"),
+    ("epochs: ten\n", "--epochs must be an integer, got 'ten'"),
+    ("model_options: carafe\n", "--model-option must be a mapping"),
+    ("", "holds no settings (it is empty)"),
+    ("scheduler: multistep\nmilestones: []\n", "--scheduler multistep: no milestone in []"),
+    ("scheduler: multistep\nepochs: 1\n", "no milestone in [1, 1] (the default"),
+])
+def test_bad_yaml_settings_are_one_line_errors(tmp_path, capsys, text, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    out = tmp_path / "run"
+    assert_one_line_error(capsys, main(["train", "--config", str(config), "--out", str(out)]), message)
+    assert not out.exists()
+
+
+def test_yaml_numbers_without_a_dot_are_read_as_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `lr: 1e-3` as the string '1e-3'."""
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 1e-3\nweight_decay: 0\ngamma: 5e-1\n")
+    resolved = resolve_config({"config": str(config)})
+    assert (resolved.lr, resolved.weight_decay, resolved.gamma) == (1e-3, 0, 0.5)
+    with pytest.raises(ValueError, match="--lr must be a number, got 'fast'"):
+        resolve_config({"lr": "fast"})
+
+
+def test_multistep_without_milestones_uses_the_documented_default(tmp_path):
+    from cares.optim import build_scheduler, default_milestones
+    config = resolve_config(dict(scheduler="multistep", epochs=12))
+    assert default_milestones(config.epochs) == (6, 10)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = build_scheduler(config.scheduler, optimizer, epochs=config.epochs, milestones=config.milestones)
+    rates = []
+    for _ in range(config.epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([1.0] * 6 + [0.1] * 4 + [0.01] * 2)
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_infinite_voxels_fail_that_nifti_file(tmp_path, capsys, value):
+    checkpoint = write_checkpoint(tmp_path / "best.pt")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    volume = np.full((16, 16, 2), -1000.0, np.float32)
+    volume[3, 3, 1] = value
+    write_volume(inputs / "inf.nii.gz", volume)
+    rc = main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "inf.nii.gz: failed: 'slice 1': the image holds NaN or infinite values" in err, err
+    assert not (tmp_path / "out" / "masks" / "inf.nii.gz.nii.gz").exists()
+
+
+def test_a_nifti_without_slices_is_named_as_such(tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "best.pt")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_volume(inputs / "empty.nii.gz", np.zeros((16, 16, 0), np.float32))
+    rc = main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc in (1, 2) and "holds no voxels (0 slices of 16x16)" in err and "axes don't match" not in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input-size", "abc"], "--input-size: input size must be integers"),
+    (["--input-size", "0"], "--input-size: input size must be S"),
+    (["--models", "nosuch"], "--models nosuch: unknown model"),
+    (["--models", "unet[nosuch=1]"], "does not take options ['nosuch']"),
+    (["--models", "unet[base_channels=0]"], "--models unet[base_channels=0]: base_channels"),
+    (["--models", "unet", "--input-size", "72"], "divisible by 16, got --input-size 72x72"),
+    (["--models", "segnet", "--input-size", "64,48"], "divisible by 32, got --input-size 64x48"),
+])
+def test_complexity_argument_errors_are_one_line(capsys, monkeypatch, args, message):
+    import cares.complexity
+    monkeypatch.setattr(cares.complexity, "count_compute", lambda *a: pytest.fail("work began before the checks"))
+    assert_one_line_error(capsys, main(["complexity", "--no-latency"] + args), message)
+
+
+def test_export_to_a_folder_is_refused_before_exporting(tmp_path, capsys, monkeypatch):
+    import cares.export
+    monkeypatch.setattr(cares.export, "export_onnx", lambda *a, **k: pytest.fail("exported before --out was checked"))
+    checkpoint = write_checkpoint(tmp_path / "best.pt", TINY_MODEL)
+    (tmp_path / "models").mkdir()
+    assert_one_line_error(capsys, main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "models")]),
+                          "is a folder", "model.onnx")
+
+
+def test_export_refuses_a_checkpoint_size_its_model_cannot_take(tmp_path, capsys, monkeypatch):
+    import cares.export
+    monkeypatch.setattr(cares.export, "export_onnx", lambda *a, **k: pytest.fail("exported an unusable size"))
+    checkpoint = write_checkpoint(tmp_path / "best.pt", TINY_MODEL)
+    state = load_checkpoint(checkpoint)
+    state["input"]["image_size"] = 33   # TinyTestNet needs multiples of 2 (a checkpoint from before the check)
+    save_checkpoint(checkpoint, state)
+    assert_one_line_error(capsys, main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m.onnx")]),
+                          "divisible by 2", "image size 33x33")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--optimizer", "nosuch"], "--optimizer must be one of"),
+    (["--scheduler", "nosuch"], "--scheduler must be one of"),
+    (["--warmup-epochs", "3"], "--warmup-epochs must be in [0, --epochs 1)"),
+    (["--scheduler", "multistep", "--epochs", "9", "--milestones", "5", "2"], "--milestones must be non-decreasing"),
+    (["--data", "MISSING"], "MISSING"),
+])
+@pytest.mark.parametrize("folds", [[], ["--folds", "2", "--fold", "all"]])
+def test_a_refused_run_writes_nothing_with_or_without_folds(tmp_path, capsys, bad, message, folds):
+    """--fold all wrote <out>/config.yaml before its first fold checked the optimizer, schedule and data."""
+    out = tmp_path / "run"
+    bad = [str(tmp_path / "missing") if arg == "MISSING" else arg for arg in bad]
+    message = str(tmp_path / "missing") if message == "MISSING" else message
+    assert_one_line_error(capsys, main(TRAIN + ["--model", TINY_MODEL, "--out", str(out)] + folds + bad), message)
+    assert not out.exists()

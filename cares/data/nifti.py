@@ -78,6 +78,9 @@ def nifti_geometry(path) -> tuple[tuple[int, int, int], np.ndarray]:
         raise ValueError(f"NIfTI file {str(path)!r} has shape {image.shape}; expected a 3-D (X, Y, Z) "
                          "volume (4-D series are not supported)")
     x, y, z = image.shape
+    if min(x, y, z) == 0:
+        raise ValueError(f"NIfTI file {str(path)!r} has shape {image.shape}: it holds no voxels "
+                         f"({z} slices of {y}x{x}), nothing to read")
     return (z, y, x), np.asarray(image.affine, dtype=np.float64)
 
 
@@ -100,14 +103,17 @@ def read_nifti(path) -> tuple[np.ndarray, np.ndarray]:
 
 def window_hu(volume, width: float = DEFAULT_WINDOW_WIDTH, level: float = DEFAULT_WINDOW_LEVEL) -> np.ndarray:
     """Map Hounsfield units to [0, 1] through a display window: level - width/2 -> 0,
-    level + width/2 -> 1, values outside clipped. Returns float32 of the input's shape."""
+    level + width/2 -> 1, finite values outside clipped. NaN and +-inf voxels become NaN (clipping
+    would turn inf into a plausible 0 or 1), so the slice is refused as non-finite downstream.
+    Returns float32 of the input's shape."""
     if not np.isfinite(width) or width <= 0:
         raise ValueError(f"window width must be a positive number of HU, got {width}")
     if not np.isfinite(level):
         raise ValueError(f"window level must be a finite number of HU, got {level}")
     volume = np.asarray(volume, dtype=np.float32)
     low = level - width / 2.0
-    return np.clip((volume - low) / width, 0.0, 1.0).astype(np.float32)
+    windowed = np.clip((volume - low) / width, 0.0, 1.0).astype(np.float32)
+    return np.where(np.isfinite(volume), windowed, np.float32(np.nan))
 
 
 def write_nifti(path, mask, affine) -> Path:

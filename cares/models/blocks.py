@@ -132,10 +132,16 @@ class SegmentationModel(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects input of shape (N, {self.in_channels}, H, W), "
                              f"got {tuple(x.shape)}")
-        height, width = x.shape[-2:]
+        self.check_size(*x.shape[-2:], what=f"input shape {tuple(x.shape)}")
+
+    def check_size(self, height: int, width: int, what: str | None = None) -> None:
+        """Raise ValueError unless an input of height x width fits (both divisible by size_multiple):
+        checked by forward, and beforehand by the commands that pick a size (train, export, complexity)."""
         if height % self.size_multiple or width % self.size_multiple:
-            raise ValueError(f"{type(self).__name__} needs H and W divisible by {self.size_multiple}, "
-                             f"got input shape {tuple(x.shape)}")
+            bad = height if height % self.size_multiple else width
+            lower = max(bad // self.size_multiple, 1) * self.size_multiple
+            raise ValueError(f"{type(self).__name__} needs H and W divisible by {self.size_multiple}, got "
+                             f"{what or f'{height}x{width}'} (e.g. {lower} or {lower + self.size_multiple} fit)")
 
 
 # ---------------------------------------------------------------------------------------------------
