@@ -107,8 +107,10 @@ def carafe_unfold(features: torch.Tensor, masks: torch.Tensor, kernel_size: int,
 # --------------------------------------------------------------------------------------------------
 
 def down_output_size(size: int, scale_factor: int) -> int:
-    """ceil(size / s): the output size of a stride-s convolution with padding k // 2 (odd k)."""
-    return -(-size // scale_factor)
+    """ceil(size / s): the output size of a stride-s convolution with padding k // 2 (odd k).
+    NB: (size + s - 1) // s, not -(-size // s): with symbolic sizes torch.onnx.export writes floor
+    division as ONNX's Div, which truncates, so the negative form exported as floor(size / s)."""
+    return (size + scale_factor - 1) // scale_factor
 
 
 def normalize_down_mask_logits(mask_logits: torch.Tensor, kernel_size: int, group_size: int) -> torch.Tensor:
