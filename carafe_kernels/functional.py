@@ -1,5 +1,5 @@
-"""carafe(), carafe_fused() and the downsampling carafe_down(), carafe_down_fused(): validate once (carafe_kernels.contract), pick a backend from the
-registry, call it.
+"""carafe(), carafe_fused() and the downsampling carafe_down(), carafe_down_fused(): validate once
+(carafe_kernels.contract), pick a backend from the registry, call it.
 
 The call path is kept thin: the arguments are checked once here (the C++ ops check again, in C++, for
 callers of torch.ops that skip this module), and a repeated call with the same metadata reuses the
