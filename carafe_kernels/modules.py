@@ -7,7 +7,7 @@ from torch import nn
 
 from .contract import check_int as _check_int
 from .functional import carafe, carafe_down_fused, carafe_fused
-from .registry import requested_backend
+from .registry import BACKENDS, requested_backend
 
 __all__ = ["CARAFE", "CARAFENaive", "CARAFEPack", "CARAFEDownPack"]
 
@@ -163,7 +163,8 @@ class CARAFEDownPack(nn.Module):
         encoder_kernel: content-encoder kernel size (odd), default 3.
         encoder_dilation: content-encoder dilation, default 1.
         compressed_channels: channels after the compressor, default 64.
-        backend: "auto" (default) or "reference".
+        backend: "auto" (default) or "reference"; a backend without the down op ("cpu", "cuda",
+            "triton", for now) is a ValueError here.
 
     Shape:
         (N, C, H, W) -> (N, C, ceil(H/s), ceil(W/s)).
@@ -188,6 +189,11 @@ class CARAFEDownPack(nn.Module):
         if self.channels % self.down_group != 0:
             raise ValueError(f"down_group={down_group} must divide channels={channels}")
         requested_backend(backend)
+        if backend != "auto" and BACKENDS[backend].carafe_down_fused is None:
+            # Known now, whatever the machine: refused here rather than at the first forward (a cares
+            # model built with carafe_backend=cpu would otherwise fail one training step in).
+            raise ValueError(f"CARAFEDownPack: backend={backend!r} has no carafe_down kernel yet; use "
+                             f"'auto' or {[name for name, b in BACKENDS.items() if b.carafe_down_fused]}")
         self.backend = backend
         self.channel_compressor = nn.Conv2d(self.channels, self.compressed_channels, 1)
         self.content_encoder = nn.Conv2d(

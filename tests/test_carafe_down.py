@@ -342,6 +342,7 @@ def test_downpack_groups_and_gradients():
     (dict(encoder_kernel=2), ValueError, "encoder_kernel must be odd, got 2"),
     (dict(scale_factor="2"), TypeError, "scale_factor must be an int, got str"),
     (dict(backend="gpu"), ValueError, "unknown backend 'gpu'"),
+    (dict(backend="cpu"), ValueError, r"backend='cpu' has no carafe_down kernel yet; use 'auto' or \['reference'\]"),
 ])
 def test_downpack_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
