@@ -145,13 +145,13 @@ class CARAFEDownPack(nn.Module):
     Parameter names and initialisation (Xavier-uniform convs, zero biases, content encoder N(0, 0.001))
     are those of CARAFEPack (mmcv's style), so a fresh module starts close to a k x k average pooling.
 
-    Defaults: the paper describes the downsampler as the upsampler's kernel prediction module (channel
-    compressor + content encoder + kernel normalizer) with the encoder at stride s; the passages of the
-    paper that could be read here (the abstract and introduction) do not state its downsampling
-    hyper-parameters, so the defaults are CARAFE's published upsampler settings, which CARAFEPack uses:
-    down_kernel 5, encoder_kernel 3, compressed_channels 64, one group, and scale_factor 2 (the stride-2
-    stages it replaces). Whether CARAFE++ used other values for downsampling (e.g. a different k_down or
-    k_encoder) is not confirmed.
+    Defaults: the structure is CARAFE's kernel prediction module (compressor, content encoder, softmax)
+    with the encoder at stride s. The parts of the CARAFE++ paper that could be read when this was
+    written (its abstract and introduction) do not give the downsampling hyper-parameters, so the
+    defaults are the CARAFE upsampler's published settings, which CARAFEPack uses too: down_kernel 5
+    (k_up), encoder_kernel 3 (k_encoder), compressed_channels 64 (C_m), one group; scale_factor 2, the
+    stride-2 stages it is meant to replace. Whether CARAFE++ uses other values for downsampling (another
+    k_down, k_encoder or C_m) is not confirmed.
 
     Runs on the reference backend until the native down kernels land (see :func:`carafe_down`).
 
