@@ -108,11 +108,12 @@ def test_carafe_down_function_exports():
     assert _relative_error(_run(session, f, m), carafe_down(f, m, 3, 2, 3)) <= MAX_RELATIVE_ERROR
 
 
-def test_cares_unet_exports_and_matches():
+@pytest.mark.parametrize("spec", ["cares_unet", "cares_unet[downsampler=carafe]"])
+def test_cares_unet_exports_and_matches(spec):
     from cares.models import build_model
 
     torch.manual_seed(0)
-    model = build_model("cares_unet", base_channels=4).eval()
+    model = build_model(spec, base_channels=4).eval()
     session = _export(model, (torch.randn(1, 1, 32, 32),), (DYNAMIC,))
     x = torch.randn(2, 1, 48, 64)
     with torch.no_grad():
