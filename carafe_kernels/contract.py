@@ -16,8 +16,10 @@ from typing import Callable
 
 import torch
 
+from .reference import down_output_size
+
 __all__ = ["MAX_KERNEL_SIZE", "MAX_SCALE_FACTOR", "NATIVE_DTYPES", "TRITON_DTYPES", "SCHEMAS",
-           "check_int", "check_arguments", "expected_second_shape"]
+           "check_int", "check_arguments", "expected_second_shape", "output_shape"]
 
 # The largest kernel_size and scale_factor the compiled kernels (CPU, CUDA, Triton) accept. They bound
 # the GPU kernels' register tiles and the CPU kernels' per-thread scratch (which grows as
@@ -69,13 +71,22 @@ def check_int(name: str, value, *, odd: bool = False) -> int:
     return value
 
 
-def expected_second_shape(features_shape, k: int, G: int, s: int, *, fused: bool) -> tuple:
-    """masks (N, G*k*k, H*s, W*s), or mask_logits (N, G*k*k*s*s, H, W) when fused."""
+def expected_second_shape(features_shape, k: int, G: int, s: int, *, fused: bool, down: bool = False) -> tuple:
+    """masks (N, G*k*k, H*s, W*s), or mask_logits (N, G*k*k*s*s, H, W) when fused. The down ops
+    (content-aware downsampling): masks or mask_logits alike (N, G*k*k, ceil(H/s), ceil(W/s))."""
     N, _, H, W = features_shape
+    if down:
+        return (N, G * k * k, down_output_size(H, s), down_output_size(W, s))
     return (N, G * k * k * s * s, H, W) if fused else (N, G * k * k, H * s, W * s)
 
 
-def _fast_accept(features, masks, k, G, s, fused, dtypes, limits, same_dtype, grad_output) -> bool:
+def output_shape(features_shape, s: int, *, down: bool = False) -> tuple:
+    """The op's output shape: (N, C, H*s, W*s), or (N, C, ceil(H/s), ceil(W/s)) for the down ops."""
+    N, C, H, W = features_shape
+    return (N, C, down_output_size(H, s), down_output_size(W, s)) if down else (N, C, H * s, W * s)
+
+
+def _fast_accept(features, masks, k, G, s, fused, dtypes, limits, same_dtype, grad_output, down) -> bool:
     """True when a call with concrete shapes passes every check below, decided with a few cheap
     comparisons (the public API's per-call cost; docs/design.md#the-call-path). False sends the call
     through the checks one by one, which say what is wrong (or pass symbolic shapes to torch._check)."""
@@ -97,13 +108,15 @@ def _fast_accept(features, masks, k, G, s, fused, dtypes, limits, same_dtype, gr
         return False
     if limits and (k > MAX_KERNEL_SIZE or s > MAX_SCALE_FACTOR):
         return False
+    if down:
+        return ms == (N, G * k * k, down_output_size(H, s), down_output_size(W, s))
     expected = (N, G * k * k * s * s, H, W) if fused else (N, G * k * k, H * s, W * s)
     return ms == expected
 
 
 def check_arguments(features, masks, k: int, G: int, s: int, *, fused: bool, op: str | None = None,
                     dtypes: tuple[torch.dtype, ...] | None = None, limits: bool = False,
-                    same_dtype: bool = True, grad_output=None) -> None:
+                    same_dtype: bool = True, grad_output=None, down: bool = False) -> None:
     """Checks one call against the contract; raises TypeError/ValueError naming the argument and shapes.
 
     features / masks: the two inputs (masks are mask_logits when fused), any tensors (fake ones too).
@@ -111,9 +124,10 @@ def check_arguments(features, masks, k: int, G: int, s: int, *, fused: bool, op:
     the kernels compute in (None: any floating point). limits: enforce MAX_KERNEL_SIZE and
     MAX_SCALE_FACTOR (the compiled kernels). same_dtype: features and masks must share their dtype
     (False under torch.autocast, which casts both). grad_output: checked against the output's shape
-    and dtype when given (backward ops).
+    and dtype when given (backward ops). down: the content-aware downsampling ops (carafe_down,
+    carafe_down_fused), whose masks/mask_logits are (N, G*k*k, ceil(H/s), ceil(W/s)).
     """
-    if _fast_accept(features, masks, k, G, s, fused, dtypes, limits, same_dtype, grad_output):
+    if _fast_accept(features, masks, k, G, s, fused, dtypes, limits, same_dtype, grad_output, down):
         return
     pre = f"{op}: " if op else ""
     m = "mask_logits" if fused else "masks"
@@ -145,17 +159,18 @@ def check_arguments(features, masks, k: int, G: int, s: int, *, fused: bool, op:
     N2, C2, H2, W2 = masks.shape
     shapes = f"(features {tuple(features.shape)}, {m} {tuple(masks.shape)})"
     _require(N2 == N, ValueError, lambda: f"{pre}{m} batch {N2} != features batch {N} {shapes}")
-    _, C_want, H_want, W_want = expected_second_shape(features.shape, k, G, s, fused=fused)
-    what = f"G*k*k*s*s = {G}*{k}*{k}*{s}*{s}" if fused else f"G*k*k = {G}*{k}*{k}"
+    _, C_want, H_want, W_want = expected_second_shape(features.shape, k, G, s, fused=fused, down=down)
+    what = f"G*k*k*s*s = {G}*{k}*{k}*{s}*{s}" if fused and not down else f"G*k*k = {G}*{k}*{k}"
     _require(C2 == C_want, ValueError,
              lambda: f"{pre}{m} must have {what} = {C_want} channels, got shape {tuple(masks.shape)} "
                      f"(features {tuple(features.shape)})")
     for got, want in ((H2, H_want), (W2, W_want)):  # one check each: `and` would specialise symbolic sizes
         _require(got == want, ValueError,
-                 lambda: f"{pre}{m} must be {H_want}x{W_want} spatially for features {tuple(features.shape)} "
+                 lambda: f"{pre}{m} must be {f'ceil({H}/{s})xceil({W}/{s}) = ' if down else ''}{H_want}x{W_want} "
+                         f"spatially for features {tuple(features.shape)} "
                          f"and scale_factor={s}, got shape {tuple(masks.shape)}")
     if grad_output is not None:
-        out_shape = (N, C, H * s, W * s)
+        out_shape = output_shape(features.shape, s, down=down)
         _require(grad_output.dim() == 4, ValueError,
                  lambda: f"{pre}grad_output must have the output's shape {out_shape}, got {tuple(grad_output.shape)}")
         for got, want in zip(grad_output.shape, out_shape):

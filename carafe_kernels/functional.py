@@ -1,5 +1,5 @@
-"""carafe() and carafe_fused(): validate once (carafe_kernels.contract), pick a backend from the
-registry, call it.
+"""carafe(), carafe_fused() and the downsampling carafe_down(), carafe_down_fused(): validate once
+(carafe_kernels.contract), pick a backend from the registry, call it.
 
 The call path is kept thin: the arguments are checked once here (the C++ ops check again, in C++, for
 callers of torch.ops that skip this module), and a repeated call with the same metadata reuses the
@@ -15,10 +15,16 @@ import torch
 from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from . import ops as _ops
-from .contract import check_arguments, check_int
+from .contract import check_arguments, check_int, output_shape
 from .registry import BackendUnavailableError, select_backend
 
-__all__ = ["carafe", "carafe_fused", "carafe_naive"]
+__all__ = ["carafe", "carafe_fused", "carafe_naive", "carafe_down", "carafe_down_fused"]
+
+# The four operations, by the name of their implementation field on registry.Backend. A call's op
+# decides its argument checks: whether the second input is logits ("..._fused") and whether it
+# downsamples ("carafe_down...").
+_FUSED = {"carafe": False, "carafe_fused": True, "carafe_down": False, "carafe_down_fused": True}
+_DOWN = {"carafe": False, "carafe_fused": False, "carafe_down": True, "carafe_down_fused": True}
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -30,7 +36,7 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-def _autocast_for(fused: bool, features, masks, autocast: torch.dtype | None) -> torch.dtype | None:
+def _autocast_for(op: str, features, masks, autocast: torch.dtype | None) -> torch.dtype | None:
     """The dtype torch.autocast runs this call in, or None when it does not cast it. PyTorch's autocast
     leaves float64 alone, and so does this: float64 inputs run in float64. One float64 input with a
     lower-precision one would then reach the kernels in two dtypes, so that is refused."""
@@ -40,28 +46,29 @@ def _autocast_for(fused: bool, features, masks, autocast: torch.dtype | None) ->
     if f64[0] and f64[1]:
         return None
     if f64[0] or f64[1]:
-        m = "mask_logits" if fused else "masks"
+        m = "mask_logits" if _FUSED[op] else "masks"
         raise TypeError(f"under torch.autocast float64 inputs are not cast (as PyTorch's autocast leaves float64 "
                         f"alone), so features and {m} must both be float64 or neither, got {features.dtype} and "
                         f"{masks.dtype}")
     return autocast
 
 
-def _plan(fused: bool, features, masks, kernel_size, group_size, scale_factor, backend: str,
+def _plan(op: str, features, masks, kernel_size, group_size, scale_factor, backend: str,
           autocast: torch.dtype | None):
     """Validates one call and picks its backend: (backend, the dtype to cast the inputs to or None, k, G, s).
     The cast is for backends without their own autocast kernels, to _autocast_for(...)."""
-    autocast = _autocast_for(fused, features, masks, autocast)
-    k, G, s = _check_call(fused, features, masks, kernel_size, group_size, scale_factor, autocast)
-    chosen = select_backend(backend, features, k, s, autocast)
+    autocast = _autocast_for(op, features, masks, autocast)
+    k, G, s = _check_call(op, features, masks, kernel_size, group_size, scale_factor, autocast)
+    chosen = select_backend(backend, features, k, s, autocast, op)
     # The reference has no autocast kernel (it would promote mixed inputs to float32): cast for it.
     cast = autocast is not None and not (chosen.own_autocast and _ops.AUTOCAST_ERROR is None)
     return chosen, (autocast if cast else None), k, G, s
 
 
-def _check_call(fused: bool, features, masks, kernel_size, group_size, scale_factor,
+def _check_call(op: str, features, masks, kernel_size, group_size, scale_factor,
                 autocast: torch.dtype | None) -> tuple[int, int, int]:
     """Validates one call's arguments (the contract, whatever the backend); returns (k, G, s)."""
+    fused = _FUSED[op]
     masks_name = "mask_logits" if fused else "masks"
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
@@ -71,7 +78,7 @@ def _check_call(fused: bool, features, masks, kernel_size, group_size, scale_fac
     G = check_int("group_size", group_size)
     s = check_int("scale_factor", scale_factor)
     # Under autocast both inputs run in the autocast dtype (like a convolution), so they may differ.
-    check_arguments(features, masks, k, G, s, fused=fused, same_dtype=autocast is None)
+    check_arguments(features, masks, k, G, s, fused=fused, same_dtype=autocast is None, down=_DOWN[op])
     return k, G, s
 
 
@@ -84,21 +91,21 @@ _PLANS: dict[tuple, tuple] = {}
 _MAX_PLANS = 1024
 
 
-def _run(fused: bool, features, masks, kernel_size, group_size, scale_factor, backend) -> torch.Tensor:
+def _run(op: str, features, masks, kernel_size, group_size, scale_factor, backend) -> torch.Tensor:
     if (type(kernel_size) is int and type(group_size) is int and type(scale_factor) is int and type(backend) is str
             and isinstance(features, torch.Tensor) and isinstance(masks, torch.Tensor)
             and not torch.compiler.is_compiling()):
         autocast = _autocast_dtype(features.device.type)
-        key = (fused, features.shape, masks.shape, features.dtype, masks.dtype, features.device, masks.device,
+        key = (op, features.shape, masks.shape, features.dtype, masks.dtype, features.device, masks.device,
                kernel_size, group_size, scale_factor, backend,
                os.environ.get("CARAFE_BACKEND") if backend == "auto" else None, autocast)
         plan = _PLANS.get(key)
         if plan is None or (plan[-1] is not None and plan[-1] != os.environ.get("TRITON_INTERPRET")):
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
-            chosen, cast, k, G, s = _plan(fused, features, masks, kernel_size, group_size, scale_factor, backend,
+            chosen, cast, k, G, s = _plan(op, features, masks, kernel_size, group_size, scale_factor, backend,
                                           autocast)
-            impl = chosen.carafe_fused if fused else chosen.carafe
+            impl = getattr(chosen, op)
             triton_env = os.environ.get("TRITON_INTERPRET") if chosen.name == "triton" else None
             plan = _PLANS[key] = (impl, cast, triton_env)
         impl, cast_to, _ = plan
@@ -106,21 +113,21 @@ def _run(fused: bool, features, masks, kernel_size, group_size, scale_factor, ba
         # torch.onnx.export(dynamo=True) traces with torch.export, so is_compiling() sent it here: one
         # standard-op graph for every backend, none of which has to run. (Asked only off the fast path:
         # is_in_onnx_export costs about 1 us, more than a tenth of a small call.)
-        return _export_call(fused, features, masks, kernel_size, group_size, scale_factor)
+        return _export_call(op, features, masks, kernel_size, group_size, scale_factor)
     elif torch.compiler.is_compiling():
         autocast = _autocast_dtype(features.device.type) if isinstance(features, torch.Tensor) else None
         try:
             chosen, cast, kernel_size, group_size, scale_factor = _plan(
-                fused, features, masks, kernel_size, group_size, scale_factor, backend, autocast)
+                op, features, masks, kernel_size, group_size, scale_factor, backend, autocast)
         except (TypeError, ValueError, BackendUnavailableError) as exc:
-            return _raise_when_run(exc, fused, features, masks, kernel_size, group_size, scale_factor)
-        impl = chosen.carafe_fused if fused else chosen.carafe
+            return _raise_when_run(exc, op, features, masks, kernel_size, group_size, scale_factor)
+        impl = getattr(chosen, op)
         cast_to = cast
     else:  # integral floats, numpy ints, or bad arguments (which raise here)
         autocast = _autocast_dtype(features.device.type) if isinstance(features, torch.Tensor) else None
         chosen, cast, kernel_size, group_size, scale_factor = _plan(
-            fused, features, masks, kernel_size, group_size, scale_factor, backend, autocast)
-        impl = chosen.carafe_fused if fused else chosen.carafe
+            op, features, masks, kernel_size, group_size, scale_factor, backend, autocast)
+        impl = getattr(chosen, op)
         cast_to = cast
     if cast_to:
         features, masks = features.to(cast_to), masks.to(cast_to)
@@ -151,18 +158,18 @@ def _invalid_call_fake(anchor, error, message, out_shape):
 torch.library.register_autograd("carafe_kernels::invalid_call", lambda ctx, grad: (None, None, None, None))
 
 
-def _raise_when_run(exc: Exception, fused: bool, features, masks, kernel_size, group_size,
+def _raise_when_run(exc: Exception, op: str, features, masks, kernel_size, group_size,
                     scale_factor) -> torch.Tensor:
     message = exc.args[0]
     if isinstance(features, torch.Tensor):
         anchor, out_shape = features, list(features.shape)
         if features.dim() == 4 and type(scale_factor) is int and scale_factor >= 1:
-            out_shape[2:] = [out_shape[2] * scale_factor, out_shape[3] * scale_factor]
+            out_shape = list(output_shape(features.shape, scale_factor, down=_DOWN[op]))
         shapes = (*features.shape, *(masks.shape if isinstance(masks, torch.Tensor) else ()))
         if not all(has_static_value(d) for d in shapes):  # (Dynamo answers this one while tracing)
             # torch.compile with dynamic shapes: a message naming symbolic sizes cannot go into the
             # graph, so this one names what is known while tracing.
-            message = (f"{'carafe_fused' if fused else 'carafe'}: invalid arguments (kernel_size={kernel_size}, "
+            message = (f"{op}: invalid arguments (kernel_size={kernel_size}, "
                        f"group_size={group_size}, scale_factor={scale_factor}) for the input shapes; torch.compile "
                        "traced them with dynamic shapes, so call it eagerly for the message naming them")
     else:
@@ -170,16 +177,16 @@ def _raise_when_run(exc: Exception, fused: bool, features, masks, kernel_size, g
     return _invalid_call(anchor, type(exc).__name__, message, out_shape)
 
 
-def _export_call(fused: bool, features, masks, kernel_size, group_size, scale_factor) -> torch.Tensor:
+def _export_call(op: str, features, masks, kernel_size, group_size, scale_factor) -> torch.Tensor:
     """The call while torch.onnx.export traces: validated as always, then the ONNX decomposition
     (carafe_kernels.onnx), in the autocast dtype when autocast is on."""
     from .onnx import export_call
     autocast = _autocast_dtype(features.device.type) if isinstance(features, torch.Tensor) else None
-    autocast = _autocast_for(fused, features, masks, autocast)
-    k, G, s = _check_call(fused, features, masks, kernel_size, group_size, scale_factor, autocast)
+    autocast = _autocast_for(op, features, masks, autocast)
+    k, G, s = _check_call(op, features, masks, kernel_size, group_size, scale_factor, autocast)
     if autocast is not None:
         features, masks = features.to(autocast), masks.to(autocast)
-    return export_call(fused, features, masks, k, G, s)
+    return export_call(op, features, masks, k, G, s)
 
 
 def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,
@@ -210,7 +217,7 @@ def carafe(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_
         >>> carafe(f, m, kernel_size=5, group_size=1, scale_factor=2).shape
         torch.Size([2, 64, 16, 16])
     """
-    return _run(False, features, masks, kernel_size, group_size, scale_factor, backend)
+    return _run("carafe", features, masks, kernel_size, group_size, scale_factor, backend)
 
 
 def carafe_fused(features: torch.Tensor, mask_logits: torch.Tensor, kernel_size: int, group_size: int,
@@ -234,7 +241,68 @@ def carafe_fused(features: torch.Tensor, mask_logits: torch.Tensor, kernel_size:
         >>> carafe_fused(f, logits, 5, 1, 2).shape
         torch.Size([2, 64, 16, 16])
     """
-    return _run(True, features, mask_logits, kernel_size, group_size, scale_factor, backend)
+    return _run("carafe_fused", features, mask_logits, kernel_size, group_size, scale_factor, backend)
+
+
+def carafe_down(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,
+                scale_factor: int, *, backend: str = "auto") -> torch.Tensor:
+    """Content-aware downsampling (CARAFE++, Wang et al., TPAMI 2021): reassembly at stride s.
+
+    ``out[n, c, i, j] = sum_{ky, kx} features[n, c, s*i + ky - r, s*j + kx - r] * masks[n, g*k*k + ky*k + kx, i, j]``
+    for ``i < ceil(H/s)``, ``j < ceil(W/s)``, with ``g = c // (C // G)``, ``r = (k - 1) // 2`` and zero
+    padding: each output pixel is a content-weighted sum of the k x k window centred on input pixel
+    (s*i, s*j), so the output size is that of a stride-s convolution with padding k // 2. The masks
+    are used as given (see :func:`carafe_down_fused` for the op that normalises them).
+
+    Runs on the pure-PyTorch ``reference`` backend (autograd, forward-mode AD and vmap by PyTorch) until
+    the native kernels land: ``backend="auto"`` picks it; an explicit "cpu", "cuda" or "triton" raises
+    BackendUnavailableError.
+
+    Args:
+        features: (N, C, H, W) float tensor.
+        masks: (N, G*k*k, ceil(H/s), ceil(W/s)) reassembly kernels, same dtype and device.
+        kernel_size: k, odd, >= 1.
+        group_size: G, divides C.
+        scale_factor: the stride s, integer >= 1.
+        backend: "auto" or "reference" (the others have no down kernel yet); "auto" also reads CARAFE_BACKEND.
+
+    Returns:
+        (N, C, ceil(H/s), ceil(W/s)) tensor of the input dtype.
+
+    Raises:
+        TypeError / ValueError naming the bad argument; BackendUnavailableError for a backend without
+        this op.
+
+    Example:
+        >>> f = torch.randn(2, 64, 15, 16); m = torch.rand(2, 25, 8, 8)
+        >>> carafe_down(f, m, kernel_size=5, group_size=1, scale_factor=2).shape
+        torch.Size([2, 64, 8, 8])
+    """
+    return _run("carafe_down", features, masks, kernel_size, group_size, scale_factor, backend)
+
+
+def carafe_down_fused(features: torch.Tensor, mask_logits: torch.Tensor, kernel_size: int, group_size: int,
+                      scale_factor: int, *, backend: str = "auto") -> torch.Tensor:
+    """Per-group softmax over the k*k taps + :func:`carafe_down`, in one op.
+
+    Equals ``carafe_down(features, softmax(mask_logits.view(N, G, k*k, Ho, Wo), dim=2).view_as(mask_logits),
+    k, G, s)``: channel ``g*k*k + ky*k + kx`` of the logits is tap (ky, kx) of group g.
+
+    Args:
+        features: (N, C, H, W) float tensor.
+        mask_logits: (N, G*k*k, ceil(H/s), ceil(W/s)) content-encoder output (unnormalised), same dtype
+            and device.
+        kernel_size, group_size, scale_factor, backend: as in :func:`carafe_down`.
+
+    Returns:
+        (N, C, ceil(H/s), ceil(W/s)) tensor of the input dtype.
+
+    Example:
+        >>> f = torch.randn(2, 64, 16, 16); logits = torch.randn(2, 25, 8, 8)
+        >>> carafe_down_fused(f, logits, 5, 1, 2).shape
+        torch.Size([2, 64, 8, 8])
+    """
+    return _run("carafe_down_fused", features, mask_logits, kernel_size, group_size, scale_factor, backend)
 
 
 def carafe_naive(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,

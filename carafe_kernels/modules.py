@@ -1,14 +1,15 @@
-"""nn.Module wrappers with mmcv's names and constructor arguments, so code switches by import."""
+"""nn.Module wrappers with mmcv's names and constructor arguments, so code switches by import, and the
+downsampler CARAFEDownPack (CARAFE++; mmcv has none), built the same way as CARAFEPack."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from .contract import check_int as _check_int
-from .functional import carafe, carafe_fused
-from .registry import requested_backend
+from .functional import carafe, carafe_down_fused, carafe_fused
+from .registry import BACKENDS, requested_backend
 
-__all__ = ["CARAFE", "CARAFENaive", "CARAFEPack"]
+__all__ = ["CARAFE", "CARAFENaive", "CARAFEPack", "CARAFEDownPack"]
 
 
 def _refuse_torchscript(module: nn.Module) -> nn.Module:
@@ -110,11 +111,7 @@ class CARAFEPack(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        for m in (self.channel_compressor, self.content_encoder):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-        # NB: near-zero logits start every reassembly kernel close to a uniform average.
-        nn.init.normal_(self.content_encoder.weight, std=0.001)
+        _init_carafe_convs(self.channel_compressor, self.content_encoder)
 
     __prepare_scriptable__ = _refuse_torchscript
 
@@ -125,3 +122,96 @@ class CARAFEPack(nn.Module):
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, scale_factor={self.scale_factor}, up_kernel={self.up_kernel}, "
                 f"up_group={self.up_group}, backend={self.backend!r}")
+
+
+def _init_carafe_convs(channel_compressor: nn.Conv2d, content_encoder: nn.Conv2d) -> None:
+    """mmcv's CARAFEPack initialisation: Xavier-uniform weights, zero biases, then the content encoder's
+    weights N(0, 0.001): near-zero logits start every reassembly kernel close to a uniform average."""
+    for m in (channel_compressor, content_encoder):
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.zeros_(m.bias)
+    nn.init.normal_(content_encoder.weight, std=0.001)
+
+
+class CARAFEDownPack(nn.Module):
+    """Content-aware downsampling (CARAFE++, Wang et al., TPAMI 2021, arXiv 2012.04733), the
+    counterpart of :class:`CARAFEPack`.
+
+    A 1x1 channel compressor (C -> compressed_channels), a content encoder run at stride s that predicts
+    ``down_group * down_kernel**2`` logits per output pixel, then :func:`carafe_down_fused` (softmax over
+    each group's k*k taps + reassembly of the k x k window centred on input pixel (s*i, s*j)). The
+    encoder has padding ``(encoder_kernel - 1) * encoder_dilation // 2``, so its output, like the
+    reassembly's, is ceil(H/s) x ceil(W/s): the size of a stride-s convolution with padding k // 2.
+    Parameter names and initialisation (Xavier-uniform convs, zero biases, content encoder N(0, 0.001))
+    are those of CARAFEPack (mmcv's style), so a fresh module starts close to a k x k average pooling.
+
+    Defaults: the structure is CARAFE's kernel prediction module (compressor, content encoder, softmax)
+    with the encoder at stride s. The parts of the CARAFE++ paper that could be read when this was
+    written (its abstract and introduction) do not give the downsampling hyper-parameters, so the
+    defaults are the CARAFE upsampler's published settings, which CARAFEPack uses too: down_kernel 5
+    (k_up), encoder_kernel 3 (k_encoder), compressed_channels 64 (C_m), one group; scale_factor 2, the
+    stride-2 stages it is meant to replace. Whether CARAFE++ uses other values for downsampling (another
+    k_down, k_encoder or C_m) is not confirmed.
+
+    Runs on the reference backend until the native down kernels land (see :func:`carafe_down`).
+
+    Args:
+        channels: input channels C.
+        scale_factor: downsampling stride s, default 2.
+        down_kernel: reassembly kernel size k (odd), default 5.
+        down_group: mask groups G (divides channels), default 1.
+        encoder_kernel: content-encoder kernel size (odd), default 3.
+        encoder_dilation: content-encoder dilation, default 1.
+        compressed_channels: channels after the compressor, default 64.
+        backend: "auto" (default) or "reference"; a backend without the down op ("cpu", "cuda",
+            "triton", for now) is a ValueError here.
+
+    Shape:
+        (N, C, H, W) -> (N, C, ceil(H/s), ceil(W/s)).
+
+    Example:
+        >>> down = CARAFEDownPack(64)
+        >>> down(torch.randn(1, 64, 15, 16)).shape
+        torch.Size([1, 64, 8, 8])
+    """
+
+    def __init__(self, channels: int, scale_factor: int = 2, down_kernel: int = 5, down_group: int = 1,
+                 encoder_kernel: int = 3, encoder_dilation: int = 1, compressed_channels: int = 64,
+                 *, backend: str = "auto"):
+        super().__init__()
+        self.channels = _check_int("channels", channels)
+        self.scale_factor = _check_int("scale_factor", scale_factor)
+        self.down_kernel = _check_int("down_kernel", down_kernel, odd=True)
+        self.down_group = _check_int("down_group", down_group)
+        self.encoder_kernel = _check_int("encoder_kernel", encoder_kernel, odd=True)
+        self.encoder_dilation = _check_int("encoder_dilation", encoder_dilation)
+        self.compressed_channels = _check_int("compressed_channels", compressed_channels)
+        if self.channels % self.down_group != 0:
+            raise ValueError(f"down_group={down_group} must divide channels={channels}")
+        requested_backend(backend)
+        if backend != "auto" and BACKENDS[backend].carafe_down_fused is None:
+            # Known now, whatever the machine: refused here rather than at the first forward (a cares
+            # model built with carafe_backend=cpu would otherwise fail one training step in).
+            raise ValueError(f"CARAFEDownPack: backend={backend!r} has no carafe_down kernel yet; use "
+                             f"'auto' or {[name for name, b in BACKENDS.items() if b.carafe_down_fused]}")
+        self.backend = backend
+        self.channel_compressor = nn.Conv2d(self.channels, self.compressed_channels, 1)
+        self.content_encoder = nn.Conv2d(
+            self.compressed_channels, self.down_kernel * self.down_kernel * self.down_group, self.encoder_kernel,
+            stride=self.scale_factor, padding=(self.encoder_kernel - 1) * self.encoder_dilation // 2,
+            dilation=self.encoder_dilation)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        _init_carafe_convs(self.channel_compressor, self.content_encoder)
+
+    __prepare_scriptable__ = _refuse_torchscript
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.content_encoder(self.channel_compressor(x))
+        return carafe_down_fused(x, logits, self.down_kernel, self.down_group, self.scale_factor,
+                                 backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, scale_factor={self.scale_factor}, down_kernel={self.down_kernel}, "
+                f"down_group={self.down_group}, backend={self.backend!r}")

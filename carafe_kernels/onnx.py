@@ -34,7 +34,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .reference import carafe_reference, normalize_mask_logits
+from .reference import (carafe_down_fused_reference, carafe_down_reference, carafe_reference,
+                        normalize_mask_logits)
 
 __all__ = ["carafe_matmul", "carafe_fused_matmul", "decomposition_table", "export_call", "use_decomposition",
            "DECOMPOSITIONS"]
@@ -105,10 +106,20 @@ def use_decomposition(name: str):
         _selected[0] = previous
 
 
-def export_call(fused: bool, features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,
+# The downsampling ops export as the reference computes them: k*k strided slices (ONNX Slice with
+# steps) multiplied by the tap's masks and summed. Plain tensor operations already, and k*k terms rather
+# than the upsampling reference's k*k*s*s, so there is no second candidate to choose between.
+_DOWN_EXPORTS = {"carafe_down": carafe_down_reference, "carafe_down_fused": carafe_down_fused_reference}
+
+
+def export_call(op: str, features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,
                 scale_factor: int) -> torch.Tensor:
-    """What carafe/carafe_fused compute while torch.onnx.export traces (arguments already validated)."""
-    return DECOMPOSITIONS[_selected[0]][int(fused)](features, masks, kernel_size, group_size, scale_factor)
+    """What op ("carafe", "carafe_fused", "carafe_down" or "carafe_down_fused") computes while
+    torch.onnx.export traces (arguments already validated)."""
+    if op in _DOWN_EXPORTS:
+        return _DOWN_EXPORTS[op](features, masks, kernel_size, group_size, scale_factor)
+    return DECOMPOSITIONS[_selected[0]][int(op == "carafe_fused")](features, masks, kernel_size, group_size,
+                                                                   scale_factor)
 
 
 def decomposition_table() -> dict:

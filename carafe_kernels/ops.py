@@ -14,9 +14,9 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ._native import HAS_NATIVE
 from .contract import NATIVE_DTYPES, check_arguments
-from .reference import normalize_mask_logits_jvp
+from .reference import down_output_size, normalize_mask_logits_jvp
 
-__all__ = ["carafe_flops", "register_carafe_op_family", "rule", "AUTOCAST_ERROR"]
+__all__ = ["carafe_flops", "carafe_down_flops", "register_carafe_op_family", "rule", "AUTOCAST_ERROR"]
 
 
 def carafe_flops(features_shape, kernel_size: int, scale_factor: int) -> int:
@@ -24,6 +24,15 @@ def carafe_flops(features_shape, kernel_size: int, scale_factor: int) -> int:
     CARAFE paper's convention): 2 * N * C * (H*s) * (W*s) * k*k. The mask softmax is not counted."""
     n, c, h, w = features_shape
     return 2 * n * c * (h * scale_factor) * (w * scale_factor) * kernel_size * kernel_size
+
+
+def carafe_down_flops(features_shape, kernel_size: int, scale_factor: int) -> int:
+    """FLOPs of one content-aware downsampling (carafe_down), same convention as carafe_flops:
+    2 * N * C * ceil(H/s) * ceil(W/s) * k*k (one multiply-add per tap per output element). The mask
+    softmax is not counted."""
+    n, c, h, w = features_shape
+    ho, wo = down_output_size(h, scale_factor), down_output_size(w, scale_factor)
+    return 2 * n * c * ho * wo * kernel_size * kernel_size
 
 
 def _output_like(features: torch.Tensor, scale_factor: int,

@@ -107,8 +107,10 @@ def carafe_unfold(features: torch.Tensor, masks: torch.Tensor, kernel_size: int,
 # --------------------------------------------------------------------------------------------------
 
 def down_output_size(size: int, scale_factor: int) -> int:
-    """ceil(size / s): the output size of a stride-s convolution with padding k // 2 (odd k)."""
-    return -(-size // scale_factor)
+    """ceil(size / s): the output size of a stride-s convolution with padding k // 2 (odd k).
+    NB: (size + s - 1) // s, not -(-size // s): with symbolic sizes torch.onnx.export writes floor
+    division as ONNX's Div, which truncates, so the negative form exported as floor(size / s)."""
+    return (size + scale_factor - 1) // scale_factor
 
 
 def normalize_down_mask_logits(mask_logits: torch.Tensor, kernel_size: int, group_size: int) -> torch.Tensor:
@@ -129,11 +131,15 @@ def carafe_down_reference(features: torch.Tensor, masks: torch.Tensor, kernel_si
     r = (k - 1) // 2
     Ho, Wo = down_output_size(H, s), down_output_size(W, s)
     padded = F.pad(features, (r, r, r, r)).view(N, G, C // G, H + 2 * r, W + 2 * r)
-    # masks (N, G*k*k, Ho, Wo) -> k*k tensors (N, G, 1, Ho, Wo), one per tap (unbind: one backward node).
-    tap_masks = masks.reshape(N, G, k * k, Ho, Wo).permute(2, 0, 1, 3, 4).unsqueeze(3).unbind(0)
+    # masks (N, G*k*k, Ho, Wo) -> (N, G, 1, k*k, Ho, Wo); tap t's masks are the view [:, :, :, t].
+    # NB: one select per tap, not an unbind of the taps (which would give one backward node instead of
+    # k*k): with unbind, torch.compile's Inductor (torch 2.13) computed a wrong features gradient when
+    # G > 1 and the masks come from a softmax, as in carafe_down_fused (tests/test_carafe_down.py).
+    group_masks = masks.reshape(N, G, 1, k * k, Ho, Wo)
     acc = None
-    for tap, tap_mask in enumerate(tap_masks):
+    for tap in range(k * k):
         ky, kx = divmod(tap, k)
+        tap_mask = group_masks[:, :, :, tap]
         # Rows s*i + ky for i < Ho: the last one, s*(Ho-1) + ky <= H - 1 + 2r, lies inside the padding.
         window = padded[:, :, :, ky:ky + s * (Ho - 1) + 1:s, kx:kx + s * (Wo - 1) + 1:s]
         acc = window * tap_mask if acc is None else acc.addcmul(window, tap_mask)

@@ -16,7 +16,7 @@ import torch
 from . import _native
 from . import ops as _ops
 from .contract import MAX_KERNEL_SIZE, MAX_SCALE_FACTOR, NATIVE_DTYPES, TRITON_DTYPES
-from .reference import carafe_fused_reference, carafe_reference
+from .reference import carafe_down_fused_reference, carafe_down_reference, carafe_fused_reference, carafe_reference
 
 __all__ = ["Backend", "BackendUnavailableError", "BACKENDS", "AUTO_ORDER", "backend_status", "select_backend"]
 
@@ -55,6 +55,10 @@ class Backend:
     # True when its ops have their own autocast kernels (carafe_kernels/ops.py), so the caller need not
     # cast under torch.autocast; the reference has none and is given cast inputs.
     own_autocast: bool = False
+    # Content-aware downsampling (CARAFE++), same signature; None where the backend has no kernel for it
+    # (for now every backend but the reference: the native kernels come after the stable-ABI port).
+    carafe_down: Callable[..., torch.Tensor] | None = None
+    carafe_down_fused: Callable[..., torch.Tensor] | None = None
 
     def reason(self) -> str | None:
         """unavailable_reason(), cached: it imports modules and probes devices, which a call should not
@@ -67,9 +71,14 @@ class Backend:
             return reason
 
     def call_unsupported_reason(self, features: torch.Tensor, kernel_size: int, scale_factor: int,
-                                dtype: torch.dtype | None = None) -> str | None:
+                                dtype: torch.dtype | None = None, op: str = "carafe") -> str | None:
         """Why this backend cannot run this particular call, or None. dtype: the dtype the call will run
-        in, when not features.dtype (the autocast dtype)."""
+        in, when not features.dtype (the autocast dtype). op: the Backend field naming the operation
+        ("carafe", "carafe_fused", "carafe_down", "carafe_down_fused")."""
+        if getattr(self, op) is None:
+            # Said first: building or installing the backend would not help.
+            return (f"has no {op} kernel yet (the content-aware downsampling ops run on the 'reference' "
+                    "backend until the native kernels land)")
         reason = self.reason()
         if reason is not None:
             return reason
@@ -142,7 +151,8 @@ def _always_available() -> str | None:
 BACKENDS: dict[str, Backend] = {
     b.name: b for b in (
         Backend("reference", lambda: ("cpu", "cuda", "mps", "xpu", "meta"), _always_available,
-                carafe_reference, carafe_fused_reference),
+                carafe_reference, carafe_fused_reference, carafe_down=carafe_down_reference,
+                carafe_down_fused=carafe_down_fused_reference),
         Backend("cpu", lambda: ("cpu",), _native.cpu_unavailable_reason, _native_op("carafe"),
                 _native_op("carafe_fused"), max_kernel_size=MAX_KERNEL_SIZE, max_scale_factor=MAX_SCALE_FACTOR,
                 own_autocast=True),
@@ -184,19 +194,20 @@ def requested_backend(backend: str) -> str:
 
 
 def select_backend(backend: str, features: torch.Tensor, kernel_size: int, scale_factor: int,
-                   dtype: torch.dtype | None = None) -> Backend:
-    """The backend that will run this call (in dtype, default features.dtype). An explicit name runs or
-    raises BackendUnavailableError."""
+                   dtype: torch.dtype | None = None, op: str = "carafe") -> Backend:
+    """The backend that will run this call of op (a Backend implementation field: "carafe",
+    "carafe_fused", "carafe_down", "carafe_down_fused") in dtype (default features.dtype). An explicit
+    name runs or raises BackendUnavailableError."""
     name = requested_backend(backend)
     if name != "auto":
         chosen = BACKENDS[name]
-        reason = chosen.call_unsupported_reason(features, kernel_size, scale_factor, dtype)
+        reason = chosen.call_unsupported_reason(features, kernel_size, scale_factor, dtype, op)
         if reason is not None:
             raise BackendUnavailableError(f"CARAFE backend {name!r} cannot run this call: {reason}")
         return chosen
     for candidate in AUTO_ORDER.get(features.device.type, ("reference",)):
         chosen = BACKENDS[candidate]
-        reason = chosen.call_unsupported_reason(features, kernel_size, scale_factor, dtype)
+        reason = chosen.call_unsupported_reason(features, kernel_size, scale_factor, dtype, op)
         if reason is None:
             return chosen
         _log_once(f"carafe_kernels: backend {candidate!r} skipped: {reason}")

@@ -7,19 +7,22 @@ Definitions (also printed under every markdown table):
 * MACs: multiply-accumulates of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``:
   convolutions and transposed convolutions (no bias, BatchNorm, activations, pooling or interpolation:
   FlopCounterMode's conventions), plus each CARAFE reassembly as N*C*Hout*Wout*k_up^2 (its content
-  encoder and compressor are convolutions and are counted as such).
+  encoder and compressor are convolutions and are counted as such); a content-aware downsampling
+  (CARAFEDownPack) likewise as N*C*Hout*Wout*k_down^2 at its ceil(H/s) x ceil(W/s) output.
 * FLOPs = 2 x MACs, the convention of FlopCounterMode and of the CARAFE paper.
 * MAdd: torchstat's definition (github.com/Swall0w/torchstat, compute_madd.py): multiplications and
   additions counted separately per leaf layer, so a length-n dot product is n + (n - 1), plus 1 for a
   bias; BatchNorm 4 per element; ReLU 1 per element; max-pool (k^2 - 1) per output; softmax 3n - 1;
   here also CARAFE: (2 k_up^2 - 1) per output element plus its mask softmax (3 k_up^2 - 1 per output
-  position and group). Interpolation, pixel shuffle, max-unpooling, concatenation, residual additions
+  position and group), the same per output for content-aware downsampling. Interpolation, pixel
+  shuffle, max-unpooling, concatenation, residual additions
   and dropout count 0, as in torchstat. Unlike torchstat, counts are multiplied by the batch size.
 
 CARAFE is counted exactly once whatever backend runs: the native ops (torch.ops.carafe_kernels.*) carry
 FLOP formulas that FlopCounterMode applies; the pure-PyTorch reference backend is elementwise work that
-FlopCounterMode does not see, so for every CARAFEPack call in which no carafe op reached the dispatcher
-a forward hook adds ``carafe_flops`` instead.
+FlopCounterMode does not see, so for every CARAFEPack (CARAFEDownPack) call in which no carafe op reached
+the dispatcher a forward hook adds ``carafe_flops`` (``carafe_down_flops``) instead. The downsampling op
+runs on the reference backend until its native kernels land, so its count always comes from the hook.
 """
 from __future__ import annotations
 
@@ -38,7 +41,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from carafe_kernels import BackendUnavailableError, CARAFEPack, backend_status, carafe_flops
+from carafe_kernels import (BackendUnavailableError, CARAFEDownPack, CARAFEPack, backend_status, carafe_down_flops,
+                            carafe_flops)
+from carafe_kernels.reference import down_output_size
 
 from .models import ABLATION_VARIANTS, MODEL_NAMES, build_model, parse_model_spec
 
@@ -56,14 +61,16 @@ DEFINITIONS = (
     "- **MACs**: multiply-accumulates of one forward pass, counted with `torch.utils.flop_counter."
     "FlopCounterMode` (convolutions and transposed convolutions; bias, BatchNorm, activations, pooling "
     "and interpolation are not counted), plus each CARAFE reassembly as N·C·H_out·W_out·k_up² "
-    "(its compressor and content encoder are convolutions, counted as such). CARAFE is counted once "
+    "(its compressor and content encoder are convolutions, counted as such); content-aware downsampling "
+    "(CARAFEDownPack) likewise as N·C·H_out·W_out·k_down² at its output size. CARAFE is counted once "
     "whatever backend runs: by the FLOP formulas registered for the `carafe_kernels` ops, or, when the "
-    "pure-PyTorch reference backend runs, by a forward hook with `carafe_flops`.\n"
+    "pure-PyTorch reference backend runs, by a forward hook with `carafe_flops` (`carafe_down_flops`).\n"
     "- **FLOPs** = 2 × MACs (the convention of FlopCounterMode and of the CARAFE paper).\n"
     "- **MAdd**: torchstat's definition — multiplications and additions counted separately per leaf "
     "layer: conv/deconv n + (n−1) (+1 with bias) per output for an n-term dot product, BatchNorm 4 and "
     "ReLU 1 per element, max-pool k²−1 per output, softmax 3n−1; CARAFE 2k_up²−1 per output element plus "
-    "its mask softmax (3k_up²−1 per output position). Interpolation, pixel shuffle, unpooling, "
+    "its mask softmax (3k_up²−1 per output position), the same for content-aware downsampling. "
+    "Interpolation, pixel shuffle, unpooling, "
     "concatenation, residual additions and dropout count 0 (as in torchstat); counts include the batch.\n"
     "- **Latency**: median wall time of forward passes on this machine's CPU (eval mode, `torch.no_grad`, "
     "after warm-up runs).")
@@ -126,9 +133,20 @@ def carafe_madd(features_shape, kernel_size: int, group_size: int, scale_factor:
     element, plus the mask softmax over k^2 taps (k^2 exps, k^2 - 1 adds, k^2 divides) per output
     position and group."""
     n, c, h, w = features_shape
+    return _reassembly_madd(n * (h * scale_factor) * (w * scale_factor), c, kernel_size, group_size)
+
+
+def carafe_down_madd(features_shape, kernel_size: int, group_size: int, scale_factor: int) -> int:
+    """carafe_madd for content-aware downsampling: the same per output element and position, at the
+    ceil(H/s) x ceil(W/s) output."""
+    n, c, h, w = features_shape
+    output_positions = n * down_output_size(h, scale_factor) * down_output_size(w, scale_factor)
+    return _reassembly_madd(output_positions, c, kernel_size, group_size)
+
+
+def _reassembly_madd(output_positions: int, channels: int, kernel_size: int, group_size: int) -> int:
     taps = kernel_size * kernel_size
-    output_positions = n * (h * scale_factor) * (w * scale_factor)
-    return output_positions * (c * (2 * taps - 1) + group_size * (3 * taps - 1))
+    return output_positions * (channels * (2 * taps - 1) + group_size * (3 * taps - 1))
 
 
 def _leaf_madd(module: nn.Module, inputs: tuple, output) -> int:
@@ -175,20 +193,24 @@ def count_compute(model: nn.Module, example: torch.Tensor) -> ComputeCount:
     def carafe_pre_hook(module, inputs):
         carafe_before[id(module)] = _carafe_op_flops(mode)
 
-    def carafe_hook(module: CARAFEPack, inputs, output):
+    def carafe_hook(module: CARAFEPack | CARAFEDownPack, inputs, output):
         nonlocal madd, hook_flops
         features_shape = inputs[0].shape
-        madd += carafe_madd(features_shape, module.up_kernel, module.up_group, module.scale_factor)
+        if isinstance(module, CARAFEDownPack):
+            k, G, count_flops, count_madd = module.down_kernel, module.down_group, carafe_down_flops, carafe_down_madd
+        else:
+            k, G, count_flops, count_madd = module.up_kernel, module.up_group, carafe_flops, carafe_madd
+        madd += count_madd(features_shape, k, G, module.scale_factor)
         if _carafe_op_flops(mode) > carafe_before.pop(id(module)):
             counted_by.add("op formula")
         else:  # the reference backend ran: FlopCounterMode saw only elementwise ops
-            hook_flops += carafe_flops(features_shape, module.up_kernel, module.scale_factor)
+            hook_flops += count_flops(features_shape, k, module.scale_factor)
             counted_by.add("forward hook")
 
     handles = []
     try:
         for module in model.modules():
-            if isinstance(module, CARAFEPack):
+            if isinstance(module, (CARAFEPack, CARAFEDownPack)):
                 handles.append(module.register_forward_pre_hook(carafe_pre_hook))
                 handles.append(module.register_forward_hook(carafe_hook))
             elif not any(True for _ in module.children()):
@@ -339,7 +361,9 @@ def format_markdown(rows: list[ComplexityRow], command: str | None = None,
     counted = sorted({row.carafe_counted_by for row in rows} - {"-"})
     lines += ["", DEFINITIONS, "",
               "`res_unet` is the same network as `cares_unet[upsampler=deconv]`; `cares_unet[upsampler=...]` "
-              "rows are the upsampler ablation (identical except for the four upsamplers).", "",
+              "rows are the upsampler ablation (identical except for the four upsamplers); "
+              "`cares_unet[downsampler=carafe]` replaces the encoder's four stride-2 conv-BN-ReLUs with "
+              "content-aware downsampling (CARAFEDownPack).", "",
               f"Environment: {_environment_line()}."
               + (f" CARAFE reassembly counted by: {', '.join(counted)}." if counted else "")
               + (f" Latency: median of {latency_runs[0]} runs after {latency_runs[1]} warm-up run(s)."
@@ -353,8 +377,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", default="1,1,256,256",
                         help="N,C,H,W, or H,W, or one size S for 1,1,S,S")
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help="comma-separated model specs (name or name[key=value]); default: every model "
-                             "and the upsampler ablation")
+                        help="comma-separated model specs (name or name[key=value]); default: every model, "
+                             "the upsampler ablation and the CARAFE downsampler variant")
     parser.add_argument("--json", metavar="PATH", help="write the rows as a JSON list to PATH")
     parser.add_argument("--markdown", metavar="PATH", nargs="?", const="-",
                         help="print a markdown document (table, definitions, command) instead of the plain "

@@ -250,7 +250,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     flag("--model", metavar="NAME", help=f"architecture (its --model-option keys in parentheses): {models_help()}")
     flag("--model-option", dest="model_options", action="append", type=_model_option, metavar="KEY=VALUE",
          help="an option of --model, repeatable, e.g. upsampler=deconv or base_channels=16 "
-              "(cares_unet upsamplers: carafe, deconv, subpixel, bilinear)")
+              "(cares_unet upsamplers: carafe, deconv, subpixel, bilinear; downsamplers: conv, carafe)")
     flag("--init-from", metavar="CKPT", help="initialise the model with this checkpoint's weights (same model and "
                                              "options; optimizer and schedule start fresh), e.g. semi-supervised "
                                              "training that continues from the supervised model")

@@ -45,7 +45,8 @@ def test_help_lists_models_with_their_options_and_how_outputs_are_stored(capsys)
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "cares_unet (upsampler, carafe_backend, base_channels)" in text and "unet (base_channels)" in text
+    assert "cares_unet (upsampler, downsampler, carafe_backend, base_channels)" in text
+    assert "unet (base_channels)" in text
     with pytest.raises(SystemExit):
         main(["predict", "--help"])
     text = " ".join(capsys.readouterr().out.split())

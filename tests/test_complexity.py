@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from carafe_kernels import CARAFEPack, backend_status, carafe, carafe_flops, carafe_fused
+from carafe_kernels import (CARAFEDownPack, CARAFEPack, backend_status, carafe, carafe_down, carafe_down_flops,
+                            carafe_flops, carafe_fused)
+from carafe_kernels.reference import carafe_down_unfold
 from cares import complexity
 from cares.complexity import (DEFAULT_MODELS, complexity_report, count_compute, measure_latency,
                               parse_input_size)
@@ -41,6 +43,17 @@ def test_carafe_flops_matches_flopcounter_on_a_matmul_decomposition(n, c, h, w, 
     torch.testing.assert_close(decomposed, carafe(features, masks, k, 1, s, backend="reference"))
     # ... and its counted FLOPs are the formula.
     assert mode.get_total_flops() == carafe_flops((n, c, h, w), k, s) == 2 * n * c * (h * s) * (w * s) * k * k
+
+
+@pytest.mark.parametrize("n, c, h, w, k, s", [(1, 8, 5, 7, 5, 2), (2, 3, 9, 4, 3, 3)])
+def test_carafe_down_flops_matches_flopcounter_on_the_unfold_formulation(n, c, h, w, k, s):
+    torch.manual_seed(0)
+    features = torch.randn(n, c, h, w, dtype=torch.float64)
+    masks = torch.rand(n, k * k, -(-h // s), -(-w // s), dtype=torch.float64)
+    with FlopCounterMode(display=False) as mode:
+        decomposed = carafe_down_unfold(features, masks, k, 1, s)  # unfold (uncounted) + one einsum
+    torch.testing.assert_close(decomposed, carafe_down(features, masks, k, 1, s))
+    assert mode.get_total_flops() == carafe_down_flops((n, c, h, w), k, s)
 
 
 def _conv_flops(n, c_in, c_out, h, w, k):
@@ -152,6 +165,36 @@ def test_upsampler_ablation_rows_count_only_the_upsampler_difference():
     convs = sum(_conv_flops(1, c, 64, side, side, 1) + _conv_flops(1, 64, 100, side, side, 3)
                 for c, side in low_res.items())
     assert carafe_row.flops - bilinear_row.flops == reassembly + convs
+
+
+def test_downsampler_row_counts_only_the_downsampler_difference():
+    """cares_unet[downsampler=carafe]: the four stride-2 conv-BN-ReLUs become CARAFEDownPack
+    (compressor + stride-2 content encoder + reassembly counted by carafe_down_flops)."""
+    rows = {row.model: row for row in complexity_report(
+        ["cares_unet", "cares_unet[downsampler=carafe]"], 64, latency=False)}
+    conv_row, carafe_row = rows["cares_unet"], rows["cares_unet[downsampler=carafe]"]
+    widths = (64, 128, 256, 512)
+    strided_convs = sum(9 * c * c + 2 * c for c in widths)       # 3x3 conv (no bias) + BatchNorm
+    packs = sum(c * 64 + 64 + 64 * 25 * 9 + 25 for c in widths)  # compressor + content encoder
+    assert conv_row.params - carafe_row.params == strided_convs - packs
+    inputs = {64: 64, 128: 32, 256: 16, 512: 8}  # side of each downsampler's input for a 64x64 image
+    conv_flops = sum(_conv_flops(1, c, c, side // 2, side // 2, 3) for c, side in inputs.items())
+    pack_flops = sum(_conv_flops(1, c, 64, side, side, 1) + _conv_flops(1, 64, 25, side // 2, side // 2, 3)
+                     + carafe_down_flops((1, c, side, side), 5, 2) for c, side in inputs.items())
+    assert conv_row.flops - carafe_row.flops == conv_flops - pack_flops
+    assert carafe_row.carafe_counted_by in ("forward hook", "both")
+
+
+def test_carafe_down_pack_counted_by_the_hook():
+    with torch.device("meta"):
+        pack = CARAFEDownPack(16, down_group=2)
+        counts = count_compute(pack, torch.empty(2, 16, 7, 6))
+    assert counts.carafe_counted_by == "forward hook"
+    assert counts.flops == (_conv_flops(2, 16, 64, 7, 6, 1) + _conv_flops(2, 64, 50, 4, 3, 3)
+                            + carafe_down_flops((2, 16, 7, 6), 5, 2))
+    positions = 2 * 4 * 3
+    conv_madd = (16 + 16) * 2 * 64 * 7 * 6 + (576 + 576) * 2 * 50 * 4 * 3
+    assert counts.madd == conv_madd + positions * (16 * (2 * 25 - 1) + 2 * (3 * 25 - 1))
 
 
 def test_parse_input_size():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from carafe_kernels import CARAFEPack
-from cares.models import (ABLATION_VARIANTS, MODEL_NAMES, UPSAMPLERS, CAResUNet, build_model,
+from carafe_kernels import CARAFEDownPack, CARAFEPack
+from cares.models import (ABLATION_VARIANTS, DOWNSAMPLERS, MODEL_NAMES, UPSAMPLERS, CAResUNet, build_model,
                           model_options, parse_model_spec)
 from cares.models.fcn import bilinear_kernel_
 
@@ -83,6 +83,41 @@ def test_carafe_backend_option_reaches_every_carafepack():
     assert backends == {"reference"}
     with pytest.raises(ValueError, match="backend"):
         build_model("cares_unet", carafe_backend="no-such-backend")
+
+
+def test_cares_unet_downsampler_option():
+    """downsampler=carafe replaces each encoder stride-2 conv-BN-ReLU with CARAFEDownPack and keeps
+    everything else; the paper's stride-2 convolutions stay the default."""
+    assert "cares_unet[downsampler=carafe]" in ABLATION_VARIANTS and DOWNSAMPLERS == ("conv", "carafe")
+    assert "downsampler" in model_options("cares_unet") and "downsampler" in model_options("ca_unet")
+    with torch.device("meta"):
+        paper, down = build_model("cares_unet"), build_model("cares_unet[downsampler=carafe]")
+        assert _state_shapes(build_model("cares_unet", downsampler="conv")) == _state_shapes(paper)
+        narrow = build_model("ca_unet", downsampler="carafe", base_channels=16, carafe_backend="reference")
+    assert not any(isinstance(m, CARAFEDownPack) for m in paper.modules())
+    packs = [m for m in down.modules() if isinstance(m, CARAFEDownPack)]
+    assert [p.channels for p in packs] == [64, 128, 256, 512]
+    for pack in packs:
+        assert (pack.scale_factor, pack.down_kernel, pack.encoder_kernel, pack.compressed_channels) == (2, 5, 3, 64)
+    assert [p.compressed_channels for p in narrow.modules() if isinstance(p, CARAFEDownPack)] == [16, 32, 64, 64]
+    assert {p.backend for p in narrow.modules() if isinstance(p, (CARAFEPack, CARAFEDownPack))} == {"reference"}
+    # Only the downsamplers' stride-2 convs (and their BatchNorms) differ.
+    assert _state_shapes(down, exclude_prefix="downsamplers.") == _state_shapes(paper, exclude_prefix="downsamplers.")
+    paper_down, carafe_down = (_state_shapes(m.downsamplers) for m in (paper, down))
+    assert {k for k in paper_down if ".block." not in k} == {
+        f"{i}.conv.{part}" for i in range(4) for part in ("conv.weight", "bn.weight", "bn.bias", "bn.running_mean",
+                                                          "bn.running_var", "bn.num_batches_tracked")}
+    assert {k for k in carafe_down if ".block." not in k} == {
+        f"{i}.carafe.{part}" for i in range(4) for part in ("channel_compressor.weight", "channel_compressor.bias",
+                                                            "content_encoder.weight", "content_encoder.bias")}
+    assert {k: v for k, v in paper_down.items() if ".block." in k} == \
+        {k: v for k, v in carafe_down.items() if ".block." in k}
+    # An explicit native carafe_backend has no down kernel yet: refused when the model is built.
+    with pytest.raises(ValueError, match="backend='cuda' has no carafe_down kernel yet"):
+        build_model("cares_unet[downsampler=carafe,carafe_backend=cuda]", base_channels=4)
+    build_model("cares_unet[carafe_backend=cuda]", base_channels=4)  # (the upsamplers alone: checked when run)
+    with pytest.raises(ValueError, match="downsampler must be one of \\('conv', 'carafe'\\), got 'maxpool'"):
+        build_model("cares_unet[downsampler=maxpool]")
 
 
 def test_ca_unet_is_cares_unet_without_the_residual_connections():

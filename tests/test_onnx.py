@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from carafe_kernels import CARAFE, CARAFEPack, _native, carafe, carafe_fused
+from carafe_kernels import CARAFE, CARAFEDownPack, CARAFEPack, _native, carafe, carafe_down, carafe_fused
 from carafe_kernels.onnx import DECOMPOSITIONS, decomposition_table, use_decomposition
 from carafe_kernels.reference import carafe_fused_reference, carafe_reference
 
@@ -79,11 +79,41 @@ def test_carafe_module_exports():
     assert _relative_error(_run(session, f, m), carafe(f, m, 3, 1, 2, backend="reference")) <= MAX_RELATIVE_ERROR
 
 
-def test_cares_unet_exports_and_matches():
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_carafe_down_pack_exports_and_matches(backend):
+    """The down op exports as the reference computes it (strided slices, Softmax); dynamic batch and
+    spatial size, including sizes the stride does not divide."""
+    torch.manual_seed(0)
+    model = CARAFEDownPack(8, down_group=2, compressed_channels=8, backend=backend).eval()
+    for p in model.parameters():  # non-trivial masks (mmcv's init makes them nearly uniform)
+        p.data.normal_(0, 0.3)
+    session = _export(model, (torch.randn(2, 8, 6, 8),), (DYNAMIC,))
+    for shape in [(2, 8, 6, 8), (3, 8, 9, 5), (1, 8, 7, 7)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(x)
+        got = _run(session, x)
+        assert got.shape == expected.shape == (shape[0], 8, (shape[2] + 1) // 2, (shape[3] + 1) // 2)
+        assert _relative_error(got, expected) <= MAX_RELATIVE_ERROR
+
+
+def test_carafe_down_function_exports():
+    class Down(torch.nn.Module):
+        def forward(self, features, masks):
+            return carafe_down(features, masks, 3, 2, 3)
+
+    f, m = torch.randn(1, 4, 7, 6), torch.rand(1, 18, 3, 2)
+    session = _export(Down(), (f, m), ({0: "batch", 2: "h", 3: "w"}, {0: "batch", 2: "h2", 3: "w2"}))
+    f, m = torch.randn(2, 4, 10, 4), torch.rand(2, 18, 4, 2)
+    assert _relative_error(_run(session, f, m), carafe_down(f, m, 3, 2, 3)) <= MAX_RELATIVE_ERROR
+
+
+@pytest.mark.parametrize("spec", ["cares_unet", "cares_unet[downsampler=carafe]"])
+def test_cares_unet_exports_and_matches(spec):
     from cares.models import build_model
 
     torch.manual_seed(0)
-    model = build_model("cares_unet", base_channels=4).eval()
+    model = build_model(spec, base_channels=4).eval()
     session = _export(model, (torch.randn(1, 1, 32, 32),), (DYNAMIC,))
     x = torch.randn(2, 1, 48, 64)
     with torch.no_grad():

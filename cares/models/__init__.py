@@ -5,10 +5,11 @@ probabilities) and subclasses ``SegmentationModel`` (``size_multiple``: what H a
 
 Names (``MODEL_NAMES``):
     cares_unet      CARes-UNet (Xu et al. 2021): residual blocks + CARAFE upsampling.
-                    options: upsampler ("carafe", "deconv", "subpixel", "bilinear"), carafe_backend,
-                    base_channels (the paper's 64).
-    ca_unet         CARes-UNet without residual connections. options: upsampler, carafe_backend,
-                    base_channels.
+                    options: upsampler ("carafe", "deconv", "subpixel", "bilinear"), downsampler
+                    ("conv", the paper's stride-2 convolutions, or "carafe", content-aware downsampling),
+                    carafe_backend, base_channels (the paper's 64).
+    ca_unet         CARes-UNet without residual connections. options: upsampler, downsampler,
+                    carafe_backend, base_channels.
     res_unet        CARes-UNet with 2x2 transposed-conv upsampling (= cares_unet[upsampler=deconv]).
     unet            plain U-Net (transposed-conv upsampling, BatchNorm). options: base_channels.
     unet_resnet34   U-Net decoder on a ResNet-34 encoder (written here; no pretrained weights).
@@ -25,26 +26,26 @@ import re
 from typing import Any, Callable
 
 from .blocks import SegmentationModel
-from .cares_unet import UPSAMPLERS, CAResUNet
+from .cares_unet import DOWNSAMPLERS, UPSAMPLERS, CAResUNet
 from .fcn import FCN8s
 from .resnet import UNetResNet34
 from .segnet import SegNet
 from .unet import UNet
 
-__all__ = ["MODEL_NAMES", "ABLATION_VARIANTS", "UPSAMPLERS", "build_model", "register_model",
+__all__ = ["MODEL_NAMES", "ABLATION_VARIANTS", "UPSAMPLERS", "DOWNSAMPLERS", "build_model", "register_model",
            "unregister_model", "parse_model_spec", "parse_model_option",
            "model_options", "SegmentationModel", "CAResUNet", "UNet", "UNetResNet34", "SegNet", "FCN8s"]
 
 
-def _cares_unet(in_channels: int, num_classes: int, *, upsampler: str = "carafe",
+def _cares_unet(in_channels: int, num_classes: int, *, upsampler: str = "carafe", downsampler: str = "conv",
                 carafe_backend: str = "auto", base_channels: int = 64) -> CAResUNet:
-    return CAResUNet(in_channels, num_classes, upsampler=upsampler, carafe_backend=carafe_backend,
-                     base_channels=base_channels)
+    return CAResUNet(in_channels, num_classes, upsampler=upsampler, downsampler=downsampler,
+                     carafe_backend=carafe_backend, base_channels=base_channels)
 
 
-def _ca_unet(in_channels: int, num_classes: int, *, upsampler: str = "carafe",
+def _ca_unet(in_channels: int, num_classes: int, *, upsampler: str = "carafe", downsampler: str = "conv",
              carafe_backend: str = "auto", base_channels: int = 64) -> CAResUNet:
-    return CAResUNet(in_channels, num_classes, residual=False, upsampler=upsampler,
+    return CAResUNet(in_channels, num_classes, residual=False, upsampler=upsampler, downsampler=downsampler,
                      carafe_backend=carafe_backend, base_channels=base_channels)
 
 
@@ -87,9 +88,12 @@ def unregister_model(name: str) -> None:
         raise ValueError(f"{name!r} is a built-in model")
     _BUILDERS.pop(name, None)
 
-# The paper's upsampler ablation, as model specs (the carafe row is plain "cares_unet").
-ABLATION_VARIANTS: tuple[str, ...] = tuple(f"cares_unet[upsampler={kind}]" for kind in UPSAMPLERS
-                                           if kind != "carafe")
+# The paper's upsampler ablation, as model specs (the carafe row is plain "cares_unet"), then the encoder
+# downsampler variants (the paper's stride-2 conv row is plain "cares_unet" too).
+ABLATION_VARIANTS: tuple[str, ...] = (
+    *(f"cares_unet[upsampler={kind}]" for kind in UPSAMPLERS if kind != "carafe"),
+    *(f"cares_unet[downsampler={kind}]" for kind in DOWNSAMPLERS if kind != "conv"),
+)
 
 _SPEC = re.compile(r"^\s*(?P<name>[A-Za-z0-9_]+)\s*(?:\[(?P<options>[^\]]*)\])?\s*$")
 

@@ -38,11 +38,11 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from carafe_kernels import CARAFEPack
+from carafe_kernels import CARAFEDownPack, CARAFEPack
 
-from .blocks import BilinearUpsample2x, ConvResidualBlock, SegmentationModel, check_base_channels
+from .blocks import BilinearUpsample2x, ConvResidualBlock, ResidualBlock, SegmentationModel, check_base_channels
 
-__all__ = ["CAResUNet", "UPSAMPLERS", "make_upsampler", "CARAFEUpsampler"]
+__all__ = ["CAResUNet", "UPSAMPLERS", "DOWNSAMPLERS", "make_upsampler", "make_downsampler", "CARAFEUpsampler"]
 
 # Encoder widths are base_channels times these; the bottleneck is 16 x base_channels (the paper: 64 -> 1024).
 ENCODER_WIDTH_MULTIPLIERS = (1, 2, 4, 8)
@@ -50,6 +50,7 @@ BOTTLENECK_WIDTH_MULTIPLIER = 16
 PAPER_BASE_CHANNELS = 64
 CARAFE_COMPRESSED_CHANNELS = 64
 UPSAMPLERS = ("carafe", "deconv", "subpixel", "bilinear")
+DOWNSAMPLERS = ("conv", "carafe")  # the paper's stride-2 conv first (the default)
 
 
 class CARAFEUpsampler(nn.Sequential):
@@ -94,6 +95,28 @@ def make_upsampler(kind: str, channels: int, carafe_backend: str = "auto") -> nn
     raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {kind!r}")
 
 
+def make_downsampler(kind: str, channels: int, residual: bool = True, carafe_backend: str = "auto") -> nn.Module:
+    """An encoder x2 downsampling stage (N, C, H, W) -> (N, C, H/2, W/2).
+
+    * ``conv`` (the paper's): stride-2 3x3 conv-BN-ReLU, then a residual block.
+    * ``carafe``: the stride-2 conv-BN-ReLU replaced by content-aware downsampling (CARAFE++,
+      CARAFEDownPack: compress to 64 channels, or the stage's width when narrower, as the upsampler
+      does; 3x3 content encoder at stride 2; 5x5 reassembly kernels), then the same residual block.
+      The downsampling is a content-weighted average of each 5x5 window, so the stage no longer mixes
+      channels before its residual block (which does).
+    """
+    if kind == "conv":
+        return ConvResidualBlock(channels, channels, stride=2, residual=residual)
+    if kind == "carafe":
+        return nn.Sequential(OrderedDict(
+            carafe=CARAFEDownPack(channels, scale_factor=2, down_kernel=5, down_group=1, encoder_kernel=3,
+                                  compressed_channels=min(CARAFE_COMPRESSED_CHANNELS, channels),
+                                  backend=carafe_backend),
+            block=ResidualBlock(channels, residual=residual),
+        ))
+    raise ValueError(f"downsampler must be one of {DOWNSAMPLERS}, got {kind!r}")
+
+
 class CAResUNet(SegmentationModel):
     """CARes-UNet and its ablations; see the module docstring for the layer list.
 
@@ -102,7 +125,9 @@ class CAResUNet(SegmentationModel):
         num_classes: output logit channels.
         residual: False removes the residual connections (CA-UNet).
         upsampler: "carafe" (default), "deconv", "subpixel" or "bilinear" (see make_upsampler).
-        carafe_backend: CARAFE backend passed to CARAFEPack ("auto", "reference", "cpu", ...).
+        downsampler: "conv" (default, the paper's stride-2 convolutions) or "carafe" (content-aware
+            downsampling, CARAFE++; see make_downsampler).
+        carafe_backend: CARAFE backend passed to CARAFEPack and CARAFEDownPack ("auto", "reference", "cpu", ...).
         base_channels: width of the first encoder block (the paper's 64); encoder blocks have
             base_channels x (1, 2, 4, 8) channels, the bottleneck 16 x base_channels. Narrower models
             are for quick runs on a CPU (the demo, tests).
@@ -113,15 +138,18 @@ class CAResUNet(SegmentationModel):
     size_multiple = 16
 
     def __init__(self, in_channels: int = 1, num_classes: int = 1, *, residual: bool = True,
-                 upsampler: str = "carafe", carafe_backend: str = "auto",
+                 upsampler: str = "carafe", downsampler: str = "conv", carafe_backend: str = "auto",
                  base_channels: int = PAPER_BASE_CHANNELS):
         super().__init__(in_channels, num_classes)
         if upsampler not in UPSAMPLERS:
             raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {upsampler!r}")
+        if downsampler not in DOWNSAMPLERS:
+            raise ValueError(f"downsampler must be one of {DOWNSAMPLERS}, got {downsampler!r}")
         if not isinstance(residual, bool):
             raise TypeError(f"residual must be a bool, got {type(residual).__name__} ({residual!r})")
         check_base_channels(base_channels)
         self.upsampler = upsampler
+        self.downsampler = downsampler
         encoder_channels = tuple(base_channels * m for m in ENCODER_WIDTH_MULTIPLIERS)
         bottleneck_channels = base_channels * BOTTLENECK_WIDTH_MULTIPLIER
 
@@ -130,7 +158,7 @@ class CAResUNet(SegmentationModel):
         previous = in_channels
         for channels in encoder_channels:
             self.encoders.append(ConvResidualBlock(previous, channels, residual=residual))
-            self.downsamplers.append(ConvResidualBlock(channels, channels, stride=2, residual=residual))
+            self.downsamplers.append(make_downsampler(downsampler, channels, residual, carafe_backend))
             previous = channels
         self.bottleneck = ConvResidualBlock(previous, bottleneck_channels, residual=residual)
 
