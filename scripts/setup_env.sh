@@ -36,7 +36,8 @@ if [ "${FORCE_REBUILD:-0}" != 1 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$
   echo "setup_env: sources, extras and torch unchanged since the last build: not rebuilding (FORCE_REBUILD=1 to force)"
 else
   python -m pip install -q --upgrade pip "setuptools>=77" wheel ninja
-  # --no-build-isolation: build against the torch installed above (the extension must match its ABI).
+  # --no-build-isolation: build against the torch installed above (no second torch downloaded into an
+  # isolated build environment; the result runs on every torch >= 2.10 either way).
   MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation -e ".[$EXTRAS]"
   echo "$key" > "$STAMP"
 fi
