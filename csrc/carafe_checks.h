@@ -12,12 +12,14 @@
 // and the fake kernels, contract.py) raise TypeError for a dtype before the op is reached.
 #pragma once
 
+#include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/DeviceType.h>
 #include <torch/headeronly/core/ScalarType.h>
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -144,5 +146,15 @@ inline void check_grad_output(const char* op, const Tensor& grad_output, const T
                ": grad_output must have the output's shape (N, C, H*s, W*s) = ", expected, ", got ",
                sizes_of(grad_output));
 }
+
+// Tensors for the glue (CPU and CUDA): a new contiguous NCHW tensor of `sizes` on the device of
+// `like`, in its dtype unless `dtype` is given; and `t` made contiguous. The latter asks
+// is_contiguous() first (one shim call) because torch::stable::contiguous goes through the boxed
+// dispatcher even when it has nothing to do.
+inline Tensor empty_nchw(const Tensor& like, const std::vector<int64_t>& sizes,
+                         std::optional<ScalarType> dtype = std::nullopt) {
+  return torch::stable::new_empty(like, torch::headeronly::IntHeaderOnlyArrayRef(sizes.data(), sizes.size()), dtype);
+}
+inline Tensor contiguous_nchw(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 
 }  // namespace carafe

@@ -12,6 +12,7 @@
 #   TORCH_CUDA_ARCH_LIST=9.0         the architectures to compile
 #   CUDA_HOME                        the toolkit; by default setup.py finds it (beside nvcc's prefix)
 #   MAX_JOBS=2                       parallel compile jobs
+#   WHEEL=path                       skip the build and test this wheel (local reruns)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -29,9 +30,15 @@ setup_venv "$OLD_VENV" "${OLDER_TORCH:-torch==2.13.0+cpu}"
 
 WHEELS=$(mktemp -d "${TMPDIR:-/tmp}/carafe-ci-wheel.XXXXXX")
 trap 'rm -rf "$WHEELS"' EXIT
-wheel=$(PYTHON="$NEW_VENV/bin/python" TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CARAFE_FORCE_CUDA=1 \
-        MAX_JOBS=${MAX_JOBS:-2} bash scripts/build_wheel.sh "$WHEELS" | tail -1)
-echo "ci_one_wheel: built $(basename "$wheel")"
+if [ -n "${WHEEL:-}" ]; then  # a wheel built earlier by this script's build step (local reruns)
+  wheel=$(cd "$(dirname "$WHEEL")" && pwd)/$(basename "$WHEEL")
+else
+  wheel=$(PYTHON="$NEW_VENV/bin/python" TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CARAFE_FORCE_CUDA=1 \
+          MAX_JOBS=${MAX_JOBS:-2} bash scripts/build_wheel.sh "$WHEELS" | tail -1)
+  echo "ci_one_wheel: built $(basename "$wheel")"
+fi
+"$NEW_VENV/bin/python" -c "import sys, zipfile; sys.exit('carafe_kernels/_C_cuda.abi3.so' not in zipfile.ZipFile(sys.argv[1]).namelist())" "$wheel" || {
+  echo "ci_one_wheel: $(basename "$wheel") has no CUDA library (carafe_kernels/_C_cuda.abi3.so)" >&2; exit 1; }
 case "$(basename "$wheel")" in
   *-cp310-abi3-*.whl) ;;
   *) echo "ci_one_wheel: $(basename "$wheel") is not an abi3 (cp310-abi3) wheel" >&2; exit 1 ;;

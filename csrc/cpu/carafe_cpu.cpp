@@ -76,10 +76,6 @@ DType to_dtype(ScalarType t) {
   }
 }
 
-// A new contiguous NCHW tensor of `sizes` with the dtype and device of `like`.
-Tensor empty_like_sizes(const Tensor& like, const std::vector<int64_t>& sizes) {
-  return torch::stable::new_empty(like, torch::headeronly::IntHeaderOnlyArrayRef(sizes.data(), sizes.size()));
-}
 
 // NB: a large output is fresh memory from the allocator (glibc maps it anew on every call above
 // ~32 MiB), and with 4 KiB pages the kernel's first writes into it fault once per page: for a 134 MB
@@ -152,11 +148,11 @@ Tensor forward_cpu(const char* op, bool fused, const Tensor& features_in, const 
                    int64_t kernel_size, int64_t group_size, int64_t scale_factor) {
   const Shape p = check_inputs(op, torch::headeronly::DeviceType::CPU, features_in, masks_in, fused, kernel_size,
                                group_size, scale_factor);
-  Tensor out = empty_like_sizes(features_in, {p.N, p.C, p.Ho(), p.Wo()});
+  Tensor out = empty_nchw(features_in, {p.N, p.C, p.Ho(), p.Wo()});
   if (out.numel() == 0) return out;
   advise_huge_pages(out);
-  const Tensor features = torch::stable::contiguous(features_in);
-  const Tensor masks = torch::stable::contiguous(masks_in);
+  const Tensor features = contiguous_nchw(features_in);
+  const Tensor masks = contiguous_nchw(masks_in);
   Args a = make_args(p, features, masks);
   a.out = out.mutable_data_ptr();
   a.rows_per_task = rows_per_task(p, 4);
@@ -172,14 +168,14 @@ std::tuple<Tensor, Tensor> backward_cpu(const char* op, bool fused, const Tensor
   const Shape p = check_inputs(op, torch::headeronly::DeviceType::CPU, features_in, masks_in, fused, kernel_size,
                                group_size, scale_factor);
   check_grad_output(op, grad_output_in, features_in, p);
-  Tensor grad_features = empty_like_sizes(features_in, sizes_of(features_in).v);
-  Tensor grad_masks = empty_like_sizes(masks_in, sizes_of(masks_in).v);
+  Tensor grad_features = empty_nchw(features_in, sizes_of(features_in).v);
+  Tensor grad_masks = empty_nchw(masks_in, sizes_of(masks_in).v);
   if (p.N * p.H * p.W == 0) return {grad_features, grad_masks};  // both empty
   advise_huge_pages(grad_features);
   advise_huge_pages(grad_masks);
-  const Tensor features = torch::stable::contiguous(features_in);
-  const Tensor masks = torch::stable::contiguous(masks_in);
-  const Tensor grad_output = torch::stable::contiguous(grad_output_in);
+  const Tensor features = contiguous_nchw(features_in);
+  const Tensor masks = contiguous_nchw(masks_in);
+  const Tensor grad_output = contiguous_nchw(grad_output_in);
   Args a = make_args(p, features, masks);
   a.grad_output = grad_output.const_data_ptr();
   a.out = grad_features.mutable_data_ptr();

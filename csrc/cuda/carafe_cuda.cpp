@@ -55,12 +55,6 @@ cuda::DType to_kernel_dtype(ScalarType t) {
   }
 }
 
-// A new contiguous tensor of `sizes` with the device (and, unless given, the dtype) of `like`.
-Tensor empty_nchw(const Tensor& like, const std::vector<int64_t>& sizes,
-                  std::optional<ScalarType> dtype = std::nullopt) {
-  return torch::stable::new_empty(like, torch::headeronly::IntHeaderOnlyArrayRef(sizes.data(), sizes.size()), dtype);
-}
-
 // Multiprocessors of a device, cached; from the CUDA runtime (the stable ABI has no device properties).
 int multiprocessor_count(int32_t device) {
   constexpr int kMaxDevices = 64;
@@ -103,8 +97,8 @@ Tensor forward(const Tensor& features, const Tensor& masks, int64_t k, int64_t G
   const Shape p = check_args(op, features, masks, k, G, s, fused);
   const int32_t device = features.get_device_index();
   const torch::stable::accelerator::DeviceGuard guard(device);
-  const Tensor f = torch::stable::contiguous(features);
-  const Tensor m = torch::stable::contiguous(masks);
+  const Tensor f = contiguous_nchw(features);
+  const Tensor m = contiguous_nchw(masks);
   Tensor out = empty_nchw(f, {p.N, p.C, p.Ho(), p.Wo()});
   if (out.numel() == 0) return out;
   cuda_check(cuda::carafe_forward(p, to_kernel_dtype(f.scalar_type()), fused, f.const_data_ptr(), m.const_data_ptr(),
@@ -120,9 +114,9 @@ std::tuple<Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& fea
   check_grad_output(op, grad_output, features, p);
   const int32_t device = features.get_device_index();
   const torch::stable::accelerator::DeviceGuard guard(device);
-  const Tensor go = torch::stable::contiguous(grad_output);
-  const Tensor f = torch::stable::contiguous(features);
-  const Tensor m = torch::stable::contiguous(masks);
+  const Tensor go = contiguous_nchw(grad_output);
+  const Tensor f = contiguous_nchw(features);
+  const Tensor m = contiguous_nchw(masks);
   Tensor grad_features = empty_nchw(f, sizes_of(f).v);
   Tensor grad_masks = empty_nchw(m, sizes_of(m).v);
   if (f.numel() == 0) {
