@@ -196,27 +196,27 @@ std::tuple<Tensor, Tensor> backward_cpu(const char* op, bool fused, const Tensor
 // Returns out (N, C, H*s, W*s), or (grad_features like features, grad_masks / grad_mask_logits like
 // masks / mask_logits).
 Tensor carafe_cpu(const Tensor& features, const Tensor& masks, int64_t kernel_size, int64_t group_size,
-                      int64_t scale_factor) {
+                  int64_t scale_factor) {
   return forward_cpu("carafe_kernels::carafe", false, features, masks, kernel_size, group_size, scale_factor);
 }
 
 Tensor carafe_fused_cpu(const Tensor& features, const Tensor& mask_logits, int64_t kernel_size,
-                            int64_t group_size, int64_t scale_factor) {
+                        int64_t group_size, int64_t scale_factor) {
   return forward_cpu("carafe_kernels::carafe_fused", true, features, mask_logits, kernel_size, group_size,
                      scale_factor);
 }
 
 std::tuple<Tensor, Tensor> carafe_backward_cpu(const Tensor& grad_output, const Tensor& features,
-                                                       const Tensor& masks, int64_t kernel_size,
-                                                       int64_t group_size, int64_t scale_factor) {
+                                               const Tensor& masks, int64_t kernel_size,
+                                               int64_t group_size, int64_t scale_factor) {
   return backward_cpu("carafe_kernels::carafe_backward", false, grad_output, features, masks, kernel_size,
                       group_size, scale_factor);
 }
 
 std::tuple<Tensor, Tensor> carafe_fused_backward_cpu(const Tensor& grad_output,
-                                                             const Tensor& features,
-                                                             const Tensor& mask_logits, int64_t kernel_size,
-                                                             int64_t group_size, int64_t scale_factor) {
+                                                     const Tensor& features,
+                                                     const Tensor& mask_logits, int64_t kernel_size,
+                                                     int64_t group_size, int64_t scale_factor) {
   return backward_cpu("carafe_kernels::carafe_fused_backward", true, grad_output, features, mask_logits,
                       kernel_size, group_size, scale_factor);
 }

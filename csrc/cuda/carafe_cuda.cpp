@@ -91,8 +91,7 @@ Shape check_args(const char* op, const Tensor& features, const Tensor& masks, in
   return p;
 }
 
-Tensor forward(const Tensor& features, const Tensor& masks, int64_t k, int64_t G, int64_t s,
-                   bool fused) {
+Tensor forward(const Tensor& features, const Tensor& masks, int64_t k, int64_t G, int64_t s, bool fused) {
   const char* op = fused ? "carafe_fused" : "carafe";
   const Shape p = check_args(op, features, masks, k, G, s, fused);
   const int32_t device = features.get_device_index();
@@ -108,7 +107,7 @@ Tensor forward(const Tensor& features, const Tensor& masks, int64_t k, int64_t G
 }
 
 std::tuple<Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& features,
-                                            const Tensor& masks, int64_t k, int64_t G, int64_t s, bool fused) {
+                                    const Tensor& masks, int64_t k, int64_t G, int64_t s, bool fused) {
   const char* op = fused ? "carafe_fused_backward" : "carafe_backward";
   const Shape p = check_args(op, features, masks, k, G, s, fused);
   check_grad_output(op, grad_output, features, p);
@@ -138,25 +137,25 @@ std::tuple<Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& fea
 }
 
 Tensor carafe_cuda(const Tensor& features, const Tensor& masks, int64_t kernel_size, int64_t group_size,
-                       int64_t scale_factor) {
+                   int64_t scale_factor) {
   return forward(features, masks, kernel_size, group_size, scale_factor, /*fused=*/false);
 }
 
 Tensor carafe_fused_cuda(const Tensor& features, const Tensor& mask_logits, int64_t kernel_size,
-                             int64_t group_size, int64_t scale_factor) {
+                         int64_t group_size, int64_t scale_factor) {
   return forward(features, mask_logits, kernel_size, group_size, scale_factor, /*fused=*/true);
 }
 
 std::tuple<Tensor, Tensor> carafe_backward_cuda(const Tensor& grad_output, const Tensor& features,
-                                                        const Tensor& masks, int64_t kernel_size,
-                                                        int64_t group_size, int64_t scale_factor) {
+                                                const Tensor& masks, int64_t kernel_size,
+                                                int64_t group_size, int64_t scale_factor) {
   return backward(grad_output, features, masks, kernel_size, group_size, scale_factor, /*fused=*/false);
 }
 
 std::tuple<Tensor, Tensor> carafe_fused_backward_cuda(const Tensor& grad_output,
-                                                              const Tensor& features,
-                                                              const Tensor& mask_logits, int64_t kernel_size,
-                                                              int64_t group_size, int64_t scale_factor) {
+                                                      const Tensor& features,
+                                                      const Tensor& mask_logits, int64_t kernel_size,
+                                                      int64_t group_size, int64_t scale_factor) {
   return backward(grad_output, features, mask_logits, kernel_size, group_size, scale_factor, /*fused=*/true);
 }
 
