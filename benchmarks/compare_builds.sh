@@ -13,7 +13,7 @@ OLD_REF=${1:?usage: benchmarks/compare_builds.sh OLD_REF OUT_DIR}
 OUT=${2:?usage: benchmarks/compare_builds.sh OLD_REF OUT_DIR}
 cd "$(dirname "$0")/.."
 REPO=$PWD
-PYTHON=$(command -v "${PYTHON:-.venv/bin/python}")
+PYTHON=$("${PYTHON:-.venv/bin/python}" -c "import sys; print(sys.executable)")  # absolute: used from other folders
 ROUNDS=${ROUNDS:-3}
 SHAPES=${SHAPES:-target,N2-C256-H128-W128}
 THREADS=${THREADS:-2}

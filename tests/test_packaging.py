@@ -113,6 +113,16 @@ def test_build_with_a_torch_below_the_target_stops_naming_it(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_toolkit_version_is_read_from_cuda_h(tmp_path):
+    # setup.py skips the CUDA library when the toolkit's CUDA major differs from torch's: the library
+    # links the toolkit's libcudart.so.MAJOR and runs beside torch's.
+    setup = _load_setup_module()
+    toolkit = _toolkit(tmp_path / "cuda-12.8")
+    (toolkit / "include" / "cuda.h").write_text("#define CUDA_VERSION 12080\n")
+    assert setup._toolkit_version(str(toolkit)) == "12.8"
+    assert setup._toolkit_version(str(tmp_path / "missing")) is None
+
+
 # --- one build for every torch from the stable-ABI target up ---------------------------------------------
 
 def test_abi_target_rule():
