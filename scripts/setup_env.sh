@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh clone: a virtual environment in .venv, PyTorch, and this project installed in
 # editable mode (which compiles the C++ CPU kernels, and the CUDA kernels where torch has CUDA and nvcc
-# is found). Idempotent: the build is skipped while the sources (csrc/, setup.py, pyproject.toml), the
+# is found). Idempotent: the build is skipped while the sources (csrc/, setup.py, pyproject.toml, the
+# stable-ABI target in carafe_kernels/_abi.py), the
 # extras and torch are those of the last successful build (a stamp in .venv), so a second run takes
 # seconds.
 #   EXTRAS=dev,cares,triton   the optional dependency groups to install (pyproject.toml)
@@ -24,7 +25,7 @@ fi
 build_key() {
   {
     find csrc -type f | LC_ALL=C sort | xargs sha256sum
-    sha256sum setup.py pyproject.toml
+    sha256sum setup.py pyproject.toml carafe_kernels/_abi.py
     echo "extras=$EXTRAS"
     python -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
   } | sha256sum | cut -d' ' -f1
