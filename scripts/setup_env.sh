@@ -2,9 +2,8 @@
 # Sets up a fresh clone: a virtual environment in .venv, PyTorch, and this project installed in
 # editable mode (which compiles the C++ CPU kernels, and the CUDA kernels where torch has CUDA and nvcc
 # is found). Idempotent: the build is skipped while the sources (csrc/, setup.py, pyproject.toml, the
-# stable-ABI target in carafe_kernels/_abi.py), the
-# extras and torch are those of the last successful build (a stamp in .venv), so a second run takes
-# seconds.
+# stable-ABI target in carafe_kernels/_abi.py), the extras and torch are those of the last successful
+# build (a stamp in .venv), so a second run takes seconds.
 #   EXTRAS=dev,cares,triton   the optional dependency groups to install (pyproject.toml)
 #   TORCH_SPEC=torch==2.13.0  the torch to install when the environment has none (a CPU build here;
 #                             the README lists the tested versions)
