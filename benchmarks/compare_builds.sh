@@ -7,6 +7,9 @@
 # medians over rounds (new / old; the goal: every cpu row within 5%, overhead ratio <= 1.2x).
 #   usage: benchmarks/compare_builds.sh OLD_REF OUT_DIR
 #   PYTHON=.venv/bin/python  ROUNDS=3  SHAPES=target,N2-C256-H128-W128  THREADS=2  MAX_JOBS=1
+#   IMPLS=cpu   the rows to time (benchmarks.carafe --impls; each is still checked against the float64
+#               reference first); IMPLS= (empty) times the baselines too (reference, unfold, unfused:cpu),
+#               which takes about 8x longer and does not bear on old vs new
 # Writes OUT_DIR/{old,new}-round-R.json, OUT_DIR/{old,new}-overhead-R.txt and OUT_DIR/summary.{json,md}.
 set -euo pipefail
 OLD_REF=${1:?usage: benchmarks/compare_builds.sh OLD_REF OUT_DIR}
@@ -17,6 +20,7 @@ PYTHON=$("${PYTHON:-.venv/bin/python}" -c "import sys; print(sys.executable)")  
 ROUNDS=${ROUNDS:-3}
 SHAPES=${SHAPES:-target,N2-C256-H128-W128}
 THREADS=${THREADS:-2}
+IMPLS=${IMPLS-cpu}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/carafe-compare.XXXXXX")
@@ -24,15 +28,20 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/old" "$WORK/new"
 git archive "$OLD_REF" | tar -x -C "$WORK/old"
 git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$WORK/new"
+for build in old new; do  # the two builds side by side (nothing is timed yet)
+  (cd "$WORK/$build" && CARAFE_NO_CUDA=1 MAX_JOBS=${MAX_JOBS:-1} "$PYTHON" setup.py -q build_ext --inplace \
+     >"$WORK/$build-build.log" 2>&1) &
+done
 for build in old new; do
-  (cd "$WORK/$build" && CARAFE_NO_CUDA=1 MAX_JOBS=${MAX_JOBS:-1} "$PYTHON" setup.py -q build_ext --inplace >/dev/null)
+  wait -n || { cat "$WORK"/*-build.log >&2; echo "compare_builds: a build failed" >&2; exit 1; }
 done
 git -C "$REPO" rev-parse "$OLD_REF" > "$OUT/old-ref.txt"
 for round in $(seq "$ROUNDS"); do
   for build in old new; do
     # From the build's own tree (cwd first on sys.path), CUDA off: only the CPU kernels differ.
     (cd "$WORK/$build" && "$PYTHON" -m benchmarks.carafe --backends cpu --shapes "$SHAPES" \
-       --modes fwd,fwdbwd --dtypes fp32,bf16 --threads "$THREADS" --json "$OUT/$build-round-$round.json" \
+       --modes fwd,fwdbwd --dtypes fp32,bf16 --threads "$THREADS" ${IMPLS:+--impls "$IMPLS"} \
+       --json "$OUT/$build-round-$round.json" \
        > "$OUT/$build-round-$round.txt")
     (cd "$WORK/$build" && "$PYTHON" -m benchmarks.overhead > "$OUT/$build-overhead-$round.txt")
     echo "compare_builds: round $round $build done (load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
