@@ -1,14 +1,22 @@
 """Decides which native extensions to build; all metadata lives in pyproject.toml.
 
-The extension is compiled against the torch installed in the environment that runs this file, so the
-build must see that torch: `pip install --no-build-isolation .` (pip's default isolated build has no
-torch; this file then stops at once and prints the command to use).
+The extensions are built on PyTorch's stable ABI (docs/design.md#the-build): they call torch only
+through its stable C shim, targeted at the release in carafe_kernels/_abi.py (-DTORCH_TARGET_VERSION),
+and Python only through the limited API (an abi3 wheel). So any torch at or above the target can build
+them, and the result runs on every torch at or above the target and every Python >= 3.10:
+  - `pip install .` builds in an isolated environment with the torch of [build-system] requires;
+  - `pip install --no-build-isolation .` builds against the torch already installed (no download).
+Two libraries:
+  carafe_kernels._C       the op schemas, the CPU kernels, build info; loads beside any torch >= target
+  carafe_kernels._C_cuda  the CUDA glue and kernels; needs torch's CUDA libraries and the CUDA runtime of
+                          the same major version, so it is loaded only where torch has CUDA
 
 Switches (environment variables):
   CARAFE_NO_NATIVE=1    build no native code (the package then runs on the reference/Triton backends)
+  CARAFE_NO_CUDA=1      build the CPU library only (the quick build; see the README's install section)
   CARAFE_FORCE_CUDA=1   fail unless the CUDA kernels can be built; without it they are built whenever
-                        torch is a CUDA build and a CUDA toolkit (nvcc and its headers) is found; no GPU
-                        is needed (a cluster's login node builds them too)
+                        torch is a CUDA build and a CUDA toolkit (nvcc and its headers) of torch's CUDA
+                        major version is found; no GPU is needed (a cluster's login node builds them too)
   CUDA_HOME             the CUDA toolkit; by default torch's guess from the nvcc on PATH, or the `cuda`
                         folder beside it when that prefix has no CUDA headers
   TORCH_CUDA_ARCH_LIST  the GPU architectures; defaults to "8.0;8.6;8.9;9.0+PTX" when no GPU is visible
@@ -20,6 +28,7 @@ No network access happens here: everything comes from the installed torch and to
 """
 import glob
 import os
+import runpy
 import shutil
 import sys
 
@@ -27,11 +36,14 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
-# The torch that scripts/setup_env.sh installs and CI tests (the README states the tested range).
-TESTED_TORCH = "2.13.0"
-# setup.py commands that compile; the others (egg_info, dist_info, sdist: metadata and source archives,
-# which pip also runs in its isolated build before building the wheel) need no torch.
+# setup.py commands that compile; the others (egg_info, dist_info, sdist: metadata and source archives)
+# need no torch.
 BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "develop", "editable_wheel", "install"}
+# The stable-ABI target (read without importing carafe_kernels, which would import torch and load _C).
+_ABI = runpy.run_path(os.path.join(ROOT, "carafe_kernels", "_abi.py"))
+STABLE_ABI_TARGET = _ABI["STABLE_ABI_TARGET"]
+# The oldest Python the abi3 wheel serves (pyproject.toml's requires-python): the wheel's tag.
+ABI3_TAG = "cp310"
 
 
 def _flag(name):
@@ -46,16 +58,26 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _release(version):
+    return tuple(int(x) for x in version.split("+")[0].split(".")[:2])
+
+
 def no_torch_message():
+    major, minor = STABLE_ABI_TARGET
     return (
-        "torch is not importable in this build environment, and the C++ extension must be compiled "
-        "against the torch you will run it with. pip's default (isolated) build environment has no torch "
-        "on purpose: it would download a different torch than yours and build an extension that does not "
-        "load. Install torch first, then build without isolation:\n\n"
-        f"    pip install torch=={TESTED_TORCH} && pip install --no-build-isolation .\n\n"
-        f"(tested with torch {TESTED_TORCH} and 2.14.1; pyproject.toml accepts torch >= 2.6; add -e or extras such "
-        "as \".[cares]\" as needed), "
+        f"torch is not importable in this build environment. The C++ extension is compiled against torch >= "
+        f"{major}.{minor} (any such torch: the result runs on all of them). Either build in pip's isolated "
+        "environment, which installs the torch of pyproject.toml's [build-system] requires (plain "
+        "`pip install .`), or install torch here first and build against it: "
+        "`pip install --no-build-isolation .`; "
         "or set CARAFE_NO_NATIVE=1 to install without native kernels (reference/Triton backends only).")
+
+
+def old_torch_message(version):
+    major, minor = STABLE_ABI_TARGET
+    return (f"torch {version} is older than {major}.{minor}, the oldest release whose stable ABI the C++ "
+            f"extension is written for (carafe_kernels/_abi.py); build with torch >= {major}.{minor} (plain "
+            "`pip install .` does), or set CARAFE_NO_NATIVE=1 to install without native kernels.")
 
 
 def _has_cuda_headers(prefix):
@@ -98,16 +120,33 @@ def native_extensions():
         if not BUILD_COMMANDS.intersection(sys.argv[1:]):
             return [], {}
         sys.exit("carafe-kernels: " + no_torch_message())
+    if _release(torch.__version__) < STABLE_ABI_TARGET:
+        if not BUILD_COMMANDS.intersection(sys.argv[1:]):
+            return [], {}
+        sys.exit("carafe-kernels: " + old_torch_message(torch.__version__))
 
-    cuda_home, cuda_why = (None, "torch is a CPU-only build") if torch.version.cuda is None else resolve_cuda_home()
+    if torch.version.cuda is None:
+        cuda_home, cuda_why = None, "torch is a CPU-only build"
+    elif _flag("CARAFE_NO_CUDA"):
+        cuda_home, cuda_why = None, "CARAFE_NO_CUDA=1"
+    else:
+        cuda_home, cuda_why = resolve_cuda_home()
     if cuda_home is not None:
         # torch.utils.cpp_extension reads CUDA_HOME once, when first imported (below).
         os.environ["CUDA_HOME"] = cuda_home
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, include_paths, library_paths
 
     build_cuda = cuda_home is not None and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
     if cuda_home is not None and not build_cuda:
         cuda_why += f", but {cuda_home}/bin/nvcc does not exist"
+    if build_cuda:
+        # The CUDA library links the toolkit's runtime (libcudart.so.MAJOR) and runs beside torch's, so
+        # the two CUDA major versions must agree (torch's own build check refuses them otherwise).
+        toolkit = _toolkit_version(cuda_home)
+        if toolkit is not None and toolkit.split(".")[0] != torch.version.cuda.split(".")[0]:
+            build_cuda = False
+            cuda_why += (f", but its CUDA {toolkit} is not torch's CUDA major version "
+                         f"({torch.version.cuda})")
     if _flag("CARAFE_FORCE_CUDA") and not build_cuda:
         raise RuntimeError(f"CARAFE_FORCE_CUDA=1 but the CUDA kernels cannot be built: {cuda_why} "
                            f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda!r}).")
@@ -117,33 +156,60 @@ def native_extensions():
 
     debug = _flag("CARAFE_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    # No -std: torch's BuildExtension adds the C++ standard its own headers need (-std=c++20 for both
-    # host and nvcc in torch 2.13 and 2.14); a hard-coded one breaks the build against another torch
-    # (torch 2.14's ATen refuses the -std=c++17 this file used to force).
-    cxx_flags = opt + ["-fopenmp"]
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    # TORCH_TARGET_VERSION: the headers then offer only the stable API of that release (a newer call is
+    # a compile error) and refuse ATen/c10 headers outright. BuildExtension adds -DPy_LIMITED_API for
+    # py_limited_api=True (torch's minimum Python, 3.10 in torch 2.10 to 2.14: this package's too).
+    # No -std: BuildExtension adds the C++ standard the installed torch's headers need.
+    stable = [f"-DTORCH_TARGET_VERSION={_ABI['target_version_macro']()}"]
+    cxx_flags = opt + stable
     include_dirs = [os.path.join(ROOT, "csrc")]
+    # Only libtorch_cpu (the stable C shim lives there); no libtorch_python: the Python side is the
+    # limited API. c10 and libtorch come from CppExtension; they are in every torch build.
+    cpu_ext = CppExtension("carafe_kernels._C", _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp"),
+                           include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True)
+    exts = [cpu_ext]
 
-    _say(f"building against torch {torch.__version__} (torch.version.cuda={torch.version.cuda}), "
-         f"{'debug' if debug else 'optimised'}:")
-    _say("  CPU kernels: yes (always built)")
+    major, minor = STABLE_ABI_TARGET
+    _say(f"building on torch {torch.__version__} (torch.version.cuda={torch.version.cuda}) for the stable ABI "
+         f"of torch >= {major}.{minor}, abi3 (Python >= 3.10), {'debug' if debug else 'optimised'}:")
+    _say("  CPU kernels (carafe_kernels._C): yes (always built)")
     if build_cuda:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        _say(f"  CUDA kernels: yes; toolkit: {cuda_why}; architectures: "
+        _say(f"  CUDA kernels (carafe_kernels._C_cuda): yes; toolkit: {cuda_why}; architectures: "
              f"{arch or 'those of the visible GPUs'}"
              f"{'' if torch.cuda.is_available() else ' (no GPU visible: built for later use)'}")
-        sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
-        # --threads: compile the arch list in parallel inside one nvcc call.
-        nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo", "--threads", os.environ.get("NVCC_THREADS", "4")]
-        ext = CUDAExtension("carafe_kernels._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])
+        # --threads: compile the arch list in parallel inside one nvcc call. USE_CUDA declares the CUDA
+        # part of the stable C shim (aoti_torch_get_current_cuda_stream).
+        nvcc_flags = opt + stable + ["--expt-relaxed-constexpr", "-lineinfo", "--threads",
+                                     os.environ.get("NVCC_THREADS", "4")]
+        # Not torch's CUDAExtension: it links libc10_cuda/libtorch_cuda for the ATen CUDA API; this library
+        # needs only the shim's CUDA functions (libtorch_cuda) and the CUDA runtime.
+        cuda_ext = CppExtension(
+            "carafe_kernels._C_cuda", _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu"),
+            include_dirs=include_dirs + include_paths(device_type="cuda"),
+            library_dirs=library_paths(device_type="cuda"), libraries=["torch_cuda", "cudart"],
+            define_macros=[("USE_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, py_limited_api=True)
+        exts.append(cuda_ext)
     else:
         _say(f"  CUDA kernels: no ({cuda_why})")
-        ext = CppExtension("carafe_kernels._C", sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+    return exts, {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+def _toolkit_version(cuda_home):
+    """"MAJOR.MINOR" of the toolkit at cuda_home (from its cuda.h), or None."""
+    import re
+
+    try:
+        with open(os.path.join(cuda_home, "include", "cuda.h")) as f:
+            m = re.search(r"#define CUDA_VERSION (\d+)", f.read())
+    except OSError:
+        return None
+    return f"{int(m.group(1)) // 1000}.{int(m.group(1)) % 1000 // 10}" if m else None
 
 
 if __name__ == "__main__":
     ext_modules, cmdclass = native_extensions()
-    setup(ext_modules=ext_modules, cmdclass=cmdclass)
+    # py_limited_api: the wheel is tagged abi3 (cp310-abi3), one file for every Python >= 3.10.
+    options = {"bdist_wheel": {"py_limited_api": ABI3_TAG}} if ext_modules else {}
+    setup(ext_modules=ext_modules, cmdclass=cmdclass, options=options)

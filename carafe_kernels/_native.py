@@ -1,4 +1,6 @@
-"""Loads the compiled library (carafe_kernels._C), which registers the C++ ops with the dispatcher.
+"""Loads the compiled libraries, which register the C++ ops with the dispatcher: carafe_kernels._C
+(schemas, CPU kernels) on every torch at or above the stable-ABI target (carafe_kernels/_abi.py), and
+carafe_kernels._C_cuda (CUDA kernels) where that torch has CUDA.
 
 ``import carafe_kernels`` must work where the extension was not built: then HAS_NATIVE is False and
 NATIVE_ERROR says why, and the registry reports it through ``backend_status()``.
@@ -11,9 +13,13 @@ import warnings
 
 import torch
 
+from ._abi import STABLE_ABI_TARGET
+
 HAS_NATIVE = False
 NATIVE_ERROR: str | None = None
-REBUILD = "rebuild it against the installed torch with `pip install --no-build-isolation .` (or -e)"
+# Why the CUDA library (carafe_kernels._C_cuda) is not loaded, when the CPU one is.
+CUDA_LIBRARY_ERROR: str | None = None
+REINSTALL = "reinstall with `pip install .` (or `pip install --no-build-isolation .`, -e for a checkout)"
 
 
 def _release(version: str) -> tuple[int, ...] | None:
@@ -22,39 +28,69 @@ def _release(version: str) -> tuple[int, ...] | None:
     return tuple(int(g) for g in m.groups()) if m else None
 
 
-def version_mismatch(built_with: str, running: str) -> str | None:
-    """Why an extension compiled against torch ``built_with`` cannot be used with torch ``running``, or
-    None. C++ extensions have no stable ABI across torch releases, so the release must be the same; the
-    local tag (+cpu, +cu130) is not compared: the headers do not record it."""
-    if _release(built_with) is not None and _release(built_with) == _release(running):
+def below_abi_target(running: str, target: tuple[int, int] = STABLE_ABI_TARGET) -> str | None:
+    """Why the compiled extension cannot run on torch ``running``, or None. It is built on PyTorch's
+    stable ABI for ``target`` (carafe_kernels/_abi.py), so it runs on that release and every later one,
+    whatever torch compiled it; an older torch lacks stable-shim functions it calls."""
+    release = _release(running)
+    if release is None or release[:2] >= target:
         return None
-    return (f"the compiled extension carafe_kernels._C was built against torch {built_with}, but torch "
-            f"{running} is running; {REBUILD}")
+    return (f"torch {running} is older than {target[0]}.{target[1]}, the oldest release whose stable ABI the "
+            f"compiled extension carafe_kernels._C needs; upgrade torch to >= {target[0]}.{target[1]} for the "
+            "native kernels (the reference and Triton backends work on this torch)")
 
 
 def _load() -> tuple[str | None, bool]:
     """Imports the extension (running its op registrations). Returns why it cannot be used (None if it
     can) and whether that deserves a warning: an extension that was never built is a supported
-    pure-Python install, a built one that cannot be used is a broken install the user should hear about."""
+    pure-Python install, and so is a torch below the stable-ABI target (the dependency allows it: the
+    other backends run there); a built one that cannot be used is a broken install the user should hear
+    about."""
     import importlib.util
 
     if importlib.util.find_spec("carafe_kernels._C") is None:
-        return ("the compiled extension carafe_kernels._C is not built; install with "
-                "`pip install --no-build-isolation .` (or -e) to build it"), False
+        return ("the compiled extension carafe_kernels._C is not built; install with `pip install .` to "
+                "build it"), False
+    too_old = below_abi_target(torch.__version__)
+    if too_old is not None:
+        return too_old, False
     return _check_built_extension(), True
 
 
 def _check_built_extension() -> str | None:
     try:
-        from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+        from . import _C  # noqa: F401  (importing runs the STABLE_TORCH_LIBRARY registrations)
     except (ImportError, OSError) as exc:
-        # An extension built against another torch typically fails here with "undefined symbol".
-        return f"the compiled extension carafe_kernels._C could not be loaded ({exc}); {REBUILD}"
+        return f"the compiled extension carafe_kernels._C could not be loaded ({exc}); {REINSTALL}"
     try:
-        built_with = torch.ops.carafe_kernels._built_with_torch()
+        target = torch.ops.carafe_kernels._stable_abi_target()
     except (AttributeError, RuntimeError):
-        return f"the compiled extension carafe_kernels._C predates its build-version record; {REBUILD}"
-    return version_mismatch(built_with, torch.__version__)
+        return ("the compiled extension carafe_kernels._C predates the stable-ABI build (it has no "
+                f"_stable_abi_target op); {REINSTALL}")
+    # The number the library was compiled with must be the one this package checks against.
+    built_for = (target >> 56 & 0xFF, target >> 48 & 0xFF)
+    if built_for != STABLE_ABI_TARGET:
+        return (f"the compiled extension carafe_kernels._C targets torch {built_for[0]}.{built_for[1]}, but this "
+                f"package expects {STABLE_ABI_TARGET[0]}.{STABLE_ABI_TARGET[1]} (a stale build); {REINSTALL}")
+    return None
+
+
+def _load_cuda_library() -> str | None:
+    """Loads carafe_kernels._C_cuda (the CUDA kernels' registrations) where torch has CUDA. It links
+    torch's CUDA libraries and the CUDA runtime, which a CPU-only torch does not have: that is why it is
+    a library of its own, and why it is not even tried there."""
+    import importlib.util
+
+    if torch.version.cuda is None:
+        return "torch is a CPU-only build"
+    if importlib.util.find_spec("carafe_kernels._C_cuda") is None:
+        return ("the extension was built without CUDA kernels (they need a CUDA build of torch and a CUDA "
+                "toolkit at build time; setup.py prints why it skipped them)")
+    try:
+        from . import _C_cuda  # noqa: F401
+    except (ImportError, OSError) as exc:
+        return f"the CUDA library carafe_kernels._C_cuda could not be loaded ({exc}); {REINSTALL}"
+    return None
 
 
 if os.environ.get("CARAFE_NO_NATIVE", "0").lower() in ("1", "true", "yes", "on"):
@@ -65,6 +101,13 @@ else:
     if NATIVE_ERROR is not None and _warn:
         warnings.warn(f"carafe_kernels: native backends unavailable: {NATIVE_ERROR}", RuntimeWarning,
                       stacklevel=2)
+    if HAS_NATIVE:
+        CUDA_LIBRARY_ERROR = _load_cuda_library()
+        # A CUDA torch with a CUDA library that does not load is a broken install (a CUDA major version
+        # that differs from torch's, typically): say so once, as for _C.
+        if CUDA_LIBRARY_ERROR is not None and "could not be loaded" in CUDA_LIBRARY_ERROR:
+            warnings.warn(f"carafe_kernels: native CUDA backend unavailable: {CUDA_LIBRARY_ERROR}",
+                          RuntimeWarning, stacklevel=2)
 
 
 def _has_kernel(device_key: str) -> bool:
@@ -89,8 +132,7 @@ def cuda_unavailable_reason() -> str | None:
     if not HAS_NATIVE:
         return NATIVE_ERROR
     if not HAS_NATIVE_CUDA:
-        return ("the extension was built without CUDA kernels (they need a CUDA build of torch and a CUDA "
-                "toolkit at build time; setup.py prints why it skipped them)")
+        return CUDA_LIBRARY_ERROR or "the CUDA library registered no CUDA kernels"
     if not torch.cuda.is_available():
         return "torch.cuda.is_available() is False"
     return None

@@ -16,23 +16,31 @@
 //   mask_logits (N, G*k*k*s*s, H, W)        content-encoder output; channel (g*k*k + t)*s*s + i*s + j
 //                                           is tap t of group g for sub-pixel (i, j)
 //   output      (N, C, H*s, W*s)
+//
+// Built on PyTorch's stable ABI (docs/design.md#the-build): one binary serves every torch from the
+// target (carafe_kernels/_abi.py) up, and every Python from 3.10 up (Py_LIMITED_API, an abi3 wheel).
 #include <Python.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
+#include <cstdint>
 #include <vector>
 
 #include "carafe_common.h"
 
 extern "C" {
 // Importing carafe_kernels._C runs the static initialisers below that register the ops;
-// the module itself exposes nothing.
-PyObject* PyInit__C(void) {
+// the module itself exposes nothing. (PyModule_Create is part of the limited API.)
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }
 
-TORCH_LIBRARY(carafe_kernels, m) {
+namespace {
+std::vector<int64_t> native_limits() { return {carafe::kMaxKernelSize, carafe::kMaxScaleFactor}; }
+}  // namespace
+
+STABLE_TORCH_LIBRARY(carafe_kernels, m) {
   m.def("carafe(Tensor features, Tensor masks, int kernel_size, int group_size, int scale_factor) -> Tensor");
   m.def(
       "carafe_backward(Tensor grad_output, Tensor features, Tensor masks, int kernel_size, int group_size, "
@@ -43,6 +51,9 @@ TORCH_LIBRARY(carafe_kernels, m) {
   m.def(
       "carafe_fused_backward(Tensor grad_output, Tensor features, Tensor mask_logits, int kernel_size, "
       "int group_size, int scale_factor) -> (Tensor grad_features, Tensor grad_mask_logits)");
-  m.def("_native_limits() -> int[]",
-        []() { return std::vector<int64_t>{carafe::kMaxKernelSize, carafe::kMaxScaleFactor}; });
+  m.def("_native_limits() -> int[]");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(carafe_kernels, CompositeExplicitAutograd, m) {
+  m.impl("_native_limits", TORCH_BOX(&native_limits));
 }

@@ -213,16 +213,27 @@ NATIVE_REASON = backend_status()["cpu"]
      r"kernel_size must be odd and in \[1, 11\] for the native kernels, got 13"),
     ((torch.randn(1, 4, 3, 3), torch.rand(1, 9, 27, 27), 3, 1, 9), ValueError,
      r"scale_factor must be in \[1, 8\] for the native kernels, got 9"),
-    ((torch.randn(1, 4, 3, 3), torch.rand(1, 9, 6, 6).double(), 3, 1, 2), TypeError, r"must have the same dtype"),
-    ((torch.randn(1, 4, 3, 3).long(), torch.rand(1, 9, 6, 6).long(), 3, 1, 2), TypeError,
-     r"features must be float32, float64, float16 or bfloat16"),
+    # A dtype is a ValueError here, not the contract's TypeError: the stable ABI lets a kernel throw only
+    # standard C++ exceptions, and none becomes a TypeError (docs/design.md#the-build). The Python entry
+    # points raise the TypeError (test_direct_op_dtype_errors_are_typeerrors_through_the_public_api).
+    ((torch.randn(1, 4, 3, 3), torch.rand(1, 9, 6, 6).double(), 3, 1, 2), ValueError,
+     r"features and masks must have the same dtype, got float32 and float64"),
+    ((torch.randn(1, 4, 3, 3).long(), torch.rand(1, 9, 6, 6).long(), 3, 1, 2), ValueError,
+     r"features must be float32, float64, float16 or bfloat16, got Long"),
     ((torch.randn(1, 4, 3, 3), torch.rand(1, 9, 6, 5), 3, 1, 2), ValueError, r"masks must have shape \[1, 9, 6, 6\]"),
 ], ids=["k13", "s9", "dtype-mismatch", "int-dtype", "masks-shape"])
 def test_native_op_checks_with_the_contracts_exception_types(args, exc, pattern):
-    """The C++ checks (csrc/carafe_checks.h): TypeError for a dtype, ValueError for a shape or value,
-    and the contract's limits on the cpu backend too (its scratch memory grows as k^3)."""
+    """The C++ checks (csrc/carafe_checks.h): a ValueError naming the argument, never a crash, and the
+    contract's limits on the cpu backend too (its scratch memory grows as k^3)."""
     with pytest.raises(exc, match=pattern):
         torch.ops.carafe_kernels.carafe(*args)
+
+
+@pytest.mark.skipif(NATIVE_REASON is not None, reason=f"cpu: {NATIVE_REASON}")
+def test_direct_op_dtype_errors_are_typeerrors_through_the_public_api():
+    features, masks = torch.randn(1, 4, 3, 3), torch.rand(1, 9, 6, 6).double()
+    with pytest.raises(TypeError, match="same dtype"):
+        carafe(features, masks, 3, 1, 2, backend="cpu")
 
 
 @pytest.mark.skipif(NATIVE_REASON is not None, reason=f"cpu: {NATIVE_REASON}")

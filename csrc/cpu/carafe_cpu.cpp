@@ -6,18 +6,22 @@
 //
 // This file holds the torch glue: argument checks (csrc/carafe_checks.h, shared with the CUDA glue),
 // .contiguous() on the inputs, allocation of the contiguous NCHW outputs, the task partition over
-// at::parallel_for and the registration. The kernels themselves are in carafe_cpu_kernel.h, compiled once per instruction set
+// torch::stable::parallel_for (ATen's thread pool, through the stable C shim) and the registration. The
+// kernels themselves are in carafe_cpu_kernel.h, compiled once per instruction set
 // (carafe_cpu_isa_{avx512,avx2,default}.cpp); the widest one that both the machine and ATen's CPU
-// capability (ATEN_CPU_CAPABILITY) allow runs.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/Version.h>
-#include <torch/library.h>
+// capability override (ATEN_CPU_CAPABILITY) allow runs.
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/MemoryFormat.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
+#include <tuple>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -31,35 +35,47 @@ namespace carafe {
 namespace cpu {
 namespace {
 
+// The instruction-set cap ATen's ATEN_CPU_CAPABILITY puts on its own kernels ("default", "avx2",
+// "avx512", ...; unset: no cap), which these kernels follow too. NB: the stable ABI has no
+// at::get_cpu_capability(), so the variable ATen reads is read here directly; ATen's own check of the
+// machine is the __builtin_cpu_supports below. An unknown value caps nothing, as in ATen.
+int capability_cap() {
+  const char* env = std::getenv("ATEN_CPU_CAPABILITY");
+  std::string v = env ? env : "";
+  for (char& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (v == "default") return 0;
+  if (v == "avx2") return 1;
+  return 2;
+}
+
 const KernelTable& kernels() {
   static const KernelTable* const table = [] {
-    const std::string capability = at::get_cpu_capability();
+    const int cap = capability_cap();
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
     const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                             __builtin_cpu_supports("fma");
     const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (capability == "AVX512" && has_avx512 && kernels_avx512() != nullptr) return kernels_avx512();
-    if ((capability == "AVX512" || capability == "AVX2") && has_avx2 && kernels_avx2() != nullptr)
-      return kernels_avx2();
+    if (cap >= 2 && has_avx512 && kernels_avx512() != nullptr) return kernels_avx512();
+    if (cap >= 1 && has_avx2 && kernels_avx2() != nullptr) return kernels_avx2();
 #endif
-    (void)capability;
+    (void)cap;
     return kernels_default();
   }();
   return *table;
 }
 
-DType to_dtype(at::ScalarType t) {
+DType to_dtype(ScalarType t) {
   switch (t) {
-    case at::kFloat: return DType::kFloat;
-    case at::kDouble: return DType::kDouble;
-    case at::kHalf: return DType::kHalf;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "carafe_kernels: unsupported dtype ", t);
+    case ScalarType::Float: return DType::kFloat;
+    case ScalarType::Double: return DType::kDouble;
+    case ScalarType::Half: return DType::kHalf;
+    case ScalarType::BFloat16: return DType::kBFloat16;
+    default: fail("carafe_kernels: unsupported dtype ", DtypeName{t});
   }
-  return DType::kFloat;
 }
+
 
 // NB: a large output is fresh memory from the allocator (glibc maps it anew on every call above
 // ~32 MiB), and with 4 KiB pages the kernel's first writes into it fault once per page: for a 134 MB
@@ -67,20 +83,21 @@ DType to_dtype(at::ScalarType t) {
 // Asking for transparent huge pages on it (what ATen does for every allocation under
 // THP_MEM_ALLOC_ENABLE=1) cuts the faults 512-fold. It changes no content and is ignored where THP is
 // unavailable or disabled.
-void advise_huge_pages(const at::Tensor& t) {
+void advise_huge_pages(const Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const uintptr_t huge = uintptr_t{2} << 20;
-  const uintptr_t first = reinterpret_cast<uintptr_t>(t.data_ptr());
-  if (t.nbytes() < (size_t{8} << 20)) return;
+  const size_t nbytes = static_cast<size_t>(t.numel()) * t.element_size();
+  if (nbytes < (size_t{8} << 20)) return;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(t.mutable_data_ptr());
   const uintptr_t begin = (first + huge - 1) & ~(huge - 1);
-  const uintptr_t end = (first + t.nbytes()) & ~(huge - 1);
+  const uintptr_t end = (first + nbytes) & ~(huge - 1);
   if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #else
   (void)t;
 #endif
 }
 
-// Work (multiply-adds) one thread must have before at::parallel_for hands tasks to a second one.
+// Work (multiply-adds) one thread must have before parallel_for hands tasks to a second one.
 // Waking a thread costs microseconds on an idle machine, but on a loaded one the call then waits for
 // the other thread to be scheduled: a small forward (N2-C16-H8-W8-k5-g1-s2) took 16 ms on 2 threads
 // against 0.07 ms on 1 on the busy 2-core test machine (docs/design.md#cost-model-and-floor). Only
@@ -88,7 +105,7 @@ void advise_huge_pages(const at::Tensor& t) {
 // split call gives every thread at least that much.
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 21;
 
-// Threads (at::parallel_for chunks) that ran the last call's tasks; read by tests through the
+// Threads (parallel_for chunks) that ran the last call's tasks; read by tests through the
 // _cpu_last_call_threads op to check that tiny calls stay on one thread.
 std::atomic<int64_t> last_call_threads{0};
 
@@ -98,14 +115,14 @@ void run_tasks(RangeFn fn, const Args& args, int64_t tasks, int64_t work) {
   const int64_t per_task = std::max<int64_t>(work, 1);
   const int64_t grain = std::max<int64_t>(1, (kMinWorkPerThread + per_task - 1) / per_task);
   std::atomic<int64_t> chunks{0};
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     chunks.fetch_add(1, std::memory_order_relaxed);
     fn(args, begin, end);
   });
   last_call_threads.store(chunks.load(), std::memory_order_relaxed);
 }
 
-Args make_args(const Shape& p, const at::Tensor& features, const at::Tensor& masks) {
+Args make_args(const Shape& p, const Tensor& features, const Tensor& masks) {
   Args a{};
   a.p = p;
   a.dtype = to_dtype(features.scalar_type());
@@ -119,7 +136,7 @@ Args make_args(const Shape& p, const at::Tensor& features, const at::Tensor& mas
 // more rows re-read less), fewer when the per-thread mask scratch (about s*s*k*k*W floats per row)
 // would pass ~1 MiB or when there would be fewer than 4 tasks per thread. Any choice gives the same bits.
 int64_t rows_per_task(const Shape& p, int64_t most) {
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = torch::stable::get_num_threads();
   const int64_t row_bytes = 4 * p.ss() * p.kk() * (p.W + 2 * p.r() + 16);
   int64_t rows = most;
   while (rows > 1 && (rows + 2 * p.r()) * row_bytes > (int64_t{1} << 20)) rows /= 2;
@@ -127,14 +144,15 @@ int64_t rows_per_task(const Shape& p, int64_t most) {
   return std::max<int64_t>(1, std::min(rows, p.H));
 }
 
-at::Tensor forward_cpu(const char* op, bool fused, const at::Tensor& features_in, const at::Tensor& masks_in,
-                       int64_t kernel_size, int64_t group_size, int64_t scale_factor) {
-  const Shape p = check_inputs(op, "cpu", features_in, masks_in, fused, kernel_size, group_size, scale_factor);
-  at::Tensor out = at::empty({p.N, p.C, p.Ho(), p.Wo()}, features_in.options().memory_format(at::MemoryFormat::Contiguous));
+Tensor forward_cpu(const char* op, bool fused, const Tensor& features_in, const Tensor& masks_in,
+                   int64_t kernel_size, int64_t group_size, int64_t scale_factor) {
+  const Shape p = check_inputs(op, torch::headeronly::DeviceType::CPU, features_in, masks_in, fused, kernel_size,
+                               group_size, scale_factor);
+  Tensor out = empty_nchw(features_in, {p.N, p.C, p.Ho(), p.Wo()});
   if (out.numel() == 0) return out;
   advise_huge_pages(out);
-  const at::Tensor features = features_in.contiguous();
-  const at::Tensor masks = masks_in.contiguous();
+  const Tensor features = contiguous_nchw(features_in);
+  const Tensor masks = contiguous_nchw(masks_in);
   Args a = make_args(p, features, masks);
   a.out = out.mutable_data_ptr();
   a.rows_per_task = rows_per_task(p, 4);
@@ -144,20 +162,20 @@ at::Tensor forward_cpu(const char* op, bool fused, const at::Tensor& features_in
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_cpu(const char* op, bool fused, const at::Tensor& grad_output_in,
-                                                const at::Tensor& features_in, const at::Tensor& masks_in,
-                                                int64_t kernel_size, int64_t group_size, int64_t scale_factor) {
-  const Shape p = check_inputs(op, "cpu", features_in, masks_in, fused, kernel_size, group_size, scale_factor);
+std::tuple<Tensor, Tensor> backward_cpu(const char* op, bool fused, const Tensor& grad_output_in,
+                                        const Tensor& features_in, const Tensor& masks_in, int64_t kernel_size,
+                                        int64_t group_size, int64_t scale_factor) {
+  const Shape p = check_inputs(op, torch::headeronly::DeviceType::CPU, features_in, masks_in, fused, kernel_size,
+                               group_size, scale_factor);
   check_grad_output(op, grad_output_in, features_in, p);
-  const auto contiguous = at::MemoryFormat::Contiguous;
-  at::Tensor grad_features = at::empty(features_in.sizes(), features_in.options().memory_format(contiguous));
-  at::Tensor grad_masks = at::empty(masks_in.sizes(), masks_in.options().memory_format(contiguous));
+  Tensor grad_features = empty_nchw(features_in, sizes_of(features_in).v);
+  Tensor grad_masks = empty_nchw(masks_in, sizes_of(masks_in).v);
   if (p.N * p.H * p.W == 0) return {grad_features, grad_masks};  // both empty
   advise_huge_pages(grad_features);
   advise_huge_pages(grad_masks);
-  const at::Tensor features = features_in.contiguous();
-  const at::Tensor masks = masks_in.contiguous();
-  const at::Tensor grad_output = grad_output_in.contiguous();
+  const Tensor features = contiguous_nchw(features_in);
+  const Tensor masks = contiguous_nchw(masks_in);
+  const Tensor grad_output = contiguous_nchw(grad_output_in);
   Args a = make_args(p, features, masks);
   a.grad_output = grad_output.const_data_ptr();
   a.out = grad_features.mutable_data_ptr();
@@ -177,28 +195,28 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const char* op, bool fused, cons
 //   kernel_size k (odd, >= 1), group_size G (divides C), scale_factor s (>= 1)
 // Returns out (N, C, H*s, W*s), or (grad_features like features, grad_masks / grad_mask_logits like
 // masks / mask_logits).
-at::Tensor carafe_cpu(const at::Tensor& features, const at::Tensor& masks, int64_t kernel_size, int64_t group_size,
-                      int64_t scale_factor) {
+Tensor carafe_cpu(const Tensor& features, const Tensor& masks, int64_t kernel_size, int64_t group_size,
+                  int64_t scale_factor) {
   return forward_cpu("carafe_kernels::carafe", false, features, masks, kernel_size, group_size, scale_factor);
 }
 
-at::Tensor carafe_fused_cpu(const at::Tensor& features, const at::Tensor& mask_logits, int64_t kernel_size,
-                            int64_t group_size, int64_t scale_factor) {
+Tensor carafe_fused_cpu(const Tensor& features, const Tensor& mask_logits, int64_t kernel_size,
+                        int64_t group_size, int64_t scale_factor) {
   return forward_cpu("carafe_kernels::carafe_fused", true, features, mask_logits, kernel_size, group_size,
                      scale_factor);
 }
 
-std::tuple<at::Tensor, at::Tensor> carafe_backward_cpu(const at::Tensor& grad_output, const at::Tensor& features,
-                                                       const at::Tensor& masks, int64_t kernel_size,
-                                                       int64_t group_size, int64_t scale_factor) {
+std::tuple<Tensor, Tensor> carafe_backward_cpu(const Tensor& grad_output, const Tensor& features,
+                                               const Tensor& masks, int64_t kernel_size,
+                                               int64_t group_size, int64_t scale_factor) {
   return backward_cpu("carafe_kernels::carafe_backward", false, grad_output, features, masks, kernel_size,
                       group_size, scale_factor);
 }
 
-std::tuple<at::Tensor, at::Tensor> carafe_fused_backward_cpu(const at::Tensor& grad_output,
-                                                             const at::Tensor& features,
-                                                             const at::Tensor& mask_logits, int64_t kernel_size,
-                                                             int64_t group_size, int64_t scale_factor) {
+std::tuple<Tensor, Tensor> carafe_fused_backward_cpu(const Tensor& grad_output,
+                                                     const Tensor& features,
+                                                     const Tensor& mask_logits, int64_t kernel_size,
+                                                     int64_t group_size, int64_t scale_factor) {
   return backward_cpu("carafe_kernels::carafe_fused_backward", true, grad_output, features, mask_logits,
                       kernel_size, group_size, scale_factor);
 }
@@ -213,14 +231,19 @@ int64_t cpu_last_call_threads() { return last_call_threads.load(std::memory_orde
 }  // namespace cpu
 }  // namespace carafe
 
-TORCH_LIBRARY_FRAGMENT(carafe_kernels, m) {
-  m.def("_cpu_kernel_isa() -> str", &carafe::cpu::cpu_kernel_isa);
-  m.def("_cpu_last_call_threads() -> int", &carafe::cpu::cpu_last_call_threads);
+STABLE_TORCH_LIBRARY_FRAGMENT(carafe_kernels, m) {
+  m.def("_cpu_kernel_isa() -> str");
+  m.def("_cpu_last_call_threads() -> int");
 }
 
-TORCH_LIBRARY_IMPL(carafe_kernels, CPU, m) {
-  m.impl("carafe", &carafe::cpu::carafe_cpu);
-  m.impl("carafe_backward", &carafe::cpu::carafe_backward_cpu);
-  m.impl("carafe_fused", &carafe::cpu::carafe_fused_cpu);
-  m.impl("carafe_fused_backward", &carafe::cpu::carafe_fused_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(carafe_kernels, CompositeExplicitAutograd, m) {
+  m.impl("_cpu_kernel_isa", TORCH_BOX(&carafe::cpu::cpu_kernel_isa));
+  m.impl("_cpu_last_call_threads", TORCH_BOX(&carafe::cpu::cpu_last_call_threads));
+}
+
+STABLE_TORCH_LIBRARY_IMPL(carafe_kernels, CPU, m) {
+  m.impl("carafe", TORCH_BOX(&carafe::cpu::carafe_cpu));
+  m.impl("carafe_backward", TORCH_BOX(&carafe::cpu::carafe_backward_cpu));
+  m.impl("carafe_fused", TORCH_BOX(&carafe::cpu::carafe_fused_cpu));
+  m.impl("carafe_fused_backward", TORCH_BOX(&carafe::cpu::carafe_fused_backward_cpu));
 }

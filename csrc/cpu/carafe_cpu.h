@@ -1,7 +1,8 @@
-// Interface between the CPU glue (carafe_cpu.cpp: checks, allocation, at::parallel_for, registration)
+// Interface between the CPU glue (carafe_cpu.cpp: checks, allocation, parallel_for, registration)
 // and the kernels, which carafe_cpu_kernel.h compiles once per instruction set (carafe_cpu_isa_*.cpp)
 // so that one build runs AVX-512, AVX2+FMA or baseline code, picked at run time.
-// Torch-free on purpose: the per-ISA translation units include only c10's Half/BFloat16.
+// Torch-free on purpose: the per-ISA translation units include only the header-only Half/BFloat16
+// (torch/headeronly).
 #pragma once
 #include <cstdint>
 

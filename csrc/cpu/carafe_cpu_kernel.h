@@ -42,8 +42,8 @@
 #include <new>
 #include <type_traits>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include "carafe_common.h"
 #include "cpu/carafe_cpu.h"

@@ -3,13 +3,22 @@
 // guard, the current stream, dtype dispatch (fp32, fp64, fp16, bf16), empty-tensor early returns, the
 // backward's workspace (from the caching allocator), and the CUDA registrations of the four ops
 // declared in csrc/carafe.cpp. Autograd, fake tensors and autocast attach in carafe_kernels/ops.py.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+//
+// A library of its own (carafe_kernels._C_cuda, docs/design.md#the-build), on PyTorch's stable ABI like
+// the CPU one: it needs torch's CUDA libraries and the CUDA runtime, so carafe_kernels/_native.py loads
+// it only when the running torch has CUDA, and the CPU library _C loads beside any torch, a CPU-only
+// one included. The current stream comes from aoti_torch_get_current_cuda_stream (the stable C shim's
+// CUDA part, declared under USE_CUDA; accelerator::Stream::nativeHandle only exists from torch 2.13).
+#include <Python.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
 
 #include <atomic>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -18,22 +27,36 @@
 #include "carafe_checks.h"
 #include "cuda/carafe_kernels.h"
 
+extern "C" {
+// Importing carafe_kernels._C_cuda (after carafe_kernels._C, which declares the ops) runs the CUDA
+// registrations below; the module itself exposes nothing.
+PyMODINIT_FUNC PyInit__C_cuda(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
 namespace carafe {
 namespace {
 
-cuda::DType to_kernel_dtype(at::ScalarType t) {
+// A failed CUDA runtime call as a RuntimeError naming the call (C10_CUDA_CHECK is not in the stable ABI).
+void cuda_check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("carafe_kernels (cuda): ") + what + " failed: " + cudaGetErrorString(err));
+}
+
+cuda::DType to_kernel_dtype(ScalarType t) {
   switch (t) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kDouble: return cuda::DType::kFloat64;
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "carafe_kernels (cuda): unsupported dtype ", t);
+    case ScalarType::Float: return cuda::DType::kFloat32;
+    case ScalarType::Double: return cuda::DType::kFloat64;
+    case ScalarType::Half: return cuda::DType::kFloat16;
+    case ScalarType::BFloat16: return cuda::DType::kBFloat16;
+    default: fail("carafe_kernels (cuda): unsupported dtype ", DtypeName{t});
   }
 }
 
-// Multiprocessors of a device, cached (c10 headers only: ATen/cuda/CUDAContext.h would pull in the
-// cuBLAS/cuSPARSE headers for one number).
-int multiprocessor_count(c10::DeviceIndex device) {
+// Multiprocessors of a device, cached; from the CUDA runtime (the stable ABI has no device properties).
+int multiprocessor_count(int32_t device) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cache[kMaxDevices] = {};
   if (device >= 0 && device < kMaxDevices) {
@@ -41,101 +64,107 @@ int multiprocessor_count(c10::DeviceIndex device) {
     if (cached > 0) return cached;
   }
   int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  cuda_check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
   if (device >= 0 && device < kMaxDevices) cache[device].store(count, std::memory_order_relaxed);
   return count;
 }
 
-// The current stream of the current device (set by the caller's CUDAGuard).
-cuda::LaunchParams launch_params() {
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
+// The current stream of `device` (torch's, so the kernels are ordered with the caller's work).
+cuda::LaunchParams launch_params(int32_t device) {
+  void* stream = nullptr;
+  if (aoti_torch_get_current_cuda_stream(device, &stream) != AOTI_TORCH_SUCCESS)
+    throw std::runtime_error("carafe_kernels (cuda): could not get the current CUDA stream");
   cuda::LaunchParams lp;
-  lp.stream = stream.stream();
-  lp.num_sms = multiprocessor_count(stream.device_index());
+  lp.stream = static_cast<cudaStream_t>(stream);
+  lp.num_sms = multiprocessor_count(device);
   return lp;
 }
 
 // The shared checks (csrc/carafe_checks.h), then the limits only these kernels have (32-bit in-plane
 // offsets), which cuda::unsupported_reason states.
-Shape check_args(const char* op, const at::Tensor& features, const at::Tensor& masks, int64_t k, int64_t G,
-                 int64_t s, bool fused) {
-  const Shape p = check_inputs(op, "cuda", features, masks, fused, k, G, s);
+Shape check_args(const char* op, const Tensor& features, const Tensor& masks, int64_t k, int64_t G, int64_t s,
+                 bool fused) {
+  const Shape p = check_inputs(op, torch::headeronly::DeviceType::CUDA, features, masks, fused, k, G, s);
   const char* why = cuda::unsupported_reason(p);
-  TORCH_CHECK_VALUE(why == nullptr, op, ": ", (why ? why : ""), " (features ", features.sizes(), ", kernel_size=", k,
-                    ", scale_factor=", s, ")");
+  CARAFE_CHECK(why == nullptr, op, ": ", (why ? why : ""), " (features ", sizes_of(features), ", kernel_size=", k,
+               ", scale_factor=", s, ")");
   return p;
 }
 
-at::Tensor forward(const at::Tensor& features, const at::Tensor& masks, int64_t k, int64_t G, int64_t s,
-                   bool fused) {
+Tensor forward(const Tensor& features, const Tensor& masks, int64_t k, int64_t G, int64_t s, bool fused) {
   const char* op = fused ? "carafe_fused" : "carafe";
   const Shape p = check_args(op, features, masks, k, G, s, fused);
-  const c10::cuda::CUDAGuard guard(features.device());
-  const at::Tensor f = features.contiguous();
-  const at::Tensor m = masks.contiguous();
-  at::Tensor out = at::empty({p.N, p.C, p.Ho(), p.Wo()}, f.options());
+  const int32_t device = features.get_device_index();
+  const torch::stable::accelerator::DeviceGuard guard(device);
+  const Tensor f = contiguous_nchw(features);
+  const Tensor m = contiguous_nchw(masks);
+  Tensor out = empty_nchw(f, {p.N, p.C, p.Ho(), p.Wo()});
   if (out.numel() == 0) return out;
-  C10_CUDA_CHECK(cuda::carafe_forward(p, to_kernel_dtype(f.scalar_type()), fused, f.const_data_ptr(),
-                                      m.const_data_ptr(), out.mutable_data_ptr(), launch_params()));
+  cuda_check(cuda::carafe_forward(p, to_kernel_dtype(f.scalar_type()), fused, f.const_data_ptr(), m.const_data_ptr(),
+                                  out.mutable_data_ptr(), launch_params(device)),
+             op);
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& features,
-                                            const at::Tensor& masks, int64_t k, int64_t G, int64_t s, bool fused) {
+std::tuple<Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& features,
+                                    const Tensor& masks, int64_t k, int64_t G, int64_t s, bool fused) {
   const char* op = fused ? "carafe_fused_backward" : "carafe_backward";
   const Shape p = check_args(op, features, masks, k, G, s, fused);
   check_grad_output(op, grad_output, features, p);
-  const c10::cuda::CUDAGuard guard(features.device());
-  const at::Tensor go = grad_output.contiguous();
-  const at::Tensor f = features.contiguous();
-  const at::Tensor m = masks.contiguous();
-  at::Tensor grad_features = at::empty(f.sizes(), f.options());
-  at::Tensor grad_masks = at::empty(m.sizes(), m.options());
+  const int32_t device = features.get_device_index();
+  const torch::stable::accelerator::DeviceGuard guard(device);
+  const Tensor go = contiguous_nchw(grad_output);
+  const Tensor f = contiguous_nchw(features);
+  const Tensor m = contiguous_nchw(masks);
+  Tensor grad_features = empty_nchw(f, sizes_of(f).v);
+  Tensor grad_masks = empty_nchw(m, sizes_of(m).v);
   if (f.numel() == 0) {
     // No channels (or no pixels): the mask gradient is a sum over nothing.
-    grad_masks.zero_();
+    torch::stable::zero_(grad_masks);
     return {grad_features, grad_masks};
   }
-  const cuda::LaunchParams lp = launch_params();
+  const cuda::LaunchParams lp = launch_params(device);
   const cuda::DType dtype = to_kernel_dtype(f.scalar_type());
   const size_t ws_bytes = cuda::carafe_backward_workspace_bytes(p, dtype, fused, lp);
-  at::Tensor workspace;
-  if (ws_bytes > 0) workspace = at::empty({static_cast<int64_t>(ws_bytes)}, f.options().dtype(at::kByte));
-  C10_CUDA_CHECK(cuda::carafe_backward(p, dtype, fused, go.const_data_ptr(), f.const_data_ptr(), m.const_data_ptr(),
-                                       grad_features.mutable_data_ptr(), grad_masks.mutable_data_ptr(),
-                                       ws_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, ws_bytes, lp));
+  // The workspace comes from torch's caching allocator, on the current stream like the kernels.
+  std::optional<Tensor> workspace;
+  if (ws_bytes > 0) workspace = empty_nchw(f, {static_cast<int64_t>(ws_bytes)}, ScalarType::Byte);
+  cuda_check(cuda::carafe_backward(p, dtype, fused, go.const_data_ptr(), f.const_data_ptr(), m.const_data_ptr(),
+                                   grad_features.mutable_data_ptr(), grad_masks.mutable_data_ptr(),
+                                   workspace ? workspace->mutable_data_ptr() : nullptr, ws_bytes, lp),
+             op);
   return {grad_features, grad_masks};
 }
 
-at::Tensor carafe_cuda(const at::Tensor& features, const at::Tensor& masks, int64_t kernel_size, int64_t group_size,
-                       int64_t scale_factor) {
+Tensor carafe_cuda(const Tensor& features, const Tensor& masks, int64_t kernel_size, int64_t group_size,
+                   int64_t scale_factor) {
   return forward(features, masks, kernel_size, group_size, scale_factor, /*fused=*/false);
 }
 
-at::Tensor carafe_fused_cuda(const at::Tensor& features, const at::Tensor& mask_logits, int64_t kernel_size,
-                             int64_t group_size, int64_t scale_factor) {
+Tensor carafe_fused_cuda(const Tensor& features, const Tensor& mask_logits, int64_t kernel_size,
+                         int64_t group_size, int64_t scale_factor) {
   return forward(features, mask_logits, kernel_size, group_size, scale_factor, /*fused=*/true);
 }
 
-std::tuple<at::Tensor, at::Tensor> carafe_backward_cuda(const at::Tensor& grad_output, const at::Tensor& features,
-                                                        const at::Tensor& masks, int64_t kernel_size,
-                                                        int64_t group_size, int64_t scale_factor) {
+std::tuple<Tensor, Tensor> carafe_backward_cuda(const Tensor& grad_output, const Tensor& features,
+                                                const Tensor& masks, int64_t kernel_size,
+                                                int64_t group_size, int64_t scale_factor) {
   return backward(grad_output, features, masks, kernel_size, group_size, scale_factor, /*fused=*/false);
 }
 
-std::tuple<at::Tensor, at::Tensor> carafe_fused_backward_cuda(const at::Tensor& grad_output,
-                                                              const at::Tensor& features,
-                                                              const at::Tensor& mask_logits, int64_t kernel_size,
-                                                              int64_t group_size, int64_t scale_factor) {
+std::tuple<Tensor, Tensor> carafe_fused_backward_cuda(const Tensor& grad_output,
+                                                      const Tensor& features,
+                                                      const Tensor& mask_logits, int64_t kernel_size,
+                                                      int64_t group_size, int64_t scale_factor) {
   return backward(grad_output, features, mask_logits, kernel_size, group_size, scale_factor, /*fused=*/true);
 }
 
 }  // namespace
 }  // namespace carafe
 
-TORCH_LIBRARY_IMPL(carafe_kernels, CUDA, m) {
-  m.impl("carafe", &carafe::carafe_cuda);
-  m.impl("carafe_backward", &carafe::carafe_backward_cuda);
-  m.impl("carafe_fused", &carafe::carafe_fused_cuda);
-  m.impl("carafe_fused_backward", &carafe::carafe_fused_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(carafe_kernels, CUDA, m) {
+  m.impl("carafe", TORCH_BOX(&carafe::carafe_cuda));
+  m.impl("carafe_backward", TORCH_BOX(&carafe::carafe_backward_cuda));
+  m.impl("carafe_fused", TORCH_BOX(&carafe::carafe_fused_cuda));
+  m.impl("carafe_fused_backward", TORCH_BOX(&carafe::carafe_fused_backward_cuda));
 }
