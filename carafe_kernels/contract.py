@@ -16,10 +16,9 @@ from typing import Callable
 
 import torch
 
-from .reference import down_output_size
 
 __all__ = ["MAX_KERNEL_SIZE", "MAX_SCALE_FACTOR", "NATIVE_DTYPES", "TRITON_DTYPES", "SCHEMAS",
-           "check_int", "check_arguments", "expected_second_shape", "output_shape"]
+           "check_int", "check_arguments", "down_output_size", "expected_second_shape", "output_shape"]
 
 # The largest kernel_size and scale_factor the compiled kernels (CPU, CUDA, Triton) accept. They bound
 # the GPU kernels' register tiles and the CPU kernels' per-thread scratch (which grows as
@@ -69,6 +68,13 @@ def check_int(name: str, value, *, odd: bool = False) -> int:
     if odd and value % 2 == 0:
         raise ValueError(f"{name} must be odd, got {value}")
     return value
+
+
+def down_output_size(size: int, scale_factor: int) -> int:
+    """ceil(size / s): the output size of a stride-s convolution with padding k // 2 (odd k).
+    NB: (size + s - 1) // s, not -(-size // s): with symbolic sizes torch.onnx.export writes floor
+    division as ONNX's Div, which truncates, so the negative form exported as floor(size / s)."""
+    return (size + scale_factor - 1) // scale_factor
 
 
 def expected_second_shape(features_shape, k: int, G: int, s: int, *, fused: bool, down: bool = False) -> tuple:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .contract import down_output_size
+
 __all__ = ["carafe_reference", "carafe_fused_reference", "normalize_mask_logits", "normalize_mask_logits_jvp",
            "carafe_unfold", "down_output_size", "carafe_down_reference", "carafe_down_fused_reference",
            "normalize_down_mask_logits", "carafe_down_unfold"]
@@ -105,13 +107,6 @@ def carafe_unfold(features: torch.Tensor, masks: torch.Tensor, kernel_size: int,
 # --------------------------------------------------------------------------------------------------
 # Content-aware downsampling (CARAFE++)
 # --------------------------------------------------------------------------------------------------
-
-def down_output_size(size: int, scale_factor: int) -> int:
-    """ceil(size / s): the output size of a stride-s convolution with padding k // 2 (odd k).
-    NB: (size + s - 1) // s, not -(-size // s): with symbolic sizes torch.onnx.export writes floor
-    division as ONNX's Div, which truncates, so the negative form exported as floor(size / s)."""
-    return (size + scale_factor - 1) // scale_factor
-
 
 def normalize_down_mask_logits(mask_logits: torch.Tensor, kernel_size: int, group_size: int) -> torch.Tensor:
     """(N, G*k*k, Ho, Wo) logits -> masks of the same shape: a softmax over each group's k*k taps."""
