@@ -65,8 +65,11 @@ def _check_built_extension() -> str | None:
     try:
         target = torch.ops.carafe_kernels._stable_abi_target()
     except (AttributeError, RuntimeError):
-        return ("the compiled extension carafe_kernels._C predates the stable-ABI build (it has no "
-                f"_stable_abi_target op); {REINSTALL}")
+        # In a checkout built in place, a pre-port build (_C.cpython-3XX-*.so) is found before the new
+        # _C.abi3.so, whose suffix Python tries later, so reinstalling alone does not replace it: name it.
+        return (f"the compiled extension {_C.__file__} predates the stable-ABI build (it has no "
+                f"_stable_abi_target op); delete that file if it is an old build beside a newer one, or "
+                f"{REINSTALL}")
     # The number the library was compiled with must be the one this package checks against.
     built_for = (target >> 56 & 0xFF, target >> 48 & 0xFF)
     if built_for != STABLE_ABI_TARGET:
