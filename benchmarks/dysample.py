@@ -42,15 +42,17 @@ class DySample(nn.Module):
             self.offset = nn.Conv2d(channels // (scale * scale), 2 * groups, 1)
         nn.init.normal_(self.offset.weight, std=0.001)
         nn.init.zeros_(self.offset.bias)
-        # Where each of the s*s sub-pixels of a low-res pixel sits relative to the pixel's centre, in
-        # low-res pixel units ((i + 0.5) / s - 0.5 for i < s), laid out as the offset channels are:
-        # (x or y, group, sub-pixel row * s + sub-pixel column).
-        centres = (torch.arange(scale, dtype=torch.float32) + 0.5) / scale - 0.5
+
+    def sub_pixel_position(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Where each of the s*s sub-pixels of a low-res pixel sits relative to the pixel's centre, in
+        low-res pixel units ((i + 0.5) / s - 0.5 for i < s), laid out as the offset channels are:
+        (x or y, group, sub-pixel row * s + sub-pixel column). Computed in the input's dtype (a float32
+        buffer would round 1/3 before a float64 module saw it)."""
+        s, g = self.scale, self.groups
+        centres = (torch.arange(s, dtype=dtype, device=device) + 0.5) / s - 0.5
         sub_y, sub_x = torch.meshgrid(centres, centres, indexing="ij")
         position = torch.stack([sub_x.flatten(), sub_y.flatten()])                 # (2, s*s)
-        self.register_buffer("sub_pixel_position",
-                             position[:, None, :].expand(2, groups, scale * scale).reshape(1, -1, 1, 1),
-                             persistent=False)
+        return position[:, None, :].expand(2, g, s * s).reshape(1, -1, 1, 1)
 
     def offsets(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 2 * groups * s^2, H, W): x offsets for every (group, sub-pixel), then y offsets."""
@@ -61,7 +63,7 @@ class DySample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         s, g = self.scale, self.groups
-        position = self.offsets(x) + self.sub_pixel_position                       # low-res pixel units
+        position = self.offsets(x) + self.sub_pixel_position(x.dtype, x.device)    # low-res pixel units
         # Absolute sampling points at the output resolution: the low-res pixel centres plus the positions.
         centre_x = torch.arange(w, dtype=x.dtype, device=x.device) + 0.5
         centre_y = torch.arange(h, dtype=x.dtype, device=x.device) + 0.5
