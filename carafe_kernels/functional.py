@@ -114,21 +114,16 @@ def _run(op: str, features, masks, kernel_size, group_size, scale_factor, backen
         # standard-op graph for every backend, none of which has to run. (Asked only off the fast path:
         # is_in_onnx_export costs about 1 us, more than a tenth of a small call.)
         return _export_call(op, features, masks, kernel_size, group_size, scale_factor)
-    elif torch.compiler.is_compiling():
+    else:  # torch.compile tracing, integral floats, numpy ints, or bad arguments (which raise here)
         autocast = _autocast_dtype(features.device.type) if isinstance(features, torch.Tensor) else None
         try:
-            chosen, cast, kernel_size, group_size, scale_factor = _plan(
+            chosen, cast_to, kernel_size, group_size, scale_factor = _plan(
                 op, features, masks, kernel_size, group_size, scale_factor, backend, autocast)
         except (TypeError, ValueError, BackendUnavailableError) as exc:
+            if not torch.compiler.is_compiling():
+                raise
             return _raise_when_run(exc, op, features, masks, kernel_size, group_size, scale_factor)
         impl = getattr(chosen, op)
-        cast_to = cast
-    else:  # integral floats, numpy ints, or bad arguments (which raise here)
-        autocast = _autocast_dtype(features.device.type) if isinstance(features, torch.Tensor) else None
-        chosen, cast, kernel_size, group_size, scale_factor = _plan(
-            op, features, masks, kernel_size, group_size, scale_factor, backend, autocast)
-        impl = getattr(chosen, op)
-        cast_to = cast
     if cast_to:
         features, masks = features.to(cast_to), masks.to(cast_to)
     return impl(features, masks, kernel_size, group_size, scale_factor)
