@@ -30,7 +30,9 @@ last.pt, so rerunning the same command after a kill continues where it stopped. 
 records the whole experiment (the data, the experiment file, and every setting of every step, defaults
 included); a rerun into an --out that holds a different experiment is refused, so no step of one
 experiment is ever reported under another's name. (Refusing, rather than rerunning the changed steps:
-a changed shared setting changes every step anyway, and a refusal never deletes finished work.) The table and figures
+a changed shared setting changes every step anyway, and a refusal never deletes finished work.) An
+experiment file that only adds runs or seeds is the same experiment continued: its recorded steps are
+unchanged, so they are kept and only the new ones run. The table and figures
 are rewritten after every finished run, so partial results are readable while it runs.
 """
 from __future__ import annotations
@@ -79,7 +81,6 @@ PROTOCOL_TITLES = {"infnet": "Inf-Net toolbox protocol (the paper's)", "threshol
 OWNER = "cares reproduce"
 OUTPUT_ENTRIES = ("experiment.json", "command.txt", "table1.md", "table1.json", "qualitative.png", "loss_curves.png")
 EXPERIMENT_FORMAT = "cares-experiment"
-_DESCRIPTION = "experiment.description"
 # Relative cost of one image in inference vs one training step (forward + backward + update), for the ETA.
 INFERENCE_COST = 1 / 3
 
@@ -98,6 +99,11 @@ class RunSpec:
     semi: bool = False
     paper: str | None = None              # key of PAPER_TABLE1 to print beside it
     train: dict[str, Any] = field(default_factory=dict)   # TrainConfig overrides for this run
+    # Semi runs only: overrides of the experiment's semi_train and pseudo_label settings for this run, and
+    # where the semi training starts: "supervised" (the supervised model's weights) or "scratch".
+    semi_train: dict[str, Any] = field(default_factory=dict)
+    pseudo_label: dict[str, Any] = field(default_factory=dict)
+    semi_from: str = "supervised"
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,8 @@ _EXPERIMENT_KEYS = {"name", "description", "train", "semi_train", "pseudo_label"
 _COMPARISON_KEYS = {f.name for f in dataclasses.fields(Comparison)}
 _RUN_KEYS = {f.name for f in dataclasses.fields(RunSpec)}
 _PSEUDO_KEYS = {"entropy_threshold", "log_base", "batch_size", "amp", "split"}
+# Where a semi run's training starts: the supervised model's weights, or a fresh initialisation.
+SEMI_STARTS = ("supervised", "scratch")
 _EVALUATE_KEYS = {"batch_size", "tta", "amp"}
 # Settings the experiment decides itself, per step; a preset may not set them.
 _MANAGED_TRAIN_KEYS = {"data", "out", "resume", "seed", "model", "model_options", "pseudo", "init_from", "config"}
@@ -200,12 +208,24 @@ def experiment_from_dict(values: Any, source: str = "experiment") -> Experiment:
              f"runs[{index}].seeds must be a list of distinct ints >= 0, got {seeds!r}")
         need(run.get("paper") is None or run["paper"] in PAPER_TABLE1,
              f"runs[{index}].paper must be one of {sorted(PAPER_TABLE1)}, got {run.get('paper')!r}")
-        train = run.get("train", {})
-        need(isinstance(train, dict) and not set(train) - set(FIELD_NAMES) and not set(train) & _MANAGED_TRAIN_KEYS,
-             f"runs[{index}].train must map training settings other than {sorted(_MANAGED_TRAIN_KEYS)}")
+        for key in ("train", "semi_train"):
+            settings = run.get(key, {})
+            need(isinstance(settings, dict) and not set(settings) - set(FIELD_NAMES)
+                 and not set(settings) & _MANAGED_TRAIN_KEYS,
+                 f"runs[{index}].{key} must map training settings other than {sorted(_MANAGED_TRAIN_KEYS)}")
+        pseudo = run.get("pseudo_label", {})
+        need(isinstance(pseudo, dict) and not set(pseudo) - _PSEUDO_KEYS,
+             f"runs[{index}].pseudo_label must map pseudo-label settings {sorted(_PSEUDO_KEYS)}")
+        semi = bool(run.get("semi", False))
+        need(semi or not (run.get("semi_train") or pseudo or run.get("semi_from", "supervised") != "supervised"),
+             f"runs[{index}]: semi_train, pseudo_label and semi_from apply to semi runs only (semi: true)")
+        need(run.get("semi_from", "supervised") in SEMI_STARTS,
+             f"runs[{index}].semi_from must be one of {list(SEMI_STARTS)}, got {run.get('semi_from')!r}")
         specs.append(RunSpec(name=run["name"], label=str(run.get("label", run["name"])), model=run["model"],
                              model_options=dict(run.get("model_options") or {}), seeds=tuple(seeds),
-                             semi=bool(run.get("semi", False)), paper=run.get("paper"), train=dict(train)))
+                             semi=semi, paper=run.get("paper"), train=dict(run.get("train", {})),
+                             semi_train=dict(run.get("semi_train", {})), pseudo_label=dict(pseudo),
+                             semi_from=run.get("semi_from", "supervised")))
     figure_slices = values.get("figure_slices", 4)
     need(isinstance(figure_slices, int) and figure_slices >= 0, "figure_slices must be an int >= 0")
     comparisons = values.get("comparisons", [])
@@ -244,7 +264,7 @@ def train_settings(experiment: Experiment, spec: RunSpec, *, seed: int, data: st
                    semi: bool = False, pseudo: str | None = None, init_from: str | None = None):
     """The TrainConfig of one training step (validated)."""
     from cares.config import resolve_config
-    values = {**experiment.train, **spec.train, **(experiment.semi_train if semi else {}),
+    values = {**experiment.train, **spec.train, **({**experiment.semi_train, **spec.semi_train} if semi else {}),
               "data": data, "out": out, "seed": seed, "model": spec.model,
               "model_options": dict(spec.model_options), "resume": False}
     # The experiment's settings are the whole truth: resolved with resume off, so a run folder's saved
@@ -328,8 +348,6 @@ def plan_steps(experiment: Experiment, data: str, out: Path) -> list[tuple[RunSp
     from cares.train import train
 
     sizes = {split: _dataset_size(data, split) for split in ("train", "test")}
-    if any(spec.semi for spec in experiment.runs):
-        sizes["unlabeled"] = _dataset_size(data, experiment.pseudo_label.get("split", "unlabeled"))
     planned: dict[Path, Step] = {}
 
     def relative(path) -> str | None:
@@ -366,16 +384,19 @@ def plan_steps(experiment: Experiment, data: str, out: Path) -> list[tuple[RunSp
         return Step("evaluate", folder, sizes["test"] * INFERENCE_COST, action, f"evaluate {checkpoint}",
                     {"checkpoint": relative(checkpoint), "split": "test", **experiment.evaluate})
 
-    def pseudo_step(checkpoint: Path, folder: Path) -> Step:
-        settings = {"amp": "off", **experiment.pseudo_label}
+    def pseudo_step(spec: RunSpec, checkpoint: Path, folder: Path) -> Step:
+        settings = {"amp": "off", **experiment.pseudo_label, **spec.pseudo_label}
+        split = settings.get("split", "unlabeled")
+        if split not in sizes:
+            sizes[split] = _dataset_size(data, split)
 
         def action(progress: Progress) -> dict[str, Any]:
             started = time.monotonic()
             summary = pseudo_label(checkpoint, data, folder, overwrite=True, **settings)
-            progress.advance(sizes["unlabeled"] * INFERENCE_COST,
+            progress.advance(sizes[split] * INFERENCE_COST,
                              f"pseudo-labelled: kept {summary['kept']} of {summary['total']}")
             return {"seconds": time.monotonic() - started, "kept": summary["kept"], "total": summary["total"]}
-        return Step("pseudo-label", folder, sizes["unlabeled"] * INFERENCE_COST, action, f"pseudo-label into {folder}",
+        return Step("pseudo-label", folder, sizes[split] * INFERENCE_COST, action, f"pseudo-label into {folder}",
                     {"checkpoint": relative(checkpoint), **settings})
 
     plan = []
@@ -388,9 +409,10 @@ def plan_steps(experiment: Experiment, data: str, out: Path) -> list[tuple[RunSp
                 supervised_dir = (out / source.name / f"seed_{seed}" / "train") if source else seed_dir / "supervised"
                 supervised = train_settings(experiment, spec, seed=seed, data=data, out=str(supervised_dir))
                 steps.append(train_step(supervised, semi=False))
-                steps.append(pseudo_step(supervised_dir / "last.pt", seed_dir / "pseudo"))
+                steps.append(pseudo_step(spec, supervised_dir / "last.pt", seed_dir / "pseudo"))
+                start = str(supervised_dir / "last.pt") if spec.semi_from == "supervised" else None
                 semi = train_settings(experiment, spec, seed=seed, data=data, out=str(seed_dir / "train"), semi=True,
-                                      pseudo=str(seed_dir / "pseudo"), init_from=str(supervised_dir / "last.pt"))
+                                      pseudo=str(seed_dir / "pseudo"), init_from=start)
                 steps.append(train_step(semi, semi=True))
             else:
                 steps.append(train_step(train_settings(experiment, spec, seed=seed, data=data,
@@ -556,7 +578,11 @@ def experiment_record(experiment: Experiment, data: str, out: Path, plan) -> dic
 
 
 def check_same_experiment(path: Path, record: dict[str, Any]) -> None:
-    """Raise ValueError, naming the first differences, when `path` records another experiment."""
+    """Raise ValueError, naming the first differences, when `path` records another experiment.
+
+    The same experiment means the same data and, for every step recorded there, the same step with the
+    same settings (each step's settings are all that decide its result). Steps may be added (a run, or a
+    seed, appended to the experiment file: the finished steps stay valid), never changed or dropped."""
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -564,9 +590,9 @@ def check_same_experiment(path: Path, record: dict[str, Any]) -> None:
     if not isinstance(saved, dict) or saved.get("format") != EXPERIMENT_FORMAT:
         raise ValueError(f"{str(path)!r} does not record a whole experiment (written by an older cares reproduce?), "
                          "so its finished steps cannot be checked against this one: choose another --out")
-    # The description is prose, not a setting: rewording a preset's does not change its experiment.
-    old, new = _flatten(saved), _flatten(record)
-    old.pop(_DESCRIPTION, None), new.pop(_DESCRIPTION, None)
+    old = _flatten({"data": saved.get("data"), "steps": saved.get("steps")})
+    new = _flatten({"data": record["data"], "steps": {key: record["steps"].get(key, "(absent)")
+                                                      for key in saved.get("steps") or {}}})
     if old == new:
         return
     changed = [key for key in sorted(set(old) | set(new)) if old.get(key, "(absent)") != new.get(key, "(absent)")]
@@ -574,8 +600,8 @@ def check_same_experiment(path: Path, record: dict[str, Any]) -> None:
                       for key in changed[:4])
     more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
     raise ValueError(f"--out {str(path.parent)!r} holds another experiment ({shown}{more}); its finished steps "
-                     "are not reused for a different one: rerun with the same settings to continue it, or choose "
-                     "another --out")
+                     "are not reused for a different one: rerun with the same settings to continue it (runs may "
+                     "be added), or choose another --out")
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -40,9 +40,13 @@ def test_every_preset_loads_and_the_cpu_preset_holds_what_the_protocol_needs():
         load_experiment(name)                                  # every setting resolves
     cpu = load_experiment("cpu")
     runs = {run.name: run for run in cpu.runs}
-    assert len(runs["cares_unet"].seeds) >= 2 and runs["semi_cares_unet"].semi
+    assert all(len(run.seeds) >= 3 for run in cpu.runs)                       # statistics need seeds
+    assert runs["semi_paper"].semi and runs["semi_paper"].semi_from == "scratch"   # the paper retrains
     assert runs["unet"].model_options == runs["cares_unet"].model_options      # the same width
-    assert cpu.train["image_size"] >= 192
+    assert runs["res_unet"].model_options == {**runs["cares_unet"].model_options, "upsampler": "deconv"}
+    assert {(c.better, c.than) for c in cpu.comparisons} >= {("semi_paper", "cares_unet"), ("cares_unet", "unet"),
+                                                             ("cares_unet", "res_unet")}
+    assert cpu.train["image_size"] >= 160
     paper = load_experiment("paper")
     assert paper.train["image_size"] == 256 and paper.train["optimizer"] == "ranger"
     assert {run.paper for run in paper.runs} == {"CARes-UNet", "Semi-CARes-UNet", "U-Net", "UNet-ResNet34"}
@@ -225,3 +229,38 @@ def test_reproduce_refuses_an_out_it_did_not_write_or_that_holds_the_data(datase
     assert (foreign / "table1.md").read_text() == "a user's table"
     with pytest.raises(ValueError, match="is --data"):
         reproduce(tiny, str(dataset), dataset, stop_after_steps=0)
+
+
+def test_runs_may_be_added_to_an_experiment_but_its_steps_not_changed(dataset, tmp_path):
+    """An experiment file that only adds a run continues the experiment (the finished steps are kept); a
+    semi run's own settings (semi_from, pseudo_label) are settings of its steps, so changing one is refused."""
+    import dataclasses
+    tiny = load_experiment("tiny")
+    supervised_only = dataclasses.replace(tiny, runs=tiny.runs[:1], comparisons=())
+    out = tmp_path / "exp"
+    reproduce(supervised_only, str(dataset), out)
+    done = (out / "cares_unet" / "seed_0" / "train" / "done.json").stat().st_mtime_ns
+    semi = dataclasses.replace(tiny.runs[1], semi_from="scratch", pseudo_label={"entropy_threshold": 1.5})
+    added = dataclasses.replace(tiny, runs=(tiny.runs[0], semi))
+    table = reproduce(added, str(dataset), out)
+    assert (out / "cares_unet" / "seed_0" / "train" / "done.json").stat().st_mtime_ns == done
+    assert [row["finished_seeds"] for row in table["rows"]] == [[0], [0]]
+    recorded = json.loads((out / "experiment.json").read_text())["steps"]
+    assert recorded["semi_cares_unet/seed_0/train"]["init_from"] is None               # semi_from: scratch
+    assert recorded["semi_cares_unet/seed_0/pseudo"]["entropy_threshold"] == 1.5       # the run's own setting
+    assert json.loads((out / "semi_cares_unet" / "seed_0" / "pseudo" / "summary.json").read_text())[
+        "entropy_threshold"] == 1.5
+    changed = dataclasses.replace(added, runs=(tiny.runs[0], dataclasses.replace(semi, semi_from="supervised")))
+    with pytest.raises(ValueError, match=r"holds another experiment .*semi_cares_unet/seed_0/train.init_from"):
+        reproduce(changed, str(dataset), out)
+    with pytest.raises(ValueError, match=r"semi_from must be one of"):
+        experiment_from_dict({**_tiny_dict(), "runs": [{"name": "s", "model": "cares_unet", "semi": True,
+                                                        "semi_from": "imagenet"}]})
+    with pytest.raises(ValueError, match=r"apply to semi runs only"):
+        experiment_from_dict({**_tiny_dict(), "runs": [{"name": "s", "model": "cares_unet", "semi_from": "scratch"}]})
+
+
+def _tiny_dict():
+    import yaml
+    from cares.reproduce import PRESET_DIR
+    return yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text())
