@@ -1,17 +1,27 @@
-"""`cares pseudo-label`: the semi-supervised step of the paper (Semi-CARes-UNet).
+"""`cares pseudo-label`: the semi-supervised step of Semi-CARes-UNet (the paper's rule, and this project's).
 
 1. The supervised model predicts every unlabeled slice.
-2. A prediction is kept as a pseudo label only when the model is confident about it: the mean over
-   pixels of the binary entropy of its probability map,
+2. Each prediction gets a reliability score, the binary entropy of its probability map,
 
-       H(p) = -p log_b(p) - (1 - p) log_b(1 - p),     mean over the slice's pixels,
+       H(p) = -p log_b(p) - (1 - p) log_b(1 - p),
 
-   is below --entropy-threshold (0.6 by default). The log base b is --log-base, 2 by default, which
-   makes the largest possible entropy (p = 0.5 everywhere) exactly 1; with base e it is ln 2 = 0.693.
-3. Kept slices are written in a COVID-SemiSeg-like layout that `cares train --pseudo DIR` reads:
+   averaged over a region of the slice (--score):
+     mean    over every pixel: the paper's rule. On CT slices the background, which the model gets
+             right, is nearly all of the image, so every slice scores low and the filter keeps
+             almost everything (1600 of 1600 COVID-SemiSeg slices at threshold 0.6).
+     lesion  over the predicted lesion and its border only: the pixels within --border (a fraction of
+             the slice's side) of a pixel with p >= 0.5, plus every pixel the model does not call
+             background with confidence (p >= 0.1). That is where a pseudo label can be wrong, so the
+             score tells a clean lesion from a doubtful one whatever the lesion's size. A slice whose
+             region is empty is predicted lesion-free: --empty keep|drop says what to do with it.
+   The log base b is --log-base, 2 by default, which makes the largest possible entropy (p = 0.5) 1.
+3. A slice is kept when its score is below --entropy-threshold (0.6 by default); with --keep-fraction F,
+   only the F most reliable of those (lowest scores) are kept, as ST++ (Yang et al., CVPR 2022) keeps
+   its most reliable half.
+4. Kept slices are written in a COVID-SemiSeg-like layout that `cares train --pseudo DIR` reads:
        DIR/Imgs/<name>.png   the slice as the model saw it (8-bit gray; NIfTI slices windowed)
        DIR/GT/<name>.png     the pseudo mask, probability >= 0.5, as 0/255, at the slice's own size
-   and DIR/summary.json says how many were kept and each slice's entropy.
+   and DIR/summary.json says how many were kept and each slice's score.
    A slice that cannot be predicted (unreadable, NaN/inf pixels) is listed under "failures" by name;
    the others are still labelled, and the command exits with status 1.
 
@@ -29,8 +39,10 @@ from typing import Any
 import numpy as np
 
 HELP = ("Semi-supervised step: predict unlabeled slices and keep a prediction as a pseudo label when its "
-        "mean per-pixel binary entropy is below --entropy-threshold (log base --log-base; base 2 makes the "
-        "maximum 1). Writes DIR/Imgs, DIR/GT and DIR/summary.json; then `cares train --pseudo DIR`.")
+        "binary entropy, averaged over every pixel (--score mean, the paper's rule) or over the predicted lesion "
+        "and its border (--score lesion), is below --entropy-threshold (log base --log-base; base 2 makes the "
+        "maximum 1), optionally only the --keep-fraction most reliable. Writes DIR/Imgs, DIR/GT and "
+        "DIR/summary.json; then `cares train --pseudo DIR`.")
 
 # What the command writes into --out (see cares.runtime.claim_output).
 OWNER = "cares pseudo-label"
@@ -38,6 +50,11 @@ OUTPUT_ENTRIES = ("Imgs", "GT", "summary.json")
 
 DEFAULT_ENTROPY_THRESHOLD = 0.6
 DEFAULT_LOG_BASE = 2.0
+SCORES = ("mean", "lesion")                 # where the entropy is averaged (see the module docstring)
+EMPTY_POLICIES = ("keep", "drop")           # lesion score: what happens to a slice predicted lesion-free
+DEFAULT_BORDER = 0.02                       # lesion score: the border's width, a fraction of the shorter side
+# Lesion score: pixels at or above this probability are not confidently background, so they count too.
+UNSURE_PROBABILITY = 0.1
 
 
 def parse_log_base(text: str) -> float:
@@ -65,11 +82,50 @@ def mean_binary_entropy(probability: np.ndarray, log_base: float = DEFAULT_LOG_B
     return float(entropy.mean())
 
 
+def lesion_region(probability: np.ndarray, threshold: float = 0.5, border: float = DEFAULT_BORDER) -> np.ndarray:
+    """The lesion score's region (bool, the map's shape): within round(border * min(H, W)) pixels (a square
+    neighbourhood) of a pixel >= threshold, plus every pixel >= UNSURE_PROBABILITY."""
+    import torch
+    import torch.nn.functional as F
+    p = np.asarray(probability, dtype=np.float32)
+    if p.ndim != 2:
+        raise ValueError(f"probability map must be 2-D (H, W), got shape {p.shape}")
+    radius = int(round(border * min(p.shape)))
+    lesion = torch.from_numpy(p >= threshold).float()[None, None]
+    if radius > 0:
+        lesion = F.max_pool2d(lesion, 2 * radius + 1, stride=1, padding=radius)
+    return (lesion[0, 0].numpy() > 0) | (p >= UNSURE_PROBABILITY)
+
+
+def reliability_score(probability: np.ndarray, score: str = "mean", log_base: float = DEFAULT_LOG_BASE,
+                      threshold: float = 0.5, border: float = DEFAULT_BORDER) -> float | None:
+    """The slice's mean binary entropy over every pixel ("mean") or over its lesion_region ("lesion");
+    None when the lesion region is empty (the slice is predicted lesion-free)."""
+    if score == "mean":
+        return mean_binary_entropy(probability, log_base)
+    if score != "lesion":
+        raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}")
+    region = lesion_region(probability, threshold, border)
+    if not region.any():
+        return None
+    return mean_binary_entropy(np.asarray(probability)[region], log_base)
+
+
 def is_confident(probability: np.ndarray, entropy_threshold: float = DEFAULT_ENTROPY_THRESHOLD,
                  log_base: float = DEFAULT_LOG_BASE) -> tuple[bool, float]:
     """(keep?, mean entropy): keep when the mean binary entropy is strictly below the threshold."""
     entropy = mean_binary_entropy(probability, log_base)
     return entropy < entropy_threshold, entropy
+
+
+def _threshold_or_none(text: str) -> float | None:
+    import argparse
+    if str(text).lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--entropy-threshold must be a number or 'none', got {text!r}") from None
 
 
 def add_arguments(parser) -> None:
@@ -81,8 +137,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", default="unlabeled", metavar="NAME",
                         help="split of --input to read when it is a dataset root")
     parser.add_argument("--out", required=True, metavar="DIR", help="pseudo-label folder (Imgs/, GT/, summary.json)")
-    parser.add_argument("--entropy-threshold", type=float, default=DEFAULT_ENTROPY_THRESHOLD,
-                        help="keep a slice when its mean per-pixel binary entropy is below this")
+    parser.add_argument("--entropy-threshold", type=_threshold_or_none, default=DEFAULT_ENTROPY_THRESHOLD,
+                        help="keep a slice when its score (mean binary entropy) is below this; 'none': no threshold")
+    parser.add_argument("--score", choices=SCORES, default="mean",
+                        help="where the entropy is averaged: every pixel (mean, the paper's) or the predicted lesion "
+                             "and its border (lesion)")
+    parser.add_argument("--keep-fraction", type=float, metavar="F",
+                        help="then keep only the fraction F of the passing slices with the lowest scores")
+    parser.add_argument("--empty", choices=EMPTY_POLICIES, default="keep",
+                        help="--score lesion: keep or drop slices predicted lesion-free")
+    parser.add_argument("--border", type=float, default=DEFAULT_BORDER, metavar="FRACTION",
+                        help="--score lesion: width of the border around the predicted lesion, as a fraction of "
+                             "the slice's shorter side")
     parser.add_argument("--log-base", type=parse_log_base, default=DEFAULT_LOG_BASE,
                         help="base of the entropy's logarithm: 2 (max entropy 1), e, 10, ...")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability at or above which a pixel is lesion")
@@ -92,20 +158,33 @@ def add_arguments(parser) -> None:
 
 
 def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
-                 entropy_threshold: float = DEFAULT_ENTROPY_THRESHOLD, log_base: float = DEFAULT_LOG_BASE,
-                 threshold: float = 0.5, tta: bool = False, batch_size: int = 4, device: str = "auto",
-                 amp: str = "off", num_workers: int = 0, overwrite: bool = False) -> dict[str, Any]:
-    """Write the confident pseudo labels of `split` of `source` into `out`; returns summary.json's content."""
+                 entropy_threshold: float | None = DEFAULT_ENTROPY_THRESHOLD, log_base: float = DEFAULT_LOG_BASE,
+                 score: str = "mean", keep_fraction: float | None = None, empty: str = "keep",
+                 border: float = DEFAULT_BORDER, threshold: float = 0.5, tta: bool = False, batch_size: int = 4,
+                 device: str = "auto", amp: str = "off", num_workers: int = 0,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Write the reliable pseudo labels of `split` of `source` into `out`; returns summary.json's content.
+
+    score, keep_fraction, empty, border: the selection rule (module docstring); the defaults are the
+    paper's (mean entropy below entropy_threshold). entropy_threshold None: no threshold."""
     from cares.data import save_png
     from cares.evaluate import native_size_dataset
     from cares.inference import SafeItems, describe_checkpoint, load_trained_model, predict_probabilities
     from cares.runtime import atomic_write_bytes, check_output_dir, claim_output, progress
     from cares.sampling import dataset_files
 
-    if not entropy_threshold > 0:
+    if entropy_threshold is not None and not entropy_threshold > 0:
         raise ValueError(f"--entropy-threshold must be > 0, got {entropy_threshold}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {threshold}")
+    if score not in SCORES:
+        raise ValueError(f"--score must be one of {list(SCORES)}, got {score!r}")
+    if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"--keep-fraction must be in (0, 1], got {keep_fraction}")
+    if empty not in EMPTY_POLICIES:
+        raise ValueError(f"--empty must be one of {list(EMPTY_POLICIES)}, got {empty!r}")
+    if not 0.0 <= border < 0.5:
+        raise ValueError(f"--border must be in [0, 0.5) (a fraction of the slice's side), got {border}")
     out = check_output_dir(out)  # an unusable --out is reported before the model is loaded
     model, state, torch_device = load_trained_model(checkpoint, device)
     image_size = state["input"]["image_size"]
@@ -123,7 +202,7 @@ def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
     print(f"pseudo-labelling {len(dataset)} slices of {source} [{split}] with "
           f"{describe_checkpoint(state, checkpoint)}", file=sys.stderr)
 
-    images, failures = [], []
+    images, failures, candidates = [], [], []
     predictions = predict_probabilities(model, SafeItems(dataset, lambda i: item_name(dataset, i)),
                                         image_size=image_size, device=torch_device, batch_size=batch_size,
                                         tta=tta, amp=amp, num_workers=num_workers, skip_failed=True)
@@ -132,27 +211,54 @@ def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
             print(f"cares pseudo-label: {item['name']}: failed: {item['error']}", file=sys.stderr)
             failures.append({"name": item["name"], "error": item["error"]})
             continue
-        keep, entropy = is_confident(probability, entropy_threshold, log_base)
+        value = reliability_score(probability, score, log_base, threshold, border)
         mask = probability >= threshold
-        images.append({"name": item["name"], "entropy": entropy, "kept": keep,
-                       "lesion_fraction": float(mask.mean())})
-        if keep:
-            save_png(image_dir / f"{item['name']}.png", item["image"][0].numpy().clip(0.0, 1.0))
-            save_png(mask_dir / f"{item['name']}.png", mask)
+        row = {"name": item["name"], "entropy": value, "kept": False, "lesion_fraction": float(mask.mean())}
+        if value is None and empty == "drop":
+            row["rejected_because"] = "predicted lesion-free"
+        elif value is not None and entropy_threshold is not None and not value < entropy_threshold:
+            row["rejected_because"] = "entropy at or above the threshold"
+        else:
+            # Kept as 8-bit pixels (what save_png writes) until the ranking is known; slices are small.
+            pixels = np.rint(item["image"][0].numpy().clip(0.0, 1.0) * 255.0).astype(np.uint8)
+            candidates.append((0.0 if value is None else value, len(images), pixels, mask))
+        images.append(row)
+    if keep_fraction is not None:
+        # The most reliable first (ties by order of the split, so the choice is reproducible).
+        candidates.sort(key=lambda c: (c[0], c[1]))
+        for _, index, _, _ in candidates[int(round(keep_fraction * len(candidates))):]:
+            images[index]["rejected_because"] = "not among the --keep-fraction most reliable"
+        candidates = candidates[:int(round(keep_fraction * len(candidates)))]
+    for _, index, pixels, mask in sorted(candidates, key=lambda c: c[1]):
+        images[index]["kept"] = True
+        save_png(image_dir / f"{images[index]['name']}.png", pixels)
+        save_png(mask_dir / f"{images[index]['name']}.png", mask)
 
     kept = sum(row["kept"] for row in images)
     summary = {
         "checkpoint": str(checkpoint), "input": str(source), "split": split,
         "total": len(images) + len(failures), "kept": kept, "rejected": len(images) - kept,
         "failed": len(failures),
-        "entropy_threshold": entropy_threshold, "log_base": log_base,
-        "max_entropy": math.log(2) / math.log(log_base),
-        "rule": "keep when mean over pixels of -p log_b p - (1-p) log_b (1-p) < entropy_threshold",
+        "score": score, "entropy_threshold": entropy_threshold, "keep_fraction": keep_fraction, "empty": empty,
+        "border": border, "log_base": log_base, "max_entropy": math.log(2) / math.log(log_base),
+        "rule": _rule(score, entropy_threshold, keep_fraction, empty),
         "mask_threshold": threshold, "tta": tta,
         "images": images, "failures": failures,
     }
     atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
+
+
+def _rule(score: str, entropy_threshold: float | None, keep_fraction: float | None, empty: str) -> str:
+    region = "every pixel" if score == "mean" else "the predicted lesion and its border"
+    parts = [f"score = mean over {region} of -p log_b p - (1-p) log_b (1-p)"]
+    if entropy_threshold is not None:
+        parts.append(f"keep when score < {entropy_threshold}")
+    if score == "lesion":
+        parts.append(f"slices predicted lesion-free: {empty}")
+    if keep_fraction is not None:
+        parts.append(f"then keep the {keep_fraction:g} most reliable (lowest scores)")
+    return "; ".join(parts)
 
 
 def item_name(dataset, index: int) -> str:
@@ -172,14 +278,15 @@ def run(args) -> int:
     try:
         summary = pseudo_label(args.checkpoint, args.input, args.out, split=args.split,
                                entropy_threshold=args.entropy_threshold, log_base=args.log_base,
-                               threshold=args.threshold, tta=args.tta, batch_size=args.batch_size,
+                               score=args.score, keep_fraction=args.keep_fraction, empty=args.empty,
+                               border=args.border, threshold=args.threshold, tta=args.tta, batch_size=args.batch_size,
                                device=args.device, amp=args.amp, num_workers=args.num_workers,
                                overwrite=args.overwrite)
     except (ValueError, OSError) as err:
         print(f"cares pseudo-label: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("total", "kept", "rejected", "failed", "entropy_threshold",
-                                              "log_base")}))
+    print(json.dumps({k: summary[k] for k in ("total", "kept", "rejected", "failed", "score", "entropy_threshold",
+                                              "keep_fraction", "empty", "log_base")}))
     print(f"kept {summary['kept']} of {summary['total']} slices; wrote {Path(args.out) / 'Imgs'}, GT/ and "
           "summary.json", file=sys.stderr)
     if summary["failed"]:

@@ -102,3 +102,57 @@ def test_train_with_an_empty_pseudo_folder_says_none_were_kept(tmp_path):
     from cares.train import train
     with pytest.raises(ValueError, match="holds no pseudo-labelled slices"):
         train(tiny_config(tmp_path / "semi", pseudo=str(tmp_path / "pseudo"), epochs=1))
+
+
+def test_the_lesion_score_tells_a_doubtful_lesion_from_a_clean_one_where_the_mean_cannot():
+    """Issue 20: on CT slices the background is nearly every pixel, so the paper's mean entropy is low for
+    every slice; the lesion score averages over the predicted lesion and its border only."""
+    from cares.pseudo_label import lesion_region, reliability_score
+    background = np.full((100, 100), 0.001)
+    clean, doubtful = background.copy(), background.copy()
+    clean[40:50, 40:50] = 0.999
+    doubtful[40:50, 40:50] = 0.6
+    assert reliability_score(clean) < 0.05 and reliability_score(doubtful) < 0.05          # mean: both far below 0.6
+    assert reliability_score(clean, "lesion") < 0.05
+    assert reliability_score(doubtful, "lesion") > 0.45                                     # lesion: told apart
+    # The region: the lesion, a border of round(0.02 * 100) = 2 pixels, and every pixel with p >= 0.1.
+    region = lesion_region(clean)
+    assert region.sum() == 14 * 14 and region[38:52, 38:52].all()
+    unsure = background.copy()
+    unsure[0, 0] = 0.2
+    assert lesion_region(unsure).sum() == 1
+    assert reliability_score(background, "lesion") is None                                  # predicted lesion-free
+    with pytest.raises(ValueError, match="score must be one of"):
+        reliability_score(clean, "median")
+
+
+def test_lesion_score_keep_fraction_and_empty_slices(tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "best.pt")
+    slices = write_unlabeled_folder(tmp_path / "unlabeled")
+    faint = np.full((40, 40), 10)
+    faint[10:30, 10:30] = 160                                       # p ~ 0.93 inside: a less certain lesion
+    Image.fromarray(faint.astype(np.uint8)).save(tmp_path / "unlabeled" / "faint_lesion.png")
+    base = ["pseudo-label", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "unlabeled"),
+            "--score", "lesion", "--empty", "drop", "--entropy-threshold", "none"]
+    # The three slices with a predicted lesion pass; ranked by score, the third most reliable is kept.
+    assert main(base + ["--out", str(tmp_path / "third"), "--keep-fraction", "0.34"]) == 0
+    summary = json.loads((tmp_path / "third" / "summary.json").read_text())
+    by_name = {row["name"]: row for row in summary["images"]}
+    assert [p.stem for p in (tmp_path / "third" / "GT").iterdir()] == ["confident_lesion"]
+    assert by_name["confident_clear"]["entropy"] is None
+    assert by_name["confident_clear"]["rejected_because"] == "predicted lesion-free"
+    assert (by_name["confident_lesion"]["entropy"] < by_name["faint_lesion"]["entropy"]
+            < by_name["uncertain_gray"]["entropy"])
+    assert by_name["faint_lesion"]["rejected_because"].startswith("not among the --keep-fraction")
+    assert summary["score"] == "lesion" and "lesion-free: drop" in summary["rule"]
+    # Without a fraction, a threshold on the lesion score; predicted lesion-free slices kept on request.
+    assert main(base[:-4] + ["--empty", "keep", "--entropy-threshold", "0.5", "--out", str(tmp_path / "thr")]) == 0
+    kept = sorted(p.stem for p in (tmp_path / "thr" / "GT").iterdir())
+    assert kept == ["confident_clear", "confident_lesion", "faint_lesion"]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "thr" / "Imgs" / "confident_lesion.png")),
+                                  slices["confident_lesion"])
+    capsys.readouterr()
+    for bad, message in ((["--keep-fraction", "0"], "--keep-fraction must be in (0, 1]"),
+                         (["--border", "0.7"], "--border must be in [0, 0.5)")):
+        assert main(base + bad + ["--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
