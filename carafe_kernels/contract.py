@@ -40,6 +40,17 @@ SCHEMAS: dict[str, str] = {
                      "-> Tensor"),
     "carafe_fused_backward": ("(Tensor grad_output, Tensor features, Tensor mask_logits, int kernel_size, "
                               "int group_size, int scale_factor) -> (Tensor grad_features, Tensor grad_mask_logits)"),
+    # Content-aware downsampling (CARAFE++): the same signatures, masks / mask_logits and output of size
+    # (ceil(H/s), ceil(W/s)) (expected_second_shape(..., down=True), output_shape(..., down=True)).
+    "carafe_down": ("(Tensor features, Tensor masks, int kernel_size, int group_size, int scale_factor) "
+                    "-> Tensor"),
+    "carafe_down_backward": ("(Tensor grad_output, Tensor features, Tensor masks, int kernel_size, int group_size, "
+                             "int scale_factor) -> (Tensor grad_features, Tensor grad_masks)"),
+    "carafe_down_fused": ("(Tensor features, Tensor mask_logits, int kernel_size, int group_size, "
+                          "int scale_factor) -> Tensor"),
+    "carafe_down_fused_backward": ("(Tensor grad_output, Tensor features, Tensor mask_logits, int kernel_size, "
+                                   "int group_size, int scale_factor) -> (Tensor grad_features, "
+                                   "Tensor grad_mask_logits)"),
 }
 
 

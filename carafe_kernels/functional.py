@@ -249,9 +249,9 @@ def carafe_down(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, g
     (s*i, s*j), so the output size is that of a stride-s convolution with padding k // 2. The masks
     are used as given (see :func:`carafe_down_fused` for the op that normalises them).
 
-    Runs on the pure-PyTorch ``reference`` backend (autograd, forward-mode AD and vmap by PyTorch) until
-    the native kernels land: ``backend="auto"`` picks it; an explicit "cpu", "cuda" or "triton" raises
-    BackendUnavailableError.
+    Runs on the ``cpu`` backend (fused, vectorised C++ kernels; ``backend="auto"`` picks it for CPU
+    tensors) and on the pure-PyTorch ``reference`` backend (any device); "cuda" and "triton" have no
+    down kernel yet and raise BackendUnavailableError when asked for explicitly.
 
     Args:
         features: (N, C, H, W) float tensor.
@@ -259,7 +259,8 @@ def carafe_down(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, g
         kernel_size: k, odd, >= 1.
         group_size: G, divides C.
         scale_factor: the stride s, integer >= 1.
-        backend: "auto" or "reference" (the others have no down kernel yet); "auto" also reads CARAFE_BACKEND.
+        backend: "auto", "cpu" or "reference" ("cuda" and "triton" have no down kernel yet); "auto" also reads
+            CARAFE_BACKEND.
 
     Returns:
         (N, C, ceil(H/s), ceil(W/s)) tensor of the input dtype.

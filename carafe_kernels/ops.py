@@ -13,8 +13,8 @@ import torch.autograd.forward_ad as _forward_ad
 from torch.utils.flop_counter import register_flop_formula
 
 from ._native import HAS_NATIVE
-from .contract import NATIVE_DTYPES, check_arguments
-from .reference import down_output_size, normalize_mask_logits_jvp
+from .contract import NATIVE_DTYPES, check_arguments, output_shape
+from .reference import down_output_size, normalize_down_mask_logits_jvp, normalize_mask_logits_jvp
 
 __all__ = ["carafe_flops", "carafe_down_flops", "register_carafe_op_family", "rule", "AUTOCAST_ERROR"]
 
@@ -36,10 +36,9 @@ def carafe_down_flops(features_shape, kernel_size: int, scale_factor: int) -> in
 
 
 def _output_like(features: torch.Tensor, scale_factor: int,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    n, c, h, w = features.shape
-    return torch.empty((n, c, h * scale_factor, w * scale_factor), dtype=features.dtype, device=features.device,
-                       memory_format=memory_format)
+                 memory_format: torch.memory_format = torch.contiguous_format, *, down: bool = False) -> torch.Tensor:
+    return torch.empty(output_shape(features.shape, scale_factor, down=down), dtype=features.dtype,
+                       device=features.device, memory_format=memory_format)
 
 
 def follow_channels_last(features: torch.Tensor) -> torch.memory_format:
@@ -127,9 +126,11 @@ def rule(op) -> type[torch.autograd.Function]:
     return _RULES[op]
 
 
-def _register_autograd(forward_op, backward_op, plain_op, *, fused: bool) -> None:
+def _register_autograd(forward_op, backward_op, plain_op, *, fused: bool, down: bool = False) -> None:
     """Autograd kernels (reverse mode, forward mode, torch.func) for one (forward, backward) op pair.
-    plain_op: the family's unfused forward op, whose rule is registered already (the fused jvp uses it)."""
+    plain_op: the family's unfused forward op, whose rule is registered already (the fused jvp uses it).
+    down: the content-aware downsampling ops (their logits are softmaxed without a pixel shuffle)."""
+    logits_jvp = normalize_down_mask_logits_jvp if down else normalize_mask_logits_jvp
 
     class CarafeRule(torch.autograd.Function):
         generate_vmap_rule = True
@@ -168,7 +169,7 @@ def _register_autograd(forward_op, backward_op, plain_op, *, fused: bool) -> Non
                 tangent = CarafeRule.apply(d_features, masks, *ctx.args)
             if d_masks is not None:
                 if fused:
-                    d_masks = normalize_mask_logits_jvp(masks, d_masks, *ctx.args)
+                    d_masks = logits_jvp(masks, d_masks, *ctx.args)
                 part = _RULES[plain_op].apply(features, d_masks, *ctx.args)
                 tangent = part if tangent is None else tangent + part
             return tangent
@@ -241,11 +242,12 @@ def _register_vmap(op, tensor_count: int) -> None:
 
 
 def _no_second_order(op) -> None:
+    plain, normalize = (("carafe_down", "normalize_down_mask_logits(mask_logits, k, G)") if "carafe_down" in op._name
+                        else ("carafe", "normalize_mask_logits(mask_logits, k, G, s)"))
     raise NotImplementedError(
         f"{op._name} has no derivative: double backward and forward-over-reverse (e.g. torch.func.hessian) "
-        "through the fused CARAFE op are not supported; use carafe(features, "
-        "carafe_kernels.reference.normalize_mask_logits(mask_logits, k, G, s), k, G, s) (the plain op supports "
-        "them) or backend='reference'")
+        f"through the fused CARAFE op are not supported; use {plain}(features, "
+        f"carafe_kernels.reference.{normalize}, k, G, s) (the plain op supports them) or backend='reference'")
 
 
 def _register_autograd_kernel(op, op_rule) -> None:
@@ -264,7 +266,8 @@ def _register_autograd_kernel(op, op_rule) -> None:
             if transforms_active():
                 raise NotImplementedError(
                     f"torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, hessian) cannot differentiate a "
-                    f"direct call of {op_path}: call carafe_kernels.carafe / carafe_fused (or "
+                    f"direct call of {op_path}: call carafe_kernels.carafe / carafe_fused / carafe_down / "
+                    f"carafe_down_fused (or "
                     f"carafe_kernels.ops.rule(op).apply), which support them")
             return apply(*args)
         with below_autograd():
@@ -292,13 +295,15 @@ _LIBS: list = []  # keep the Library objects alive: their registrations die with
 
 def register_carafe_op_family(forward_qualname: str, backward_qualname: str, *,
                               dtypes: tuple[torch.dtype, ...] = NATIVE_DTYPES,
-                              layout=_always_nchw) -> None:
+                              layout=_always_nchw, down: bool = False) -> None:
     """Fake kernels, autograd, autocast and FLOP formulas for one (forward, backward) op pair with the
     schemas of contract.SCHEMAS:  forward(features, masks_or_logits, k, G, s) -> out  and
     backward(grad_out, features, masks_or_logits, k, G, s) -> (grad_features, grad_masks_or_logits).
     dtypes: what the kernels compute in (the fake kernels refuse the others, as the real ones do).
     layout: features -> the memory format of the output and gradients the kernels return (the fake
-    kernels must give the real ones' strides): _always_nchw, or follow_channels_last."""
+    kernels must give the real ones' strides): _always_nchw, or follow_channels_last. down: the content-aware
+    downsampling ops (carafe_down, carafe_down_fused), whose masks/logits and output are (.., ceil(H/s),
+    ceil(W/s)) (contract.check_arguments(..., down=True)) and whose FLOPs are carafe_down_flops."""
     # register_flop_formula takes the OpOverloadPacket (torch.ops.ns.name).
     forward_op = _packet(forward_qualname)
     backward_op = _packet(backward_qualname)
@@ -310,36 +315,42 @@ def register_carafe_op_family(forward_qualname: str, backward_qualname: str, *,
     @torch.library.register_fake(forward_qualname)
     def _forward_fake(features, masks, kernel_size, group_size, scale_factor):
         check_arguments(features, masks, kernel_size, group_size, scale_factor, fused=fused, op=forward_qualname,
-                        dtypes=dtypes, limits=True)
-        return _output_like(features, scale_factor, layout(features))
+                        dtypes=dtypes, limits=True, down=down)
+        return _output_like(features, scale_factor, layout(features), down=down)
 
     @torch.library.register_fake(backward_qualname)
     def _backward_fake(grad_output, features, masks, kernel_size, group_size, scale_factor):
         check_arguments(features, masks, kernel_size, group_size, scale_factor, fused=fused, op=backward_qualname,
-                        dtypes=dtypes, limits=True, grad_output=grad_output)
+                        dtypes=dtypes, limits=True, grad_output=grad_output, down=down)
         return torch.empty_like(features, memory_format=layout(features)), \
             torch.empty_like(masks, memory_format=layout(features))
 
     _register_autograd(torch._library.utils.lookup_op(forward_qualname),
                        torch._library.utils.lookup_op(backward_qualname),
                        # the family's unfused op, registered first (its rule is in _RULES)
-                       torch._library.utils.lookup_op(forward_qualname.removesuffix("_fused")), fused=fused)
+                       torch._library.utils.lookup_op(forward_qualname.removesuffix("_fused")), fused=fused,
+                       down=down)
 
     for device_type in ("cpu", "cuda"):
         _register_autocast(forward_qualname, device_type)
 
+    flops = carafe_down_flops if down else carafe_flops
+
     @register_flop_formula(forward_op)
     def _forward_flops(features_shape, masks_shape, kernel_size, group_size, scale_factor, *args, **kwargs):
-        return carafe_flops(features_shape, kernel_size, scale_factor)
+        return flops(features_shape, kernel_size, scale_factor)
 
     @register_flop_formula(backward_op)
     def _backward_flops(grad_shape, features_shape, masks_shape, kernel_size, group_size, scale_factor,
                         *args, **kwargs):
         # grad_features (a gather) and grad_masks (a reduction over channels): one multiply-add each per
         # tap per output element.
-        return 2 * carafe_flops(features_shape, kernel_size, scale_factor)
+        return 2 * flops(features_shape, kernel_size, scale_factor)
 
 
 if HAS_NATIVE:
     register_carafe_op_family("carafe_kernels::carafe", "carafe_kernels::carafe_backward")
     register_carafe_op_family("carafe_kernels::carafe_fused", "carafe_kernels::carafe_fused_backward")
+    register_carafe_op_family("carafe_kernels::carafe_down", "carafe_kernels::carafe_down_backward", down=True)
+    register_carafe_op_family("carafe_kernels::carafe_down_fused", "carafe_kernels::carafe_down_fused_backward",
+                              down=True)

@@ -18,7 +18,7 @@ from .contract import down_output_size
 
 __all__ = ["carafe_reference", "carafe_fused_reference", "normalize_mask_logits", "normalize_mask_logits_jvp",
            "carafe_unfold", "down_output_size", "carafe_down_reference", "carafe_down_fused_reference",
-           "normalize_down_mask_logits", "carafe_down_unfold"]
+           "normalize_down_mask_logits", "normalize_down_mask_logits_jvp", "carafe_down_unfold"]
 
 
 def normalize_mask_logits(mask_logits: torch.Tensor, kernel_size: int, group_size: int,
@@ -113,6 +113,21 @@ def normalize_down_mask_logits(mask_logits: torch.Tensor, kernel_size: int, grou
     n, _, ho, wo = mask_logits.shape
     k2 = kernel_size * kernel_size
     return mask_logits.reshape(n, group_size, k2, ho, wo).softmax(dim=2).reshape(n, group_size * k2, ho, wo)
+
+
+def normalize_down_mask_logits_jvp(mask_logits: torch.Tensor, tangent: torch.Tensor, kernel_size: int,
+                                   group_size: int, scale_factor: int) -> torch.Tensor:
+    """The tangent of normalize_down_mask_logits at mask_logits in the direction tangent: the softmax's
+    derivative p * (dz - sum_t p * dz) over each group's k*k taps, computed in float32 (at least) and
+    returned in tangent's dtype (normalize_mask_logits_jvp without the shuffle). scale_factor is unused
+    (the down logits are not shuffled); it is taken so that both jvps have the op's signature."""
+    n, _, ho, wo = mask_logits.shape
+    k2 = kernel_size * kernel_size
+    dtype = torch.promote_types(tangent.dtype, torch.float32)
+    p = mask_logits.reshape(n, group_size, k2, ho, wo).softmax(dim=2, dtype=dtype)
+    dz = tangent.reshape(n, group_size, k2, ho, wo).to(dtype)
+    dp = p * (dz - (p * dz).sum(dim=2, keepdim=True))
+    return dp.reshape(tangent.shape).to(tangent.dtype)
 
 
 def carafe_down_reference(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,

@@ -56,7 +56,7 @@ class Backend:
     # cast under torch.autocast; the reference has none and is given cast inputs.
     own_autocast: bool = False
     # Content-aware downsampling (CARAFE++), same signature; None where the backend has no kernel for it
-    # (for now every backend but the reference: the native kernels come after the stable-ABI port).
+    # (for now cuda and triton).
     carafe_down: Callable[..., torch.Tensor] | None = None
     carafe_down_fused: Callable[..., torch.Tensor] | None = None
 
@@ -77,8 +77,8 @@ class Backend:
         ("carafe", "carafe_fused", "carafe_down", "carafe_down_fused")."""
         if getattr(self, op) is None:
             # Said first: building or installing the backend would not help.
-            return (f"has no {op} kernel yet (the content-aware downsampling ops run on the 'reference' "
-                    "backend until the native kernels land)")
+            having = [name for name, backend in BACKENDS.items() if getattr(backend, op) is not None]
+            return f"has no {op} kernel yet (the backends that have one: {', '.join(repr(n) for n in having)})"
         reason = self.reason()
         if reason is not None:
             return reason
@@ -155,7 +155,8 @@ BACKENDS: dict[str, Backend] = {
                 carafe_down_fused=carafe_down_fused_reference),
         Backend("cpu", lambda: ("cpu",), _native.cpu_unavailable_reason, _native_op("carafe"),
                 _native_op("carafe_fused"), max_kernel_size=MAX_KERNEL_SIZE, max_scale_factor=MAX_SCALE_FACTOR,
-                own_autocast=True),
+                own_autocast=True, carafe_down=_native_op("carafe_down"),
+                carafe_down_fused=_native_op("carafe_down_fused")),
         Backend("cuda", lambda: ("cuda",), _native.cuda_unavailable_reason, _native_op("carafe"),
                 _native_op("carafe_fused"), max_kernel_size=MAX_KERNEL_SIZE, max_scale_factor=MAX_SCALE_FACTOR,
                 own_autocast=True),

@@ -21,8 +21,7 @@ Definitions (also printed under every markdown table):
 CARAFE is counted exactly once whatever backend runs: the native ops (torch.ops.carafe_kernels.*) carry
 FLOP formulas that FlopCounterMode applies; the pure-PyTorch reference backend is elementwise work that
 FlopCounterMode does not see, so for every CARAFEPack (CARAFEDownPack) call in which no carafe op reached
-the dispatcher a forward hook adds ``carafe_flops`` (``carafe_down_flops``) instead. The downsampling op
-runs on the reference backend until its native kernels land, so its count always comes from the hook.
+the dispatcher a forward hook adds ``carafe_flops`` (``carafe_down_flops``) instead.
 """
 from __future__ import annotations
 

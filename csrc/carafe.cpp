@@ -51,6 +51,18 @@ STABLE_TORCH_LIBRARY(carafe_kernels, m) {
   m.def(
       "carafe_fused_backward(Tensor grad_output, Tensor features, Tensor mask_logits, int kernel_size, "
       "int group_size, int scale_factor) -> (Tensor grad_features, Tensor grad_mask_logits)");
+  // Content-aware downsampling (CARAFE++): masks and mask_logits alike (N, G*k*k, ceil(H/s), ceil(W/s)),
+  // output (N, C, ceil(H/s), ceil(W/s)).
+  m.def("carafe_down(Tensor features, Tensor masks, int kernel_size, int group_size, int scale_factor) -> Tensor");
+  m.def(
+      "carafe_down_backward(Tensor grad_output, Tensor features, Tensor masks, int kernel_size, int group_size, "
+      "int scale_factor) -> (Tensor grad_features, Tensor grad_masks)");
+  m.def(
+      "carafe_down_fused(Tensor features, Tensor mask_logits, int kernel_size, int group_size, int scale_factor) "
+      "-> Tensor");
+  m.def(
+      "carafe_down_fused_backward(Tensor grad_output, Tensor features, Tensor mask_logits, int kernel_size, "
+      "int group_size, int scale_factor) -> (Tensor grad_features, Tensor grad_mask_logits)");
   m.def("_native_limits() -> int[]");
 }
 

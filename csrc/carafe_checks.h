@@ -103,9 +103,10 @@ inline int64_t checked_mul(const char* op, std::initializer_list<int64_t> factor
 }
 
 // Checks features and masks (mask_logits when `fused`) of one call on `device` against the contract
-// (docs/design.md#the-contract) and the native limits; returns the call's Shape.
+// (docs/design.md#the-contract) and the native limits; returns the call's Shape. `down`: the
+// content-aware downsampling ops, whose masks and logits alike are (N, G*k*k, ceil(H/s), ceil(W/s)).
 inline Shape check_inputs(const char* op, torch::headeronly::DeviceType device, const Tensor& features,
-                          const Tensor& masks, bool fused, int64_t k, int64_t G, int64_t s) {
+                          const Tensor& masks, bool fused, int64_t k, int64_t G, int64_t s, bool down = false) {
   const char* masks_name = fused ? "mask_logits" : "masks";
   const char* device_name = device == torch::headeronly::DeviceType::CUDA ? "cuda" : "cpu";
   CARAFE_CHECK(features.dim() == 4, op, ": features must be 4-D (N, C, H, W), got shape ", sizes_of(features));
@@ -125,25 +126,31 @@ inline Shape check_inputs(const char* op, torch::headeronly::DeviceType device, 
   const int64_t N = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
   CARAFE_CHECK(G >= 1 && C % G == 0, op, ": group_size=", G, " must be >= 1 and divide the channels of features ",
                sizes_of(features));
-  const Sizes expected{fused ? std::vector<int64_t>{N, checked_mul(op, {G, k, k, s, s}), H, W}
-                             : std::vector<int64_t>{N, checked_mul(op, {G, k, k}), checked_mul(op, {H, s}),
-                                                    checked_mul(op, {W, s})}};
+  const Shape p{N, C, H, W, k, G, s};
+  const Sizes expected{down    ? std::vector<int64_t>{N, checked_mul(op, {G, k, k}), p.down_H(), p.down_W()}
+                       : fused ? std::vector<int64_t>{N, checked_mul(op, {G, k, k, s, s}), H, W}
+                               : std::vector<int64_t>{N, checked_mul(op, {G, k, k}), checked_mul(op, {H, s}),
+                                                      checked_mul(op, {W, s})}};
   CARAFE_CHECK(sizes_of(masks).v == expected.v, op, ": ", masks_name, " must have shape ", expected,
-               fused ? " (N, G*k*k*s*s, H, W)" : " (N, G*k*k, H*s, W*s)", " for features ", sizes_of(features),
-               ", kernel_size=", k, ", group_size=", G, ", scale_factor=", s, "; got ", sizes_of(masks));
-  checked_mul(op, {N, C, H, s, W, s});  // the output's element count
-  return Shape{N, C, H, W, k, G, s};
+               down ? " (N, G*k*k, ceil(H/s), ceil(W/s))" : fused ? " (N, G*k*k*s*s, H, W)" : " (N, G*k*k, H*s, W*s)",
+               " for features ", sizes_of(features), ", kernel_size=", k, ", group_size=", G, ", scale_factor=", s,
+               "; got ", sizes_of(masks));
+  if (!down) checked_mul(op, {N, C, H, s, W, s});  // the output's element count (the down output is smaller)
+  return p;
 }
 
-// grad_output of a backward op: the output's shape (N, C, H*s, W*s), dtype and device.
-inline void check_grad_output(const char* op, const Tensor& grad_output, const Tensor& features, const Shape& p) {
+// grad_output of a backward op: the output's shape (N, C, H*s, W*s), or (N, C, ceil(H/s), ceil(W/s))
+// when `down`, dtype and device.
+inline void check_grad_output(const char* op, const Tensor& grad_output, const Tensor& features, const Shape& p,
+                              bool down = false) {
   CARAFE_CHECK(device_of(grad_output) == device_of(features), op, ": grad_output must be on ", device_of(features),
                ", got ", device_of(grad_output));
   CARAFE_CHECK(grad_output.scalar_type() == features.scalar_type(), op, ": grad_output must have the dtype of ",
                "features (", DtypeName{features.scalar_type()}, "), got ", DtypeName{grad_output.scalar_type()});
-  const Sizes expected{{p.N, p.C, p.Ho(), p.Wo()}};
-  CARAFE_CHECK(sizes_of(grad_output).v == expected.v, op,
-               ": grad_output must have the output's shape (N, C, H*s, W*s) = ", expected, ", got ",
+  const Sizes expected{down ? std::vector<int64_t>{p.N, p.C, p.down_H(), p.down_W()}
+                            : std::vector<int64_t>{p.N, p.C, p.Ho(), p.Wo()}};
+  CARAFE_CHECK(sizes_of(grad_output).v == expected.v, op, ": grad_output must have the output's shape ",
+               down ? "(N, C, ceil(H/s), ceil(W/s))" : "(N, C, H*s, W*s)", " = ", expected, ", got ",
                sizes_of(grad_output));
 }
 

@@ -35,6 +35,9 @@ struct Shape {
   CARAFE_HOST_DEVICE int64_t channels_per_group() const { return C / G; }
   CARAFE_HOST_DEVICE int64_t mask_channels() const { return G * k * k; }          // masks (N, G*k*k, Ho, Wo)
   CARAFE_HOST_DEVICE int64_t logit_channels() const { return G * k * k * s * s; }  // logits (N, G*k*k*s*s, H, W)
+  // The down ops (carafe_down): output, masks and logits are (.., ceil(H/s), ceil(W/s)).
+  CARAFE_HOST_DEVICE int64_t down_H() const { return (H + s - 1) / s; }
+  CARAFE_HOST_DEVICE int64_t down_W() const { return (W + s - 1) / s; }
 };
 
 // Offset of masks[n, g*k*k + t, y, x] in a contiguous (N, G*k*k, H*s, W*s) tensor.

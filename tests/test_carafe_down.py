@@ -1,9 +1,13 @@
-"""Content-aware downsampling (CARAFE++) as a public op: carafe_down / carafe_down_fused through the
-contract, the registry and the call plans, and the CARAFEDownPack module.
+"""Content-aware downsampling (CARAFE++) as a public op: carafe_down / carafe_down_fused on every backend
+that has them (the float64 reference and the cpu kernels), through the contract, the registry and the call
+plans, and the CARAFEDownPack module.
 
-Only the reference backend implements the down ops for now, so the oracle comparisons here check the
-public path (validation, backend choice, autocast casts, compile, export) rather than a second kernel;
-the reference against the scalar-loop definition is tests/test_reference_down.py.
+Every backend runs the op suite as CARAFE's does (tests/test_carafe.py): forward and both gradients
+against the float64 oracle (odd sizes, groups, k wider than the image, s = 1 and 3, every dtype), gradcheck,
+memory layouts (channels_last, strided, transposed), empty tensors, determinism (and thread-count
+independence for the cpu kernels), NaN locality, every autodiff mode, autocast, torch.compile, and for
+the native ops torch.library.opcheck, schemas, the C++ argument checks and FLOP formulas. The reference
+against the scalar-loop definition is tests/test_reference_down.py.
 """
 from __future__ import annotations
 
@@ -12,18 +16,30 @@ import re
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from conftest import TOLERANCES, assert_close_to_oracle, backend_cases, max_abs_err, to_layout
 
 import carafe_kernels
-from carafe_kernels import (BackendUnavailableError, CARAFEDownPack, carafe_down, carafe_down_flops,
+from carafe_kernels import (BackendUnavailableError, CARAFEDownPack, backend_status, carafe_down, carafe_down_flops,
                             carafe_down_fused)
+from carafe_kernels.contract import SCHEMAS
 from carafe_kernels.naive import carafe_down_fused_naive, carafe_down_naive
-from carafe_kernels.reference import carafe_down_unfold, down_output_size, normalize_down_mask_logits
+from carafe_kernels.reference import (carafe_down_fused_reference, carafe_down_reference, carafe_down_unfold,
+                                      down_output_size, normalize_down_mask_logits)
+from carafe_kernels.registry import BACKENDS
 
 OPS = {"plain": carafe_down, "fused": carafe_down_fused}
+REFERENCE = {"plain": carafe_down_reference, "fused": carafe_down_fused_reference}
 SECOND = {"plain": "masks", "fused": "mask_logits"}
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
        torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+# The (backend, device) cases whose backend has the down ops (unavailable ones are skipped with the reason).
+BACKEND_CASES = [case for case in backend_cases() if BACKENDS[case.values[0]].carafe_down is not None]
+NATIVE_CASES = [case for case in BACKEND_CASES if case.values[0] != "reference"]
+NATIVE_REASON = backend_status()["cpu"]
+needs_native = pytest.mark.skipif(NATIVE_REASON is not None, reason=f"native ops unavailable: {NATIVE_REASON}")
 
 # (N, C, H, W, k, G, s)
 ODD = (2, 4, 7, 5, 3, 2, 2)           # sizes s does not divide
@@ -31,7 +47,19 @@ S3 = (1, 6, 8, 7, 5, 3, 3)
 BIG_K = (1, 2, 3, 2, 7, 1, 2)         # window wider than the image
 S1 = (2, 3, 5, 6, 3, 1, 1)
 ONE_PIXEL = (1, 2, 1, 1, 3, 1, 2)
+K11_S4 = (1, 3, 13, 10, 11, 1, 4)     # the largest kernel: taps reach 2 output columns either side
+S8 = (1, 2, 17, 9, 5, 2, 8)           # the largest scale factor, ragged last row and column
+K1 = (2, 4, 6, 9, 1, 2, 2)
+MMCV_LIKE = (2, 64, 6, 6, 5, 4, 2)
+# Several tasks, channel blocks (> 16 channels per group) and vectors per row in the cpu kernels.
+MULTI_BLOCK = (2, 40, 24, 37, 5, 2, 2)
 SHAPES = [ODD, S3, BIG_K, S1, ONE_PIXEL, (1, 1, 1, 1, 1, 1, 1)]
+ORACLE_SHAPES = SHAPES + [K11_S4, S8, K1, MMCV_LIKE, MULTI_BLOCK]
+DTYPE_CASES = ([(shape, torch.float32) for shape in ORACLE_SHAPES]
+               + [(shape, torch.float64) for shape in (ODD, S3, K11_S4, MMCV_LIKE)]
+               + [(shape, dtype) for dtype in (torch.bfloat16, torch.float16) for shape in (ODD, S3, MMCV_LIKE,
+                                                                                          MULTI_BLOCK)])
+DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def shape_id(shape):
@@ -53,142 +81,313 @@ def naive(op, features, second, k, G, s):
     return fn(features.double(), second.double(), k, G, s)
 
 
+def forward_backward(fn, features, second, grad_out=None):
+    """(out, grad_features, grad_second) of fn on leaf copies of the inputs (layouts kept), for grad_out
+    (default: a fixed random tensor)."""
+    features = features.detach().requires_grad_(True)
+    second = second.detach().requires_grad_(True)
+    out = fn(features, second)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1234), dtype=torch.float64).to(out)
+    grads = torch.autograd.grad(out, (features, second), grad_out)
+    return (out.detach(), *grads)
+
+
+def oracle(op, features, second, k, G, s):
+    """The float64 reference's forward and gradients on the same (rounded) values."""
+    return forward_backward(lambda f, m: REFERENCE[op](f, m, k, G, s), features.detach().double(),
+                            second.detach().double())
+
+
+def on(backend, op, k, G, s):
+    return lambda f, m: OPS[op](f, m, k, G, s, backend=backend)
+
+
 # --- the op against the definition ------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("op", OPS)
-def test_matches_the_float64_definition(op, shape):
+def test_matches_the_float64_definition(op, shape, backend, device):
     N, C, H, W, k, G, s = shape
     features, second = make_inputs(*shape, op=op)
-    out = OPS[op](features, second, k, G, s)
+    out = OPS[op](features.to(device), second.to(device), k, G, s, backend=backend)
     assert out.shape == (N, C, math.ceil(H / s), math.ceil(W / s)) and out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), naive(op, features, second, k, G, s), **TOL[torch.float32])
-    # The public op through backend="reference" is the same function.
-    torch.testing.assert_close(OPS[op](features, second, k, G, s, backend="reference"), out, rtol=0, atol=0)
+    torch.testing.assert_close(out.double().cpu(), naive(op, features, second, k, G, s), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
+@pytest.mark.parametrize("case", DTYPE_CASES, ids=lambda c: f"{shape_id(c[0])}-{DTYPE_NAMES[c[1]]}")
 @pytest.mark.parametrize("op", OPS)
-def test_gradcheck(op):
-    N, C, H, W, k, G, s = ODD
-    features, second = make_inputs(*ODD, op=op, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda f, m: OPS[op](f, m, k, G, s),
-                                    (features.requires_grad_(), second.requires_grad_()))
+def test_forward_and_gradients_match_oracle(op, case, backend, device):
+    """Output and both gradients within the suite's tolerance table of the float64 oracle; in fp16/bf16
+    also at most 2x the error of the reference run in the same dtype (docs/design.md#test-tolerances)."""
+    shape, dtype = case
+    N, C, H, W, k, G, s = shape
+    features, second = make_inputs(*shape, op=op, dtype=dtype)
+    got = forward_backward(on(backend, op, k, G, s), features.to(device), second.to(device))
+    want = oracle(op, features, second, k, G, s)
+    errors = [None] * 3
+    if dtype in (torch.float16, torch.bfloat16) and backend != "reference":
+        same_dtype = forward_backward(on("reference", op, k, G, s), features, second)
+        errors = [max_abs_err(a, b) for a, b in zip(same_dtype, want)]
+    for g, w, e, what in zip(got, want, errors, ("output", "grad features", f"grad {SECOND[op]}")):
+        assert_close_to_oracle(g.cpu(), w, dtype, what, e)
 
 
-def test_fused_equals_plain_of_softmaxed_logits():
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
+@pytest.mark.parametrize("shape", [ODD, S3, (1, 2, 5, 4, 5, 1, 2)], ids=shape_id)
+@pytest.mark.parametrize("op", OPS)
+def test_gradcheck(op, shape, backend, device):
+    N, C, H, W, k, G, s = shape
+    features, second = make_inputs(*shape, op=op, dtype=torch.float64)
+    assert torch.autograd.gradcheck(on(backend, op, k, G, s),
+                                    (features.to(device).requires_grad_(), second.to(device).requires_grad_()))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
+def test_fused_equals_plain_of_softmaxed_logits(backend, device):
     N, C, H, W, k, G, s = S3
     features, logits = make_inputs(*S3, op="fused")
+    features, logits = features.to(device), logits.to(device)
     masks = logits.view(N, G, k * k, *logits.shape[2:]).softmax(dim=2).view_as(logits)
-    torch.testing.assert_close(carafe_down_fused(features, logits, k, G, s), carafe_down(features, masks, k, G, s))
+    torch.testing.assert_close(carafe_down_fused(features, logits, k, G, s, backend=backend),
+                               carafe_down(features, masks, k, G, s, backend=backend))
 
 
-def test_uniform_masks_give_average_pooling():
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
+def test_uniform_masks_give_average_pooling(backend, device):
     """The documented semantics on a case with a known answer: masks 1/k^2 everywhere are
     avg_pool2d(k, stride=s, padding=k//2, count_include_pad=True)."""
-    features = torch.randn(2, 3, 9, 8)
-    masks = torch.full((2, 25, 5, 4), 1 / 25)
-    torch.testing.assert_close(carafe_down(features, masks, 5, 1, 2),
+    features = torch.randn(2, 3, 9, 8, device=device)
+    masks = torch.full((2, 25, 5, 4), 1 / 25, device=device)
+    torch.testing.assert_close(carafe_down(features, masks, 5, 1, 2, backend=backend),
                                F.avg_pool2d(features, 5, stride=2, padding=2, count_include_pad=True))
 
 
+LAYOUTS = [("channels_last", "channels_last"), ("strided", "strided"), ("transposed", "transposed"),
+           ("channels_last", "strided"), ("contiguous", "channels_last")]
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
+@pytest.mark.parametrize("layouts", LAYOUTS, ids=lambda p: f"{p[0]}-{p[1]}")
 @pytest.mark.parametrize("op", OPS)
-def test_channels_last_inputs(op):
-    N, C, H, W, k, G, s = ODD
-    features, second = make_inputs(*ODD, op=op)
-    expected = OPS[op](features, second, k, G, s)
-    f_cl = features.contiguous(memory_format=torch.channels_last).requires_grad_()
-    m_cl = second.contiguous(memory_format=torch.channels_last).requires_grad_()
-    out = OPS[op](f_cl, m_cl, k, G, s)
-    torch.testing.assert_close(out, expected)
-    out.sum().backward()
-    f, m = features.clone().requires_grad_(), second.clone().requires_grad_()
-    OPS[op](f, m, k, G, s).sum().backward()
-    torch.testing.assert_close(f_cl.grad, f.grad)
-    torch.testing.assert_close(m_cl.grad, m.grad)
-
-
-@pytest.mark.parametrize("empty", ["N0", "C0"])
-@pytest.mark.parametrize("op", OPS)
-def test_empty_tensors(op, empty):
-    N, C = (0, 4) if empty == "N0" else (2, 0)
-    features = torch.randn(N, C, 5, 7, requires_grad=True)
-    second = torch.randn(N, 2 * 9, 3, 4, requires_grad=True) if C else torch.randn(N, 9, 3, 4, requires_grad=True)
-    G = 2 if C else 1
-    out = OPS[op](features, second, 3, G, 2)
-    assert out.shape == (N, C, 3, 4)
-    out.sum().backward()
-    assert features.grad.shape == features.shape and second.grad.shape == second.shape
-    assert not second.grad.any()
-
-
-@pytest.mark.parametrize("op", OPS)
-def test_deterministic(op):
+def test_memory_layouts(op, layouts, backend, device):
+    """channels_last, strided (a view into a NaN-filled buffer: a kernel that ignores strides reads NaN)
+    and transposed inputs give the contiguous result and gradients."""
     N, C, H, W, k, G, s = S3
     features, second = make_inputs(*S3, op=op)
-    results = []
-    for _ in range(2):
-        f, m = features.clone().requires_grad_(), second.clone().requires_grad_()
-        out = OPS[op](f, m, k, G, s)
-        out.backward(torch.ones_like(out))
-        results.append((out, f.grad, m.grad))
+    f, m = to_layout(features.to(device), layouts[0]), to_layout(second.to(device), layouts[1])
+    got = forward_backward(on(backend, op, k, G, s), f, m)
+    want = oracle(op, features, second, k, G, s)
+    for g, w, what in zip(got, want, ("output", "grad features", "grad masks")):
+        assert_close_to_oracle(g.cpu(), w, torch.float32, what)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
+@pytest.mark.parametrize("op", OPS)
+def test_channels_last_grad_output(op, backend, device):
+    """A channels_last gradient arriving from the next layer (a conv's) gives the same gradients."""
+    N, C, H, W, k, G, s = ODD
+    features, second = make_inputs(*ODD, op=op)
+    features, second = features.to(device), second.to(device)
+    grad = torch.randn(N, C, 4, 3, device=device)
+    want = forward_backward(on(backend, op, k, G, s), features, second, grad)
+    got = forward_backward(on(backend, op, k, G, s), features, second,
+                           grad.contiguous(memory_format=torch.channels_last))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
+@pytest.mark.parametrize("empty", ["N0", "C0", "H0"])
+@pytest.mark.parametrize("op", OPS)
+def test_empty_tensors(op, empty, backend, device):
+    N, C, H = {"N0": (0, 4, 5), "C0": (2, 0, 5), "H0": (2, 4, 0)}[empty]
+    G = 2 if C else 1
+    features = torch.randn(N, C, H, 7, device=device, requires_grad=True)
+    second = torch.randn(N, G * 9, down_output_size(H, 2), 4, device=device, requires_grad=True)
+    out = OPS[op](features, second, 3, G, 2, backend=backend)
+    assert out.shape == (N, C, down_output_size(H, 2), 4)
+    out.sum().backward()
+    assert features.grad.shape == features.shape and second.grad.shape == second.shape
+    assert not second.grad.any()  # C = 0: no channel contributes to the masks' gradient
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
+@pytest.mark.parametrize("op", OPS)
+def test_deterministic(op, backend, device):
+    """Two forward+backward runs are bitwise equal (the backward is a gather, no atomics)."""
+    N, C, H, W, k, G, s = MULTI_BLOCK
+    features, second = make_inputs(*MULTI_BLOCK, op=op)
+    features, second = features.to(device), second.to(device)
+    first = forward_backward(on(backend, op, k, G, s), features, second)
+    again = forward_backward(on(backend, op, k, G, s), features, second)
+    for a, b, what in zip(first, again, ("output", "grad features", "grad masks")):
+        assert torch.equal(a, b), f"{what} differs between two identical runs"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_results_do_not_depend_on_the_thread_count(op):
+    """The cpu kernels' tasks own disjoint outputs with a fixed summation order: 1 and 2 threads give the
+    same bits (a shape large enough to be split among threads)."""
+    if NATIVE_REASON is not None:
+        pytest.skip(f"native ops unavailable: {NATIVE_REASON}")
+    shape = N, C, H, W, k, G, s = (2, 64, 64, 64, 5, 2, 2)
+    features, second = make_inputs(*shape, op=op)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(forward_backward(on("cpu", op, k, G, s), features, second))
+            if threads == 2:
+                assert torch.ops.carafe_kernels._cpu_last_call_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
 
-def test_forward_mode_ad_and_vmap():
-    """The reference is plain PyTorch, so torch.func's jvp and vmap work as for any PyTorch function."""
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
+@pytest.mark.parametrize("pixel", [(0, 1, 3, 2), (1, 4, 0, 0), (1, 7, 6, 8), (0, 0, 5, 7)],
+                         ids=["interior", "corner", "far-corner", "odd-row-and-column"])
+@pytest.mark.parametrize("op", OPS)
+def test_nan_spreads_only_within_its_windows(op, pixel, backend, device):
+    """A NaN feature pixel makes exactly the outputs whose k x k window contains it NaN: same batch and
+    channel, |s*i - y0| <= r and |s*j - x0| <= r. No other output is touched."""
+    shape = N, C, H, W, k, G, s = (2, 8, 7, 9, 3, 2, 2)
+    features, second = make_inputs(*shape, op=op)
+    n0, c0, y0, x0 = pixel
+    features[n0, c0, y0, x0] = float("nan")
+    out = OPS[op](features.to(device), second.to(device), k, G, s, backend=backend).cpu()
+    r = (k - 1) // 2
+    rows = (torch.arange(down_output_size(H, s)) * s - y0).abs() <= r
+    cols = (torch.arange(down_output_size(W, s)) * s - x0).abs() <= r
+    expected = torch.zeros(out.shape, dtype=torch.bool)
+    expected[n0, c0] = rows[:, None] & cols[None, :]
+    assert torch.equal(torch.isnan(out), expected)
+
+
+@pytest.mark.parametrize("backend, device", NATIVE_CASES)
+def test_masks_of_padded_taps_contribute_nothing(backend, device):
+    """The contract's zero padding in the kernels: a tap outside the image contributes zero, whatever its
+    mask holds (an inf there must not turn into 0 * inf = NaN; the CARAFE cpu kernels do the same). The
+    reference multiplies its zero-padded features, so it is not run here."""
+    features, masks = make_inputs(*ODD)
+    masks = masks.clone()
+    masks[:, 0, 0, :] = float("inf")   # tap (0, 0) of output row 0 reads feature row -1
+    masks[:, 8, :, -1] = float("inf")  # tap (2, 2) of the last column reads column 2*2 + 1 = 5 = W
+    out = carafe_down(features.to(device), masks.to(device), 3, 2, 2, backend=backend).cpu()
+    finite = masks.masked_fill(torch.isinf(masks), 0.0)
+    torch.testing.assert_close(out, carafe_down(features, finite, 3, 2, 2, backend="reference"))
+
+
+# --- every autodiff mode (tests/test_autodiff.py for CARAFE) ------------------------------------------------
+
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
+@pytest.mark.parametrize("op", OPS)
+def test_forward_mode_ad_and_func_transforms(op, backend, device):
+    """jvp (torch.func and dual tensors), grad, vjp, jacrev, jacfwd and vmap against the float64 reference,
+    which PyTorch differentiates itself."""
     N, C, H, W, k, G, s = ODD
-    features, logits = make_inputs(*ODD, op="fused", dtype=torch.float64)
-    tangents = (torch.randn_like(features), torch.randn_like(logits))
+    primals = tuple(t.to(device) for t in make_inputs(*ODD, op=op, dtype=torch.float64))
+    tangents = tuple(t.to(device) for t in make_inputs(*ODD, op=op, dtype=torch.float64, seed=1))
+    fn = on(backend, op, k, G, s)
 
-    def fn(f, lg):
-        return carafe_down_fused(f, lg, k, G, s)
+    def ref(f, m):
+        return REFERENCE[op](f, m, k, G, s)
 
-    out, jvp_out = torch.func.jvp(fn, (features, logits), tangents)
-    eps = 1e-6  # central difference in float64
-    numeric = (fn(features + eps * tangents[0], logits + eps * tangents[1])
-               - fn(features - eps * tangents[0], logits - eps * tangents[1])) / (2 * eps)
-    torch.testing.assert_close(jvp_out, numeric, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(out, fn(features, logits))
+    exact = dict(rtol=1e-10, atol=1e-10)
+    out, tangent = torch.func.jvp(fn, primals, tangents)
+    ref_out, ref_tangent = torch.func.jvp(ref, primals, tangents)
+    assert ref_tangent.abs().max() > 0.1
+    torch.testing.assert_close(out, ref_out, **exact)
+    torch.testing.assert_close(tangent, ref_tangent, **exact)
+    with fwAD.dual_level():
+        dual = fwAD.unpack_dual(fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents)))).tangent
+    torch.testing.assert_close(dual, ref_tangent, **exact)
+    weight = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
+    for got, want in zip(torch.func.grad(lambda f, m: (fn(f, m) * weight).sum(), argnums=(0, 1))(*primals),
+                         torch.func.grad(lambda f, m: (ref(f, m) * weight).sum(), argnums=(0, 1))(*primals)):
+        torch.testing.assert_close(got, want, **exact)
+    small = tuple(t.to(device) for t in make_inputs(1, 2, 3, 3, 3, 1, 2, op=op, dtype=torch.float64))
+    for jac in (torch.func.jacrev, torch.func.jacfwd):
+        for got, want in zip(jac(lambda f, m: OPS[op](f, m, 3, 1, 2, backend=backend), argnums=(0, 1))(*small),
+                             jac(lambda f, m: REFERENCE[op](f, m, 3, 1, 2), argnums=(0, 1))(*small)):
+            torch.testing.assert_close(got, want, **exact)
+    batched = torch.stack([primals[0], primals[0].flip(0)]), torch.stack([primals[1], primals[1].flip(0)])
+    torch.testing.assert_close(torch.vmap(fn)(*batched), torch.vmap(ref)(*batched), **exact)
 
-    batched = torch.func.vmap(lambda f, lg: fn(f[None], lg[None])[0])(features, logits)
-    torch.testing.assert_close(batched, fn(features, logits))
+
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
+def test_double_backward_of_the_plain_op(backend, device):
+    """The plain op's backward is bilinear: double backward matches the reference's."""
+    N, C, H, W, k, G, s = ODD
+    features, masks = (t.to(device) for t in make_inputs(*ODD, dtype=torch.float64))
+
+    def second_order(fn):
+        f, m = features.clone().requires_grad_(True), masks.clone().requires_grad_(True)
+        out = fn(f, m)
+        weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
+        gf, gm = torch.autograd.grad((out * out * weight).sum(), (f, m), create_graph=True)
+        return torch.autograd.grad((gf * gf).sum() + (gm * f.mean()).sum(), (f, m))
+
+    for got, want in zip(second_order(on(backend, "plain", k, G, s)),
+                         second_order(lambda f, m: carafe_down_reference(f, m, k, G, s))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend, device", NATIVE_CASES)
+def test_second_order_through_the_fused_op_is_refused(backend, device):
+    """No silent wrong answer: the fused backward has no derivative, and says which calls do."""
+    features, logits = (t.to(device).requires_grad_(True) for t in make_inputs(*ODD, op="fused", dtype=torch.float64))
+    out = carafe_down_fused(features, logits, 3, 2, 2, backend=backend)
+    grads = torch.autograd.grad(out.square().sum(), (features, logits), create_graph=True)
+    with pytest.raises(NotImplementedError, match=r"through the fused CARAFE op are not supported; use carafe_down\("
+                                                  r"features, carafe_kernels.reference.normalize_down_mask_logits"):
+        torch.autograd.grad(grads[0].sum() + grads[1].sum(), (features, logits))
 
 
 # --- autocast --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
 @pytest.mark.parametrize("op", OPS)
-def test_autocast_casts_to_the_region_dtype(op):
+def test_autocast_casts_to_the_region_dtype(op, backend, device):
     N, C, H, W, k, G, s = ODD
     features, second = make_inputs(*ODD, op=op)
-    features.requires_grad_()
-    second = second.to(torch.bfloat16).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = OPS[op](features, second, k, G, s)
+    features = features.to(device).requires_grad_()
+    second = second.to(device, torch.bfloat16).requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = OPS[op](features, second, k, G, s, backend=backend)
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert features.grad.dtype == torch.float32 and second.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(out.double(), naive(op, features.detach().bfloat16(), second.detach(), k, G, s),
+    torch.testing.assert_close(out.double().cpu(), naive(op, features.detach().bfloat16(), second.detach(), k, G, s),
                                **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
 @pytest.mark.parametrize("op", OPS)
-def test_autocast_leaves_float64_alone(op):
+def test_autocast_leaves_float64_alone(op, backend, device):
     N, C, H, W, k, G, s = ODD
-    features, second = make_inputs(*ODD, op=op, dtype=torch.float64)
-    expected = OPS[op](features, second, k, G, s)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = OPS[op](features, second, k, G, s)
+    features, second = (t.to(device) for t in make_inputs(*ODD, op=op, dtype=torch.float64))
+    expected = OPS[op](features, second, k, G, s, backend=backend)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = OPS[op](features, second, k, G, s, backend=backend)
         assert out.dtype == torch.float64
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
         with pytest.raises(TypeError, match="float64 inputs are not cast .* must both be float64 or neither"):
-            OPS[op](features, second.float(), k, G, s)
+            OPS[op](features, second.float(), k, G, s, backend=backend)
 
 
 # --- bad inputs -------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu"])
 @pytest.mark.parametrize("op", OPS)
-def test_bad_arguments_name_the_argument_and_shapes(op):
+def test_bad_arguments_name_the_argument_and_shapes(op, backend):
+    if backend == "cpu" and NATIVE_REASON is not None:
+        pytest.skip(f"native ops unavailable: {NATIVE_REASON}")
     fn, name = OPS[op], SECOND[op]
     features, second = make_inputs(*ODD, op=op)  # features (2, 4, 7, 5), second (2, 18, 4, 3)
     cases = [
@@ -212,41 +411,121 @@ def test_bad_arguments_name_the_argument_and_shapes(op):
         (dict(backend="nosuch"), ValueError, "unknown backend 'nosuch'"),
     ]
     for change, error, message in cases:
-        args = dict(features=features, second=second, k=3, G=2, s=2, backend="auto") | change
+        args = dict(features=features, second=second, k=3, G=2, s=2, backend=backend) | change
         with pytest.raises(error, match=message):
             fn(args["features"], args["second"], args["k"], args["G"], args["s"], backend=args["backend"])
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+@needs_native
+def test_cpu_backend_limits_are_reported():
+    features, masks = make_inputs(1, 2, 9, 9, 13, 1, 2)
+    with pytest.raises(BackendUnavailableError, match=r"'cpu' cannot run this call: supports kernel_size <= 11, "
+                                                      "got 13"):
+        carafe_down(features, masks, 13, 1, 2, backend="cpu")
+    features, masks = make_inputs(1, 2, 9, 9, 3, 1, 9)
+    with pytest.raises(BackendUnavailableError, match="supports scale_factor <= 8, got 9"):
+        carafe_down(features, masks, 3, 1, 9, backend="cpu")
+    # auto falls back to the reference beyond the limits
+    torch.testing.assert_close(carafe_down(features, masks, 3, 1, 9),
+                               carafe_down(features, masks, 3, 1, 9, backend="reference"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("op", OPS)
-def test_native_backends_refuse_until_their_kernels_land(op, backend):
+def test_backends_without_the_op_refuse_it(op, backend):
     features, second = make_inputs(*ODD, op=op)
     name = "carafe_down" if op == "plain" else "carafe_down_fused"
     with pytest.raises(BackendUnavailableError,
-                       match=rf"CARAFE backend '{backend}' cannot run this call: has no {name} kernel yet"):
+                       match=rf"CARAFE backend '{backend}' cannot run this call: has no {name} kernel yet "
+                             r"\(the backends that have one: 'reference', 'cpu'\)"):
         OPS[op](features, second, 3, 2, 2, backend=backend)
 
 
-def test_auto_picks_the_reference_and_carafe_keeps_its_backend(monkeypatch):
-    """backend="auto" (and CARAFE_BACKEND=auto) runs the down op on the reference even where the cpu
-    backend exists; an explicit CARAFE_BACKEND=cpu is refused for it, as the argument is."""
+def test_auto_picks_the_cpu_kernels_and_the_environment_variable_is_read(monkeypatch):
+    """backend="auto" runs the down ops on the cpu kernels where they are built (else the reference);
+    CARAFE_BACKEND names the backend as the argument does."""
     features, masks = make_inputs(*ODD)
+    expected = "cpu" if NATIVE_REASON is None else "reference"
     torch.testing.assert_close(carafe_down(features, masks, 3, 2, 2),
-                               carafe_down(features, masks, 3, 2, 2, backend="reference"), rtol=0, atol=0)
-    monkeypatch.setenv("CARAFE_BACKEND", "cpu")
-    with pytest.raises(BackendUnavailableError, match="'cpu' cannot run this call: has no carafe_down kernel"):
+                               carafe_down(features, masks, 3, 2, 2, backend=expected), rtol=0, atol=0)
+    monkeypatch.setenv("CARAFE_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="'cuda' cannot run this call: has no carafe_down kernel"):
         carafe_down(features, masks, 3, 2, 2)
+
+
+# --- the native ops: opcheck, schemas, the C++ checks, FLOP formulas ---------------------------------------
+
+DOWN_OPS = ["carafe_down", "carafe_down_backward", "carafe_down_fused", "carafe_down_fused_backward"]
+OPCHECK_CASES = [(ODD, torch.float32, "contiguous"), (S3, torch.float64, "channels_last"),
+                 ((0, 4, 3, 3, 3, 1, 2), torch.float32, "contiguous")]
+
+
+def _native(name):
+    return getattr(torch.ops.carafe_kernels, name).default
+
+
+def _op_args(name, shape, dtype, layout):
+    N, C, H, W, k, G, s = shape
+    features, second = make_inputs(*shape, op="fused" if "fused" in name else "plain", dtype=dtype)
+    features, second = to_layout(features, layout), to_layout(second, layout)
+    if name.endswith("_backward"):
+        grad = to_layout(torch.randn(N, C, down_output_size(H, s), down_output_size(W, s), dtype=dtype), layout)
+        return (grad, features, second, k, G, s)
+    return (features.requires_grad_(True), second.requires_grad_(True), k, G, s)
+
+
+@needs_native
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{shape_id(c[0])}-{DTYPE_NAMES[c[1]]}-{c[2]}")
+@pytest.mark.parametrize("name", DOWN_OPS)
+def test_opcheck(name, case):
+    torch.library.opcheck(_native(name), _op_args(name, *case))
+
+
+@needs_native
+@pytest.mark.parametrize("name", DOWN_OPS)
+def test_schema_is_the_contracts(name):
+    assert str(_native(name)._schema) == f"carafe_kernels::{name}{SCHEMAS[name]}"
+
+
+@needs_native
+@pytest.mark.parametrize("op", OPS)
+def test_direct_op_calls_are_checked_in_cpp(op):
+    """torch.ops callers skip the Python checks: the C++ ops check again (a ValueError naming the argument)."""
+    name = "carafe_down" if op == "plain" else "carafe_down_fused"
+    features, second = make_inputs(*ODD, op=op)
+    with pytest.raises(ValueError, match=re.escape(
+            f"carafe_kernels::{name}: {SECOND[op]} must have shape [2, 18, 4, 3] (N, G*k*k, ceil(H/s), ceil(W/s)) "
+            "for features [2, 4, 7, 5], kernel_size=3, group_size=2, scale_factor=2; got [2, 18, 3, 3]")):
+        _native(name)(features, second[:, :, :3], 3, 2, 2)
+    with pytest.raises(ValueError, match=re.escape(
+            f"carafe_kernels::{name}_backward: grad_output must have the output's shape "
+            "(N, C, ceil(H/s), ceil(W/s)) = [2, 4, 4, 3], got [2, 4, 14, 10]")):
+        _native(name + "_backward")(torch.randn(2, 4, 14, 10), features, second, 3, 2, 2)
+    with pytest.raises(ValueError, match="kernel_size must be odd and in \\[1, 11\\]"):
+        _native(name)(features, second, 4, 2, 2)
+
+
+@needs_native
+def test_flop_counter_counts_the_native_ops():
+    from torch.utils.flop_counter import FlopCounterMode
+    N, C, H, W, k, G, s = ODD
+    features, logits = make_inputs(*ODD, op="fused")
+    features.requires_grad_(True)
+    with FlopCounterMode(display=False) as mode:
+        carafe_down_fused(features, logits, k, G, s, backend="cpu").sum().backward()
+    assert mode.get_total_flops() == 3 * carafe_down_flops(features.shape, k, s)
 
 
 # --- torch.compile ---------------------------------------------------------------------------------------
 
-def test_compile_fullgraph_matches_eager_and_bad_calls_raise_the_eager_error():
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
+def test_compile_fullgraph_matches_eager_and_bad_calls_raise_the_eager_error(backend, device):
     torch._dynamo.reset()
     N, C, H, W, k, G, s = ODD
-    features, logits = make_inputs(*ODD, op="fused")
+    features, logits = (t.to(device) for t in make_inputs(*ODD, op="fused"))
 
     def fn(f, lg):
-        return carafe_down_fused(f, lg, k, G, s) * 2
+        return carafe_down_fused(f, lg, k, G, s, backend=backend) * 2
 
     def fwd_bwd(fun):
         f, lg = features.clone().requires_grad_(), logits.clone().requires_grad_()
@@ -266,13 +545,15 @@ def test_compile_fullgraph_matches_eager_and_bad_calls_raise_the_eager_error():
         torch.compile(fn, fullgraph=True)(features, bad)
     torch._dynamo.reset()
     with pytest.raises(BackendUnavailableError, match="has no carafe_down kernel yet"):
-        torch.compile(lambda f, m: carafe_down(f, m, k, G, s, backend="cpu"), fullgraph=True)(features, logits)
+        torch.compile(lambda f, m: carafe_down(f, m, k, G, s, backend="triton"), fullgraph=True)(features, logits)
 
 
-def test_compile_dynamic_shapes_bad_call_names_the_op():
+@pytest.mark.parametrize("backend, device", BACKEND_CASES)
+def test_compile_dynamic_shapes_bad_call_names_the_op(backend, device):
     torch._dynamo.reset()
-    features, logits = make_inputs(*ODD, op="fused")
-    dynamic = torch.compile(lambda f, lg: carafe_down_fused(f, lg, 3, 2, 2), fullgraph=True, dynamic=True)
+    features, logits = (t.to(device) for t in make_inputs(*ODD, op="fused"))
+    dynamic = torch.compile(lambda f, lg: carafe_down_fused(f, lg, 3, 2, 2, backend=backend), fullgraph=True,
+                            dynamic=True)
     torch.testing.assert_close(dynamic(features, logits), carafe_down_fused(features, logits, 3, 2, 2))
     with pytest.raises(ValueError, match=r"carafe_down_fused: invalid arguments \(kernel_size=3, group_size=2, "
                                          r"scale_factor=2\)"):
@@ -342,7 +623,8 @@ def test_downpack_groups_and_gradients():
     (dict(encoder_kernel=2), ValueError, "encoder_kernel must be odd, got 2"),
     (dict(scale_factor="2"), TypeError, "scale_factor must be an int, got str"),
     (dict(backend="gpu"), ValueError, "unknown backend 'gpu'"),
-    (dict(backend="cpu"), ValueError, r"backend='cpu' has no carafe_down kernel yet; use 'auto' or \['reference'\]"),
+    (dict(backend="cuda"), ValueError,
+     r"backend='cuda' has no carafe_down kernel yet; use 'auto' or \['reference', 'cpu'\]"),
 ])
 def test_downpack_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -87,7 +87,8 @@ def test_explicit_request_over_a_limit_raises(monkeypatch):
 
 @pytest.mark.skipif(backend_status()["cpu"] is not None, reason=f"cpu: {backend_status()['cpu']}")
 def test_native_ops_are_registered():
-    for name in ("carafe", "carafe_backward", "carafe_fused", "carafe_fused_backward"):
+    for name in ("carafe", "carafe_backward", "carafe_fused", "carafe_fused_backward", "carafe_down",
+                 "carafe_down_backward", "carafe_down_fused", "carafe_down_fused_backward"):
         assert hasattr(torch.ops.carafe_kernels, name)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"carafe_kernels::{name}", "CPU")
 

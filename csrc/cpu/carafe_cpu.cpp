@@ -3,6 +3,8 @@
 //   carafe_backward(grad_output, features, masks, k, G, s) -> (grad_features, grad_masks)
 //   carafe_fused(features, mask_logits, k, G, s) -> out
 //   carafe_fused_backward(grad_output, features, mask_logits, k, G, s) -> (grad_features, grad_mask_logits)
+//   carafe_down, carafe_down_backward, carafe_down_fused, carafe_down_fused_backward: the same for
+//   content-aware downsampling (masks, mask_logits, output (N, .., ceil(H/s), ceil(W/s)))
 //
 // This file holds the torch glue: argument checks (csrc/carafe_checks.h, shared with the CUDA glue),
 // .contiguous() on the inputs, allocation of the contiguous NCHW outputs, the task partition over
@@ -144,30 +146,40 @@ int64_t rows_per_task(const Shape& p, int64_t most) {
   return std::max<int64_t>(1, std::min(rows, p.H));
 }
 
+// The shape the down ops' tasks and scratch are sized by: their output grid (ceil(H/s), ceil(W/s)),
+// which their masks, logits and output share, as the up ops' low-res grid (H, W) with s = 1.
+Shape task_grid(const Shape& p, bool down) {
+  return down ? Shape{p.N, p.C, p.down_H(), p.down_W(), p.k, p.G, 1} : p;
+}
+
+// down: the content-aware downsampling ops (carafe_down, carafe_down_fused).
 Tensor forward_cpu(const char* op, bool fused, const Tensor& features_in, const Tensor& masks_in,
-                   int64_t kernel_size, int64_t group_size, int64_t scale_factor) {
+                   int64_t kernel_size, int64_t group_size, int64_t scale_factor, bool down = false) {
   const Shape p = check_inputs(op, torch::headeronly::DeviceType::CPU, features_in, masks_in, fused, kernel_size,
-                               group_size, scale_factor);
-  Tensor out = empty_nchw(features_in, {p.N, p.C, p.Ho(), p.Wo()});
+                               group_size, scale_factor, down);
+  Tensor out = empty_nchw(features_in, down ? std::vector<int64_t>{p.N, p.C, p.down_H(), p.down_W()}
+                                            : std::vector<int64_t>{p.N, p.C, p.Ho(), p.Wo()});
   if (out.numel() == 0) return out;
   advise_huge_pages(out);
   const Tensor features = contiguous_nchw(features_in);
   const Tensor masks = contiguous_nchw(masks_in);
   Args a = make_args(p, features, masks);
   a.out = out.mutable_data_ptr();
-  a.rows_per_task = rows_per_task(p, 4);
+  a.down = down;
+  const Shape grid = task_grid(p, down);
+  a.rows_per_task = rows_per_task(grid, 4);
   const KernelTable& t = kernels();
-  run_tasks(fused ? t.forward_fused : t.forward, a, num_tasks(a),
-            p.channels_per_group() * p.ss() * p.kk() * p.W * a.rows_per_task);
+  const RangeFn fn = down ? (fused ? t.forward_down_fused : t.forward_down) : (fused ? t.forward_fused : t.forward);
+  run_tasks(fn, a, num_tasks(a), grid.channels_per_group() * grid.ss() * grid.kk() * grid.W * a.rows_per_task);
   return out;
 }
 
 std::tuple<Tensor, Tensor> backward_cpu(const char* op, bool fused, const Tensor& grad_output_in,
                                         const Tensor& features_in, const Tensor& masks_in, int64_t kernel_size,
-                                        int64_t group_size, int64_t scale_factor) {
+                                        int64_t group_size, int64_t scale_factor, bool down = false) {
   const Shape p = check_inputs(op, torch::headeronly::DeviceType::CPU, features_in, masks_in, fused, kernel_size,
-                               group_size, scale_factor);
-  check_grad_output(op, grad_output_in, features_in, p);
+                               group_size, scale_factor, down);
+  check_grad_output(op, grad_output_in, features_in, p, down);
   Tensor grad_features = empty_nchw(features_in, sizes_of(features_in).v);
   Tensor grad_masks = empty_nchw(masks_in, sizes_of(masks_in).v);
   if (p.N * p.H * p.W == 0) return {grad_features, grad_masks};  // both empty
@@ -180,10 +192,14 @@ std::tuple<Tensor, Tensor> backward_cpu(const char* op, bool fused, const Tensor
   a.grad_output = grad_output.const_data_ptr();
   a.out = grad_features.mutable_data_ptr();
   a.out2 = grad_masks.mutable_data_ptr();
-  a.rows_per_task = rows_per_task(p, 8);
+  a.down = down;
+  const Shape grid = task_grid(p, down);
+  a.rows_per_task = rows_per_task(grid, 8);
   const KernelTable& t = kernels();
-  run_tasks(fused ? t.backward_fused : t.backward, a, num_tasks(a),
-            2 * std::max<int64_t>(p.channels_per_group(), 1) * p.ss() * p.kk() * p.W * a.rows_per_task);
+  const RangeFn fn =
+      down ? (fused ? t.backward_down_fused : t.backward_down) : (fused ? t.backward_fused : t.backward);
+  run_tasks(fn, a, num_tasks(a),
+            2 * std::max<int64_t>(grid.channels_per_group(), 1) * grid.ss() * grid.kk() * grid.W * a.rows_per_task);
   return {grad_features, grad_masks};
 }
 
@@ -221,6 +237,34 @@ std::tuple<Tensor, Tensor> carafe_fused_backward_cpu(const Tensor& grad_output,
                       kernel_size, group_size, scale_factor);
 }
 
+// The down ops (content-aware downsampling): masks and mask_logits alike (N, G*k*k, ceil(H/s), ceil(W/s)),
+// grad_output and out (N, C, ceil(H/s), ceil(W/s)).
+Tensor carafe_down_cpu(const Tensor& features, const Tensor& masks, int64_t kernel_size, int64_t group_size,
+                       int64_t scale_factor) {
+  return forward_cpu("carafe_kernels::carafe_down", false, features, masks, kernel_size, group_size, scale_factor,
+                     /*down=*/true);
+}
+
+Tensor carafe_down_fused_cpu(const Tensor& features, const Tensor& mask_logits, int64_t kernel_size,
+                             int64_t group_size, int64_t scale_factor) {
+  return forward_cpu("carafe_kernels::carafe_down_fused", true, features, mask_logits, kernel_size, group_size,
+                     scale_factor, /*down=*/true);
+}
+
+std::tuple<Tensor, Tensor> carafe_down_backward_cpu(const Tensor& grad_output, const Tensor& features,
+                                                    const Tensor& masks, int64_t kernel_size, int64_t group_size,
+                                                    int64_t scale_factor) {
+  return backward_cpu("carafe_kernels::carafe_down_backward", false, grad_output, features, masks, kernel_size,
+                      group_size, scale_factor, /*down=*/true);
+}
+
+std::tuple<Tensor, Tensor> carafe_down_fused_backward_cpu(const Tensor& grad_output, const Tensor& features,
+                                                          const Tensor& mask_logits, int64_t kernel_size,
+                                                          int64_t group_size, int64_t scale_factor) {
+  return backward_cpu("carafe_kernels::carafe_down_fused_backward", true, grad_output, features, mask_logits,
+                      kernel_size, group_size, scale_factor, /*down=*/true);
+}
+
 // Which compiled instruction set the CPU kernels run ("avx512", "avx2" or "default"), for benchmark
 // reports and tests.
 std::string cpu_kernel_isa() { return kernels().isa; }
@@ -246,4 +290,8 @@ STABLE_TORCH_LIBRARY_IMPL(carafe_kernels, CPU, m) {
   m.impl("carafe_backward", TORCH_BOX(&carafe::cpu::carafe_backward_cpu));
   m.impl("carafe_fused", TORCH_BOX(&carafe::cpu::carafe_fused_cpu));
   m.impl("carafe_fused_backward", TORCH_BOX(&carafe::cpu::carafe_fused_backward_cpu));
+  m.impl("carafe_down", TORCH_BOX(&carafe::cpu::carafe_down_cpu));
+  m.impl("carafe_down_backward", TORCH_BOX(&carafe::cpu::carafe_down_backward_cpu));
+  m.impl("carafe_down_fused", TORCH_BOX(&carafe::cpu::carafe_down_fused_cpu));
+  m.impl("carafe_down_fused_backward", TORCH_BOX(&carafe::cpu::carafe_down_fused_backward_cpu));
 }

@@ -22,7 +22,9 @@ struct Args {
   const void* grad_output;  // (N, C, H*s, W*s); backward only
   void* out;                // forward: output (N, C, H*s, W*s); backward: grad_features (N, C, H, W)
   void* out2;               // backward: grad_masks / grad_mask_logits (shape of `masks`); forward: unused
-  int64_t rows_per_task;    // low-resolution rows per task
+  int64_t rows_per_task;    // low-resolution rows per task (the down ops: output rows)
+  bool down;                // the down ops (carafe_down): masks, logits, output and grad_output are
+                            // (.., ceil(H/s), ceil(W/s)), and out (backward) is grad_features (N, C, H, W)
 };
 
 // A kernel runs the tasks [begin, end) of a call; tasks write disjoint parts of the outputs, so any
@@ -35,10 +37,18 @@ struct KernelTable {
   RangeFn forward_fused;
   RangeFn backward;
   RangeFn backward_fused;
+  RangeFn forward_down;
+  RangeFn forward_down_fused;
+  RangeFn backward_down;
+  RangeFn backward_down_fused;
 };
 
-// Tasks of a call (forward and backward): (n, g, block of rows_per_task low-resolution rows).
-inline int64_t num_tasks(const Args& a) { return a.p.N * a.p.G * ((a.p.H + a.rows_per_task - 1) / a.rows_per_task); }
+// Tasks of a call (forward and backward): (n, g, block of rows_per_task low-resolution rows; for the
+// down ops, output rows).
+inline int64_t num_tasks(const Args& a) {
+  const int64_t rows = a.down ? a.p.down_H() : a.p.H;
+  return a.p.N * a.p.G * ((rows + a.rows_per_task - 1) / a.rows_per_task);
+}
 
 // nullptr where that instruction set was not compiled in (non-x86 targets, other compilers).
 const KernelTable* kernels_avx512();

@@ -429,6 +429,25 @@ CARAFE_INLINE void stage_masks_row(acc_t* __restrict Ms, const scalar_t* __restr
 }
 
 // ---------------------------------------------------------------------------------------------
+// Where a tap's features are: both directions stage feature rows so that tap t = ky*k + kx of the
+// output columns [w, w + L) is one vector load, at base + off[t] + w (channel c: + c * channel stride),
+// with base the staged feature row of ky = 0 for the output row. The feature column of tap kx is
+// phases*w + kx - r: phase (kx - r) mod phases, at a = floor((kx - r) / phases) in a phase row whose
+// data start at `pad`. The up ops read the low-res features (phases = 1, pad = r: off = ky*row + kx);
+// the down ops read full-resolution rows split into s phase rows (column s*j + kx - r).
+// ---------------------------------------------------------------------------------------------
+inline void tap_offsets(int64_t* off, int64_t k, int64_t r, int64_t phases, int64_t pad, int64_t phase_stride,
+                        int64_t row_stride) {
+  for (int64_t ky = 0; ky < k; ++ky) {
+    for (int64_t kx = 0; kx < k; ++kx) {
+      const int64_t d = kx - r;
+      const int64_t b = ((d % phases) + phases) % phases;
+      off[ky * k + kx] = ky * row_stride + b * phase_stride + pad + (d - b) / phases;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Forward: task = (n, g, rows [h0, h1)), B = h1 - h0 (rows_per_task). Index layout:
 //   Ms     [B][ssp][kk][Wp]      masks of the task's rows (softmax of the logits, or de-interleaved masks)
 //   Fp     [B+2r][FC][Wp]        feature rows h0-r .. h1+r-1 of a chunk of FC channels (rows outside the
@@ -439,10 +458,12 @@ CARAFE_INLINE void stage_masks_row(acc_t* __restrict Ms, const scalar_t* __restr
 // every channel block of the chunk uses them; the chunk's feature rows sit in L2.
 // ---------------------------------------------------------------------------------------------
 template <typename acc_t, int CB, int PB>
-CARAFE_INLINE void forward_block(const acc_t* __restrict Ms,  // [ssp][kk][Wp], row h
-                                 const acc_t* __restrict Fp,  // [k][..][Wp], rows h-r .. h+r, row stride fr
-                                 acc_t* __restrict rowbuf,    // [CB][ssp][Wv]
-                                 const Geo& q, int64_t fr, int64_t ky0, int64_t ky1) {
+CARAFE_INLINE void forward_block(const acc_t* __restrict Ms,       // [ssp][kk][Wp], row h
+                                 const acc_t* __restrict Fb,       // features of tap ky = 0 for row h, channel c0
+                                 const int64_t* __restrict tap_off,  // [kk] (tap_offsets)
+                                 int64_t cstride,                  // channel stride of the staged features
+                                 acc_t* __restrict rowbuf,         // [CB][ssp][Wv]
+                                 const Geo& q, int64_t ky0, int64_t ky1) {
   constexpr int64_t L = VecOf<acc_t>::size;
   const int64_t k = q.k, kk = q.kk, Wp = q.Wp;
   for (int64_t ij0 = 0; ij0 < q.ssp; ij0 += PB) {
@@ -451,11 +472,11 @@ CARAFE_INLINE void forward_block(const acc_t* __restrict Ms,  // [ssp][kk][Wp], 
       for (int cb = 0; cb < CB; ++cb)
         for (int p = 0; p < PB; ++p) acc[cb][p] = Vec<acc_t>{};
       for (int64_t ky = ky0; ky < ky1; ++ky) {
-        const acc_t* f0 = Fp + ky * fr + w;
         const acc_t* m0 = Ms + (ij0 * kk + ky * k) * Wp + q.r + w;
         for (int64_t kx = 0; kx < k; ++kx) {
+          const acc_t* f0 = Fb + tap_off[ky * k + kx] + w;
           Vec<acc_t> f[CB];
-          for (int cb = 0; cb < CB; ++cb) f[cb] = vload(f0 + cb * Wp + kx);
+          for (int cb = 0; cb < CB; ++cb) f[cb] = vload(f0 + cb * cstride);
           for (int p = 0; p < PB; ++p) {
             const Vec<acc_t> m = vload(m0 + p * kk * Wp + kx * Wp);
             for (int cb = 0; cb < CB; ++cb) acc[cb][p] += f[cb] * m;
@@ -488,6 +509,8 @@ CARAFE_INLINE void forward_tasks_impl(const Args& a, int64_t begin, int64_t end)
   acc_t* Ms = ms_buf.get();
   acc_t* Fp = fp_buf.get();
   acc_t* rowbuf = row_buf.get();
+  int64_t tap_off[kMaxKernelSize * kMaxKernelSize];
+  tap_offsets(tap_off, q.k, q.r, 1, q.r, 0, fp_row);
 
   for (int64_t task = begin; task < end; ++task) {
     const auto [n, g, h0, h1, lr_lo, lr_hi] = task_rows(task, q, B);
@@ -527,7 +550,8 @@ CARAFE_INLINE void forward_tasks_impl(const Args& a, int64_t begin, int64_t end)
           // the output rows are written after the block's arithmetic: ask for them (for writing) now
           for (int64_t cb = 0; cb < nc; ++cb)
             prefetch_range<scalar_t, 1>(out + ((n * q.C + cbase + cb) * q.Ho + h * q.s) * q.Wo, q.s * q.Wo);
-          forward_block<acc_t, CB, PB>(Ms + b * ms_row, Fp + b * fp_row + c0 * q.Wp, rowbuf, q, fp_row, ky0, ky1);
+          forward_block<acc_t, CB, PB>(Ms + b * ms_row, Fp + b * fp_row + c0 * q.Wp, tap_off, q.Wp, rowbuf, q, ky0,
+                                       ky1);
           for (int64_t cb = 0; cb < nc; ++cb) {
             for (int64_t i = 0; i < q.s; ++i) {
               scalar_t* dst = out + ((n * q.C + cbase + cb) * q.Ho + h * q.s + i) * q.Wo;
@@ -562,67 +586,100 @@ CARAFE_KERNEL void forward_tasks(const Args& a, int64_t begin, int64_t end) {
 //   gm[ij][t][h][w] = sum_c God[h][c][ij][w] * Fp[h + ky - r][c][w + kx - r]
 // Each task owns its rows of both outputs: no atomics, no races.
 // ---------------------------------------------------------------------------------------------
+// One term of a grad_features gather: the grad_output vector at God + go + w (channel c: + c * cstride)
+// times the mask vector at Ms + m + w. The terms of a feature row are listed in summation order by each
+// direction (up: gather_terms_up; down: gather_terms_down); the loop below is shared.
+struct GatherTerm {
+  int64_t go, m;
+};
+
 template <typename acc_t, int CB>
-CARAFE_INLINE void grad_features_block(const acc_t* __restrict Ms,   // [B+2r][ssp][kk][Wp]
-                                       const acc_t* __restrict God,  // [B+2r][CBLK][ssp][Wp], at channel c0
+CARAFE_INLINE void grad_features_block(const acc_t* __restrict Ms,   // staged masks
+                                       const acc_t* __restrict God,  // staged grad_output, at channel c0
+                                       int64_t cstride,              // its channel stride
+                                       const GatherTerm* __restrict terms, int64_t nterms,
                                        acc_t* __restrict rowbuf,     // [CB][Wv]
-                                       const Geo& q, int64_t b, int64_t h, int64_t cblk) {
+                                       int64_t Wv) {
   constexpr int64_t L = VecOf<acc_t>::size;
-  const int64_t k = q.k, kk = q.kk, Wp = q.Wp, r = q.r, ssp = q.ssp;
-  // ky such that the source row h' = h - ky + r is in the image
-  const int64_t ky0 = std::max<int64_t>(0, h + r - (q.H - 1));
-  const int64_t ky1 = std::min<int64_t>(k, h + r + 1);
-  for (int64_t w = 0; w < q.Wv; w += L) {
+  for (int64_t w = 0; w < Wv; w += L) {
     Vec<acc_t> acc[CB];
     for (int cb = 0; cb < CB; ++cb) acc[cb] = Vec<acc_t>{};
-    for (int64_t ky = ky0; ky < ky1; ++ky) {
-      const int64_t lr = b + 2 * r - ky;  // local row of h' = h - ky + r
-      for (int64_t ij = 0; ij < q.ss; ++ij) {
-        // element w - kx + r of a padded row sits at index w - kx + 2r
-        const acc_t* m0 = Ms + ((lr * ssp + ij) * kk + ky * k) * Wp + 2 * r + w;
-        const acc_t* g0 = God + (lr * cblk * ssp + ij) * Wp + 2 * r + w;
-        for (int64_t kx = 0; kx < k; ++kx) {
-          const Vec<acc_t> m = vload(m0 + kx * (Wp - 1));
-          for (int cb = 0; cb < CB; ++cb) acc[cb] += vload(g0 + cb * ssp * Wp - kx) * m;
-        }
-      }
+    for (int64_t e = 0; e < nterms; ++e) {
+      const Vec<acc_t> m = vload(Ms + terms[e].m + w);
+      const acc_t* g0 = God + terms[e].go + w;
+      for (int cb = 0; cb < CB; ++cb) acc[cb] += vload(g0 + cb * cstride) * m;
     }
-    for (int cb = 0; cb < CB; ++cb) vstore(rowbuf + cb * q.Wv + w, acc[cb]);
+    for (int cb = 0; cb < CB; ++cb) vstore(rowbuf + cb * Wv + w, acc[cb]);
   }
 }
 
+// The up gather of low-res row h = h0 + b, in the order (ky, ij, kx): source row h' = h - ky + r (local
+// row b + 2r - ky, in the image only) and column w - kx + r, which a padded row holds at w - kx + 2r.
+// Returns the number of terms (at most kk*ss).
+inline int64_t gather_terms_up(GatherTerm* terms, const Geo& q, int64_t b, int64_t h, int64_t cblk) {
+  const int64_t k = q.k, kk = q.kk, Wp = q.Wp, r = q.r, ssp = q.ssp;
+  const int64_t ky0 = std::max<int64_t>(0, h + r - (q.H - 1));
+  const int64_t ky1 = std::min<int64_t>(k, h + r + 1);
+  int64_t n = 0;
+  for (int64_t ky = ky0; ky < ky1; ++ky) {
+    const int64_t lr = b + 2 * r - ky;
+    for (int64_t ij = 0; ij < q.ss; ++ij)
+      for (int64_t kx = 0; kx < k; ++kx)
+        terms[n++] = {(lr * cblk * ssp + ij) * Wp + 2 * r - kx, ((lr * ssp + ij) * kk + ky * k + kx) * Wp + 2 * r - kx};
+  }
+  return n;
+}
+
 template <typename acc_t, int TB, int PB>
-CARAFE_INLINE void grad_masks_block(acc_t* __restrict gmacc,        // [B][ssp][kkp][Wv]
-                                    const acc_t* __restrict God,    // [B+2r][CBLK][ssp][Wp]
-                                    const acc_t* __restrict Fp,     // [B+2r][CBLK][Wp]
-                                    const Geo& q, int64_t b, int64_t nch, int64_t cblk, int64_t kkp) {
+CARAFE_INLINE void grad_masks_block(acc_t* __restrict gmacc,            // [ssp][kkp][Wv] of row h
+                                    const acc_t* __restrict g_row,      // grad_output of row h (sub-pixel stride Wp)
+                                    int64_t gcs,                        // ... its channel stride
+                                    const acc_t* __restrict Fb,         // features of tap ky = 0 for row h
+                                    const int64_t* __restrict tap_off,  // [kk] (tap_offsets)
+                                    int64_t fcs,                        // channel stride of the staged features
+                                    const Geo& q, int64_t nch, int64_t kkp) {
   constexpr int64_t L = VecOf<acc_t>::size;
   const int64_t Wp = q.Wp, Wv = q.Wv, ssp = q.ssp;
-  const acc_t* g_row = God + (b + q.r) * cblk * ssp * Wp + q.r;  // grad_output of row h = h0 + b
   for (int64_t t0 = 0; t0 < kkp; t0 += TB) {
-    const acc_t* f_tap[TB];  // feature row of tap t, shifted by kx (channel stride Wp)
+    const acc_t* f_tap[TB];  // features of tap t
     for (int tb = 0; tb < TB; ++tb) {
       const int64_t t = t0 + tb < q.kk ? t0 + tb : 0;  // taps past kk: computed, never stored
-      const int64_t ky = t / q.k, kx = t % q.k;
-      f_tap[tb] = Fp + (b + ky) * cblk * Wp + kx;
+      f_tap[tb] = Fb + tap_off[t];
     }
     for (int64_t ij0 = 0; ij0 < ssp; ij0 += PB) {
       for (int64_t w = 0; w < Wv; w += L) {
         Vec<acc_t> acc[TB][PB];
-        acc_t* a0 = gmacc + ((b * ssp + ij0) * kkp + t0) * Wv + w;
+        acc_t* a0 = gmacc + (ij0 * kkp + t0) * Wv + w;
         for (int tb = 0; tb < TB; ++tb)
           for (int p = 0; p < PB; ++p) acc[tb][p] = vload(a0 + (p * kkp + tb) * Wv);
         for (int64_t c = 0; c < nch; ++c) {
           Vec<acc_t> go[PB];
-          for (int p = 0; p < PB; ++p) go[p] = vload(g_row + (c * ssp + ij0 + p) * Wp + w);
+          for (int p = 0; p < PB; ++p) go[p] = vload(g_row + c * gcs + (ij0 + p) * Wp + w);
           for (int tb = 0; tb < TB; ++tb) {
-            const Vec<acc_t> f = vload(f_tap[tb] + c * Wp + w);
+            const Vec<acc_t> f = vload(f_tap[tb] + c * fcs + w);
             for (int p = 0; p < PB; ++p) acc[tb][p] += go[p] * f;
           }
         }
         for (int tb = 0; tb < TB; ++tb)
           for (int p = 0; p < PB; ++p) vstore(a0 + (p * kkp + tb) * Wv, acc[tb][p]);
       }
+    }
+  }
+}
+
+// Softmax backward in place, with the recomputed fp32 probabilities:
+//   dL/dlogit_t = p_t * (dL/dp_t - sum_t' p_t' dL/dp_t'), sum in ascending t,
+// for the kk taps of one (sub-)pixel row: gm[t*gstride + w] (dL/dp in, dL/dlogit out), P[t*pstride + w].
+template <typename acc_t>
+CARAFE_INLINE void softmax_backward(acc_t* __restrict gm, int64_t gstride, const acc_t* __restrict P,
+                                    int64_t pstride, int64_t kk, int64_t Wv) {
+  constexpr int64_t L = VecOf<acc_t>::size;
+  for (int64_t w = 0; w < Wv; w += L) {
+    Vec<acc_t> dot = Vec<acc_t>{};
+    for (int64_t t = 0; t < kk; ++t) dot += vload(P + t * pstride + w) * vload(gm + t * gstride + w);
+    for (int64_t t = 0; t < kk; ++t) {
+      acc_t* d = gm + t * gstride + w;
+      vstore(d, vload(P + t * pstride + w) * (vload(d) - dot));
     }
   }
 }
@@ -656,6 +713,10 @@ CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end
   acc_t* Fp = fp_buf.get();
   acc_t* gmacc = gm_buf.get();
   acc_t* rowbuf = row_buf.get();
+  Scratch<GatherTerm> term_buf(q.kk * q.ss);
+  GatherTerm* terms = term_buf.get();
+  int64_t tap_off[kMaxKernelSize * kMaxKernelSize];
+  tap_offsets(tap_off, q.k, q.r, 1, q.r, 0, fp_row);
 
   for (int64_t task = begin; task < end; ++task) {
     const auto [n, g, h0, h1, lr_lo, lr_hi] = task_rows(task, q, B);
@@ -703,14 +764,16 @@ CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end
       }
       for (int64_t h = h0; h < h1; ++h) {
         const int64_t b = h - h0;
+        const int64_t nterms = gather_terms_up(terms, q, b, h, CBLK);
         for (int64_t cg = 0; cg < nch; cg += CBG) {
-          grad_features_block<acc_t, CBG>(Ms, God + cg * q.ssp * q.Wp, rowbuf, q, b, h, CBLK);
+          grad_features_block<acc_t, CBG>(Ms, God + cg * q.ssp * q.Wp, q.ssp * q.Wp, terms, nterms, rowbuf, q.Wv);
           for (int64_t cb = 0; cb < std::min<int64_t>(CBG, nch - cg); ++cb) {
             scalar_t* dst = grad_features + ((n * q.C + cbase + cg + cb) * q.H + h) * q.W;
             convert_row(dst, rowbuf + cb * q.Wv, q.W);
           }
         }
-        grad_masks_block<acc_t, TB, PB>(gmacc, God, Fp, q, b, nch, CBLK, kkp);
+        grad_masks_block<acc_t, TB, PB>(gmacc + b * gm_row, God + (b + q.r) * god_row + q.r, q.ssp * q.Wp,
+                                        Fp + b * fp_row, tap_off, q.Wp, q, nch, kkp);
       }
     }
 
@@ -718,19 +781,10 @@ CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end
       const int64_t b = h - h0;
       acc_t* gm = gmacc + b * gm_row;  // [ssp][kkp][Wv]: dL/dmask per (sub-pixel, tap, w)
       if (Fused) {
-        // NB: softmax backward with the recomputed fp32 probabilities:
-        //   dL/dlogit_t = p_t * (dL/dp_t - sum_t' p_t' dL/dp_t'), sum in ascending t.
+        // the softmax backward (softmax_backward), with the recomputed fp32 probabilities
         const acc_t* P = Ms + (b + q.r) * ms_row + q.r;  // [ssp][kk][Wp] at offset r
         for (int64_t ij = 0; ij < q.ss; ++ij) {
-          for (int64_t w = 0; w < q.Wv; w += L) {
-            Vec<acc_t> dot = Vec<acc_t>{};
-            for (int64_t t = 0; t < q.kk; ++t)
-              dot += vload(P + (ij * q.kk + t) * q.Wp + w) * vload(gm + (ij * kkp + t) * q.Wv + w);
-            for (int64_t t = 0; t < q.kk; ++t) {
-              acc_t* d = gm + (ij * kkp + t) * q.Wv + w;
-              vstore(d, vload(P + (ij * q.kk + t) * q.Wp + w) * (vload(d) - dot));
-            }
-          }
+          softmax_backward(gm + ij * kkp * q.Wv, q.Wv, P + ij * q.kk * q.Wp, q.Wp, q.kk, q.Wv);
           for (int64_t t = 0; t < q.kk; ++t) {
             const int64_t channel = (g * q.kk + t) * q.ss + ij;
             scalar_t* dst = grad_masks + ((n * q.G * q.kk * q.ss + channel) * q.H + h) * q.W;
@@ -759,6 +813,327 @@ CARAFE_KERNEL void backward_tasks(const Args& a, int64_t begin, int64_t end) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Content-aware downsampling (carafe_down, carafe_down_fused; docs/design.md#the-contract):
+//   out[c][i][j] = sum_{ky,kx} F[c][s*i + ky - r][s*j + kx - r] * M[g][t][i][j],    t = ky*k + kx
+// The same kernels with the other addressing. The vector loops run over output columns j, on the
+// output grid (Ho, Wo) = (ceil(H/s), ceil(W/s)) where the masks, logits, output and grad_output live
+// (so their rows are staged as the up ops stage low-res rows: load_row, stage_softmax_row with s = 1).
+// The full-resolution feature rows are split into s "phase rows" P[b][q] = F[y][s*q + b], so that tap
+// kx of the columns [j, j + L) is one vector load (tap_offsets with s phases); forward_block and
+// grad_masks_block are the up ops' own. grad_features is a gather again (grad_features_block): feature
+// row y, phase b, column q collects the output pixels (i, j) with s*i + ky - r = y, s*j + kx - r = s*q + b,
+// listed by gather_terms_down. Each task (n, g, output rows [i0, i1)) owns those output rows of the
+// output and grad_masks, and the feature rows [s*i0, s*i1) of grad_features: no atomics, and a fixed
+// summation order (taps in ky, kx order; grad_masks over channels in ascending order), so the results
+// are bitwise identical for any thread count.
+// ---------------------------------------------------------------------------------------------
+struct DownGeo {
+  Geo m;       // the output grid: H = Ho, W = Wo, s = 1; its rows are padded by R on either side
+  int64_t H, W, s, r;
+  int64_t R;   // ceil(r / s): how far (in output columns/rows) a tap reaches
+  int64_t Wq;  // a phase row: [0, R) zeros, data, zeros up to Wv + 2R (= m.Wp)
+  DownGeo(const Shape& p, int64_t lanes)
+      : m(Shape{p.N, p.C, p.down_H(), p.down_W(), p.k, p.G, 1}, lanes), H(p.H), W(p.W), s(p.s), r(p.r()),
+        R((p.r() + p.s - 1) / p.s) {
+    m.r = R;
+    m.Wp = m.Wv + 2 * R;
+    Wq = m.Wp;
+  }
+};
+
+// A feature row src[0, W) into s phase rows: dst[b*Wq + R + q] = src[s*q + b] (s*q + b < W), zeros elsewhere.
+// S > 0: s known at compile time.
+template <int S, typename acc_t, typename scalar_t>
+CARAFE_INLINE void load_phases(acc_t* __restrict dst, const scalar_t* __restrict src, const DownGeo& d) {
+  if (S == 1) {
+    load_row(dst, src, d.m);  // one phase: a padded row (m.W = W, m.r = R = r)
+    return;
+  }
+  const int64_t s = S > 0 ? S : d.s;
+  zero_row(dst, s * d.Wq);
+  acc_t* __restrict p = dst + d.R;
+  const int64_t full = d.W / s;  // columns q with every phase inside the row
+  if (S > 0) {
+    for (int64_t q = 0; q < full; ++q)
+      for (int64_t b = 0; b < S; ++b) p[b * d.Wq + q] = static_cast<acc_t>(src[q * S + b]);
+  } else {
+    for (int64_t b = 0; b < s; ++b)
+      for (int64_t q = 0; q < full; ++q) p[b * d.Wq + q] = static_cast<acc_t>(src[q * s + b]);
+  }
+  for (int64_t x = full * s; x < d.W; ++x) p[(x - full * s) * d.Wq + full] = static_cast<acc_t>(src[x]);
+}
+
+template <typename acc_t, typename scalar_t>
+CARAFE_INLINE void load_phases_any(acc_t* dst, const scalar_t* src, const DownGeo& d) {
+  switch (d.s) {
+    case 1: load_phases<1>(dst, src, d); break;
+    case 2: load_phases<2>(dst, src, d); break;
+    case 3: load_phases<3>(dst, src, d); break;
+    case 4: load_phases<4>(dst, src, d); break;
+    default: load_phases<0>(dst, src, d); break;
+  }
+}
+
+// s phase rows (phase stride pstride, data at 0) into one feature row: dst[s*q + b] = src[b*pstride + q], < W.
+template <typename scalar_t, typename acc_t>
+CARAFE_INLINE void store_phases(scalar_t* __restrict dst, const acc_t* __restrict src, int64_t pstride,
+                                const DownGeo& d) {
+  const int64_t s = d.s;
+  if (s == 1) {
+    convert_row(dst, src, d.W);
+    return;
+  }
+  const int64_t full = d.W / s;
+  if (s == 2) {
+    for (int64_t q = 0; q < full; ++q) {
+      dst[2 * q] = static_cast<scalar_t>(src[q]);
+      dst[2 * q + 1] = static_cast<scalar_t>(src[pstride + q]);
+    }
+  } else {
+    for (int64_t b = 0; b < s; ++b)
+      for (int64_t q = 0; q < full; ++q) dst[q * s + b] = static_cast<scalar_t>(src[b * pstride + q]);
+  }
+  for (int64_t x = full * s; x < d.W; ++x) dst[x] = static_cast<scalar_t>(src[(x - full * s) * pstride + full]);
+}
+
+// Plain masks of output row i: Ms[t][R + j] = masks[n, g*kk + t, i, j].
+// zero_padded_taps: zero the entries of taps whose feature pixel (s*i + ky - r, s*j + kx - r) is in the
+// zero padding, so that a non-finite mask value there contributes nothing (as the contract says),
+// instead of 0 * inf = NaN (stage_masks_row does the same for the up ops).
+template <typename scalar_t, typename acc_t>
+CARAFE_INLINE void stage_down_masks_row(acc_t* __restrict Ms, const scalar_t* __restrict masks, const DownGeo& d,
+                                        int64_t n, int64_t g, int64_t i, bool zero_padded_taps) {
+  const Geo& q = d.m;
+  for (int64_t t = 0; t < q.kk; ++t)
+    load_row(Ms + t * q.Wp, masks + ((n * q.G * q.kk + g * q.kk + t) * q.H + i) * q.W, q);
+  if (!zero_padded_taps) return;
+  for (int64_t t = 0; t < q.kk; ++t) {
+    const int64_t ky = t / q.k, kx = t % q.k;
+    acc_t* row = Ms + t * q.Wp + q.r;
+    const int64_t y = d.s * i + ky - d.r;
+    if (y < 0 || y >= d.H) {
+      zero_row(row, q.W);
+      continue;
+    }
+    // columns j whose tap s*j + kx - r falls outside [0, W): j < left or j >= right
+    const int64_t left = std::min<int64_t>(q.W, d.r - kx > 0 ? (d.r - kx + d.s - 1) / d.s : 0);
+    const int64_t last = d.W - 1 + d.r - kx;  // s*j <= last
+    const int64_t right = std::max<int64_t>(left, std::min<int64_t>(q.W, last < 0 ? 0 : last / d.s + 1));
+    zero_row(row, left);
+    zero_row(row + right, q.W - right);
+  }
+}
+
+template <typename scalar_t, bool Fused>
+CARAFE_KERNEL void forward_down_tasks(const Args& a, int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int CB = Blocking<1>::fwd_channels;
+  const DownGeo d(a.p, VecOf<acc_t>::size);
+  const Geo& q = d.m;
+  const int64_t B = a.rows_per_task;
+  const int64_t frows = d.s * (B - 1) + 2 * d.r + 1;  // feature rows s*i0 - r .. s*(i1 - 1) + r
+  const auto* features = static_cast<const scalar_t*>(a.features);
+  const auto* masks = static_cast<const scalar_t*>(a.masks);
+  auto* out = static_cast<scalar_t*>(a.out);
+
+  // Ms [B][kk][Wp]; Fp [frows][FC][s][Wq] (rows outside the image: not staged, their taps skipped);
+  // rowbuf [CB][Wv].
+  const int64_t ms_row = q.kk * q.Wp;
+  const int64_t fch = d.s * d.Wq;  // one channel of a feature row
+  const int64_t fc_budget = (int64_t{128} << 10) / static_cast<int64_t>(sizeof(acc_t) * frows * fch);
+  const int64_t FC = std::min(round_up(std::max<int64_t>(q.Cg, 1), CB), std::max<int64_t>(CB, fc_budget / CB * CB));
+  const int64_t fp_row = FC * fch;
+  Scratch<acc_t> ms_buf(B * ms_row), fp_buf(frows * fp_row), row_buf(CB * q.Wv);
+  acc_t* Ms = ms_buf.get();
+  acc_t* Fp = fp_buf.get();
+  acc_t* rowbuf = row_buf.get();
+  int64_t tap_off[kMaxKernelSize * kMaxKernelSize];
+  tap_offsets(tap_off, q.k, d.r, d.s, d.R, d.Wq, fp_row);
+
+  for (int64_t task = begin; task < end; ++task) {
+    const TaskRows tr = task_rows(task, q, B);
+    const int64_t n = tr.n, g = tr.g, i0 = tr.h0, i1 = tr.h1;
+    const int64_t y0 = d.s * i0 - d.r;  // the feature row of local row 0
+    const int64_t ly_lo = std::max<int64_t>(0, -y0);
+    const int64_t ly_hi = std::min<int64_t>(d.s * (i1 - i0 - 1) + 2 * d.r + 1, d.H - y0);
+    for (int64_t i = i0; i < i1; ++i) {
+      if (Fused) {
+        stage_softmax_row(Ms + (i - i0) * ms_row, masks, q, n, g, i);
+      } else {
+        stage_down_masks_row(Ms + (i - i0) * ms_row, masks, d, n, g, i, /*zero_padded_taps=*/true);
+      }
+    }
+    for (int64_t f0 = 0; f0 < q.Cg; f0 += FC) {
+      const int64_t nf = std::min<int64_t>(FC, q.Cg - f0);
+      const int64_t nfb = round_up(nf, CB);
+      for (int64_t c = 0; c < nfb; ++c) {
+        const int64_t channel = n * q.C + g * q.Cg + f0 + c;
+        if (c + 1 < nf) prefetch_range(features + ((channel + 1) * d.H + y0 + ly_lo) * d.W, (ly_hi - ly_lo) * d.W);
+        for (int64_t ly = ly_lo; ly < ly_hi; ++ly) {
+          acc_t* dst = Fp + ly * fp_row + c * fch;
+          if (c < nf) {
+            load_phases_any(dst, features + (channel * d.H + y0 + ly) * d.W, d);
+          } else {
+            zero_row(dst, fch);  // a channel past the group's end: computed, never stored
+          }
+        }
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i - i0;
+        // taps ky whose feature row s*i + ky - r lies in the image
+        const int64_t ky0 = std::max<int64_t>(0, d.r - d.s * i);
+        const int64_t ky1 = std::min<int64_t>(q.k, d.H - d.s * i + d.r);
+        for (int64_t c0 = 0; c0 < nf; c0 += CB) {
+          const int64_t nc = std::min<int64_t>(CB, nf - c0);
+          const int64_t cbase = g * q.Cg + f0 + c0;
+          forward_block<acc_t, CB, 1>(Ms + b * ms_row, Fp + d.s * b * fp_row + c0 * fch, tap_off, fch, rowbuf, q,
+                                      ky0, ky1);
+          for (int64_t cb = 0; cb < nc; ++cb)
+            convert_row(out + ((n * q.C + cbase + cb) * q.H + i) * q.W, rowbuf + cb * q.Wv, q.W);
+        }
+      }
+    }
+  }
+}
+
+// The down gather of feature row y (local row ly of the task's staged feature rows), phase b: output
+// rows i = (y + r - ky) / s (those ky that divide, i in the image; staged row i - i0 + R) and columns
+// j = q + (b + r - kx) / s (those kx that divide), in the order (ky, kx). Returns the number of terms
+// (at most kk).
+inline int64_t gather_terms_down(GatherTerm* terms, const DownGeo& d, int64_t y, int64_t b, int64_t i0,
+                                 int64_t god_row) {
+  const Geo& q = d.m;
+  int64_t n = 0;
+  for (int64_t ky = 0; ky < q.k; ++ky) {
+    const int64_t num = y + d.r - ky;
+    if (num < 0 || num % d.s != 0 || num / d.s >= q.H) continue;
+    const int64_t lm = num / d.s - i0 + d.R;
+    for (int64_t kx = 0; kx < q.k; ++kx) {
+      const int64_t numx = b + d.r - kx;
+      if (((numx % d.s) + d.s) % d.s != 0) continue;
+      const int64_t o = d.R + numx / d.s;  // exact division
+      terms[n++] = {lm * god_row + o, (lm * q.kk + ky * q.k + kx) * q.Wp + o};
+    }
+  }
+  return n;
+}
+
+// Backward of the down ops: task (n, g, output rows [i0, i1)), B = rows_per_task.
+//   Ms     [B+2R][kk][Wp]        masks (softmax probabilities when fused) of output rows i0-R .. i1+R-1
+//   God    [B+2R][CBLK][Wp]      grad_output of the same rows, for a block of CBLK channels
+//   Fp     [frows][CBLK][s][Wq]  feature rows s*i0 - r .. s*(i1-1) + r of those channels (zeros outside)
+//   gmacc  [B][kkp][Wv]          grad_masks accumulators
+template <typename scalar_t, bool Fused>
+CARAFE_KERNEL void backward_down_tasks(const Args& a, int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int TB = Blocking<1>::gm_taps;
+  constexpr int CBG = kGfChannels;
+  constexpr int64_t CBLK = kBwdChannelBlock;
+  const DownGeo d(a.p, VecOf<acc_t>::size);
+  const Geo& q = d.m;
+  const int64_t B = a.rows_per_task;
+  const int64_t mrows = B + 2 * d.R;
+  const int64_t frows = d.s * (B - 1) + 2 * d.r + 1;
+  const int64_t kkp = round_up(q.kk, TB);
+  const auto* features = static_cast<const scalar_t*>(a.features);
+  const auto* masks = static_cast<const scalar_t*>(a.masks);
+  const auto* grad_out = static_cast<const scalar_t*>(a.grad_output);
+  auto* grad_features = static_cast<scalar_t*>(a.out);
+  auto* grad_masks = static_cast<scalar_t*>(a.out2);
+
+  const int64_t ms_row = q.kk * q.Wp;
+  const int64_t god_row = CBLK * q.Wp;
+  const int64_t fch = d.s * d.Wq;
+  const int64_t fp_row = CBLK * fch;
+  const int64_t gm_row = kkp * q.Wv;
+  Scratch<acc_t> ms_buf(mrows * ms_row), god_buf(mrows * god_row), fp_buf(frows * fp_row), gm_buf(B * gm_row),
+      row_buf(d.s * CBG * q.Wv);
+  acc_t* Ms = ms_buf.get();
+  acc_t* God = god_buf.get();
+  acc_t* Fp = fp_buf.get();
+  acc_t* gmacc = gm_buf.get();
+  acc_t* rowbuf = row_buf.get();  // [s][CBG][Wv]: one feature row's phases
+  Scratch<GatherTerm> term_buf(d.s * q.kk);
+  GatherTerm* terms = term_buf.get();
+  int64_t nterms[kMaxScaleFactor];
+  int64_t tap_off[kMaxKernelSize * kMaxKernelSize];
+  tap_offsets(tap_off, q.k, d.r, d.s, d.R, d.Wq, fp_row);
+
+  for (int64_t task = begin; task < end; ++task) {
+    const TaskRows tr = task_rows(task, q, B);  // (q.r = R: lr_lo/lr_hi are the staged rows of Ms and God)
+    const int64_t n = tr.n, g = tr.g, i0 = tr.h0, i1 = tr.h1, lm_lo = tr.lr_lo, lm_hi = tr.lr_hi;
+    const int64_t nm = i1 - i0 + 2 * d.R;                   // staged output rows of this task
+    const int64_t nf = d.s * (i1 - i0 - 1) + 2 * d.r + 1;  // staged feature rows
+    const int64_t y0 = d.s * i0 - d.r;
+    const int64_t ly_lo = std::max<int64_t>(0, -y0), ly_hi = std::min<int64_t>(nf, d.H - y0);
+    const int64_t y_end = std::min<int64_t>(d.H, d.s * i1);  // grad_features rows [s*i0, y_end) are this task's
+
+    for (int64_t lm = lm_lo; lm < lm_hi; ++lm) {
+      const int64_t i = i0 - d.R + lm;
+      if (Fused) {
+        stage_softmax_row(Ms + lm * ms_row, masks, q, n, g, i);
+      } else {
+        stage_down_masks_row(Ms + lm * ms_row, masks, d, n, g, i, /*zero_padded_taps=*/false);
+      }
+    }
+    zero_row(gmacc, (i1 - i0) * gm_row);
+
+    for (int64_t c0 = 0; c0 < q.Cg; c0 += CBLK) {
+      const int64_t nch = std::min<int64_t>(CBLK, q.Cg - c0);
+      const int64_t cbase = g * q.Cg + c0;
+      const int64_t ncg = round_up(nch, CBG);
+      for (int64_t c = 0; c < ncg; ++c) {
+        const int64_t channel = n * q.C + cbase + c;
+        if (c + 1 < nch) {
+          prefetch_range(features + ((channel + 1) * d.H + y0 + ly_lo) * d.W, (ly_hi - ly_lo) * d.W);
+          prefetch_range(grad_out + ((channel + 1) * q.H + i0 - d.R + lm_lo) * q.W, (lm_hi - lm_lo) * q.W);
+        }
+        for (int64_t lm = 0; lm < nm; ++lm) {
+          acc_t* dst = God + lm * god_row + c * q.Wp;
+          if (c < nch && lm >= lm_lo && lm < lm_hi) {
+            load_row(dst, grad_out + (channel * q.H + i0 - d.R + lm) * q.W, q);
+          } else {
+            zero_row(dst, q.Wp);
+          }
+        }
+        for (int64_t ly = 0; ly < nf; ++ly) {
+          acc_t* dst = Fp + ly * fp_row + c * fch;
+          if (c < nch && ly >= ly_lo && ly < ly_hi) {
+            load_phases_any(dst, features + (channel * d.H + y0 + ly) * d.W, d);
+          } else {
+            zero_row(dst, fch);
+          }
+        }
+      }
+      for (int64_t y = d.s * i0; y < y_end; ++y) {
+        for (int64_t b = 0; b < d.s; ++b) nterms[b] = gather_terms_down(terms + b * q.kk, d, y, b, i0, god_row);
+        for (int64_t cg = 0; cg < nch; cg += CBG) {
+          for (int64_t b = 0; b < d.s; ++b)
+            grad_features_block<acc_t, CBG>(Ms, God + cg * q.Wp, q.Wp, terms + b * q.kk, nterms[b],
+                                            rowbuf + b * CBG * q.Wv, q.Wv);
+          for (int64_t cb = 0; cb < std::min<int64_t>(CBG, nch - cg); ++cb)
+            store_phases(grad_features + ((n * q.C + cbase + cg + cb) * d.H + y) * d.W, rowbuf + cb * q.Wv,
+                         CBG * q.Wv, d);
+        }
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i - i0;
+        grad_masks_block<acc_t, TB, 1>(gmacc + b * gm_row, God + (b + d.R) * god_row + d.R, q.Wp,
+                                       Fp + d.s * b * fp_row, tap_off, fch, q, nch, kkp);
+      }
+    }
+
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i - i0;
+      acc_t* gm = gmacc + b * gm_row;  // [kkp][Wv]: dL/dmask per (tap, j)
+      if (Fused) softmax_backward(gm, q.Wv, Ms + (b + d.R) * ms_row + d.R, q.Wp, q.kk, q.Wv);
+      for (int64_t t = 0; t < q.kk; ++t)
+        convert_row(grad_masks + ((n * q.G * q.kk + g * q.kk + t) * q.H + i) * q.W, gm + t * q.Wv, q.W);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // dtype dispatch (compiled without the target attribute: it only calls the kernels)
 // ---------------------------------------------------------------------------------------------
 template <bool Fused>
@@ -781,9 +1156,30 @@ void backward_range(const Args& a, int64_t begin, int64_t end) {
   }
 }
 
+template <bool Fused>
+void forward_down_range(const Args& a, int64_t begin, int64_t end) {
+  switch (a.dtype) {
+    case DType::kFloat: forward_down_tasks<float, Fused>(a, begin, end); break;
+    case DType::kDouble: forward_down_tasks<double, Fused>(a, begin, end); break;
+    case DType::kHalf: forward_down_tasks<c10::Half, Fused>(a, begin, end); break;
+    case DType::kBFloat16: forward_down_tasks<c10::BFloat16, Fused>(a, begin, end); break;
+  }
+}
+
+template <bool Fused>
+void backward_down_range(const Args& a, int64_t begin, int64_t end) {
+  switch (a.dtype) {
+    case DType::kFloat: backward_down_tasks<float, Fused>(a, begin, end); break;
+    case DType::kDouble: backward_down_tasks<double, Fused>(a, begin, end); break;
+    case DType::kHalf: backward_down_tasks<c10::Half, Fused>(a, begin, end); break;
+    case DType::kBFloat16: backward_down_tasks<c10::BFloat16, Fused>(a, begin, end); break;
+  }
+}
+
 inline const KernelTable& kernel_table() {
-  static const KernelTable table{CARAFE_CPU_ISA_NAME, &forward_range<false>,
-                                 &forward_range<true>, &backward_range<false>, &backward_range<true>};
+  static const KernelTable table{CARAFE_CPU_ISA_NAME,        &forward_range<false>,      &forward_range<true>,
+                                 &backward_range<false>,     &backward_range<true>,      &forward_down_range<false>,
+                                 &forward_down_range<true>,  &backward_down_range<false>, &backward_down_range<true>};
   return table;
 }
 
