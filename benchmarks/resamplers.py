@@ -12,6 +12,16 @@ Upsampling, (N, C, H, W) -> (N, C, 2H, 2W), each as the module a network would h
 Shapes: `dysample` is the feature map of DySample's latency comparison (256 channels, 120x120, batch 1);
 `cares` the four CARes-UNet decoder upsamplers at the paper's width 64, batch 4, 256x256 input.
 
+Downsampling, (N, C, H, W) -> (N, C, H/2, W/2), at the `cares` preset's four encoder stages (the input of
+each stride-2 stage: 64 channels at 256x256 ... 512 at 32x32, batch 4):
+    carafe_down      CARAFEDownPack(C, 2) as cares_unet[downsampler=carafe] builds it: 1x1 compressor to
+                     min(64, C) channels, 3x3 content encoder at stride 2, fused softmax + reassembly (k5,
+                     G1), on the `cpu` backend
+    carafe_down_unfold  the same module with the unofficial implementations' reassembly: softmax, then
+                     F.unfold at stride 2 (a (N, C*k*k, H/2*W/2) intermediate) and a weighted sum
+    strided_conv     Conv2d(C, C, 3, stride 2, padding 1) (the paper's encoder stage, without BN/ReLU)
+    maxpool, avgpool MaxPool2d(2), AvgPool2d(2) (no parameters; counted as 4 FLOPs per output element)
+
 For each: forward and forward+backward (gradients of the input and the parameters) median time, the peak
 memory one call allocates (benchmarks/machine.py), parameters and FLOPs (torch.utils.flop_counter, which
 knows convolutions and the CARAFE ops; grid_sample and interpolation are added by hand: 4 multiply-adds
@@ -38,6 +48,11 @@ from benchmarks.machine import load_warning, machine_info, machine_line, peak_me
 SHAPES = {
     "dysample": [(1, 256, 120, 120)],
     "cares": [(4, 1024, 16, 16), (4, 512, 32, 32), (4, 256, 64, 64), (4, 128, 128, 128)],
+    "tiny": [(1, 16, 8, 8)],
+}
+# The downsamplers' input shapes per preset (presets without downsampling shapes have no down rows).
+DOWN_SHAPES = {
+    "cares": [(4, 64, 256, 256), (4, 128, 128, 128), (4, 256, 64, 64), (4, 512, 32, 32)],
     "tiny": [(1, 16, 8, 8)],
 }
 MODES = ("fwd", "fwdbwd")
@@ -70,10 +85,46 @@ def upsamplers(channels: int, carafe_backends: list[str]) -> dict[str, Callable[
     return makers
 
 
+class UnfoldDownPack(nn.Module):
+    """CARAFEDownPack's layers with the reassembly the unofficial CARAFE++ implementations write: softmax
+    over each group's taps, then carafe_kernels.reference.carafe_down_unfold (F.unfold at stride s)."""
+
+    def __init__(self, pack: nn.Module):
+        super().__init__()
+        self.pack = pack
+
+    def forward(self, x):
+        from carafe_kernels.reference import carafe_down_unfold, normalize_down_mask_logits
+        p = self.pack
+        logits = p.content_encoder(p.channel_compressor(x))
+        masks = normalize_down_mask_logits(logits, p.down_kernel, p.down_group)
+        return carafe_down_unfold(x, masks, p.down_kernel, p.down_group, p.scale_factor)
+
+
+def downsamplers(channels: int, carafe_backends: list[str]) -> dict[str, Callable[[], nn.Module]]:
+    """name -> a constructor of the x2 downsampler for `channels` channels."""
+    from carafe_kernels import CARAFEDownPack
+
+    def pack(backend="auto"):
+        return CARAFEDownPack(channels, 2, compressed_channels=min(64, channels), backend=backend)
+
+    makers: dict[str, Callable[[], nn.Module]] = {
+        f"carafe_down:{backend}": (lambda backend=backend: pack(backend)) for backend in carafe_backends}
+    makers.update({
+        "carafe_down_unfold": lambda: UnfoldDownPack(pack("reference")),
+        "strided_conv": lambda: nn.Conv2d(channels, channels, 3, stride=2, padding=1),
+        "maxpool": lambda: nn.MaxPool2d(2),
+        "avgpool": lambda: nn.AvgPool2d(2),
+    })
+    return makers
+
+
 def uncounted_flops(name: str, out_elements: int) -> int:
     """FLOPs torch's counter does not see: bilinear sampling (grid_sample, interpolate) at 4 multiply-adds
-    per output element."""
-    return 8 * out_elements if name.startswith("dysample") or name == "bilinear" else 0
+    per output element; 2x2 pooling at 4 operations per output element."""
+    if name.startswith("dysample") or name == "bilinear":
+        return 8 * out_elements
+    return 4 * out_elements if name in ("maxpool", "avgpool") else 0
 
 
 def count_flops(module: nn.Module, x: torch.Tensor, backward: bool) -> int:
@@ -119,39 +170,52 @@ def run(args) -> dict:
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
         raise SystemExit(f"--shapes: unknown {unknown}; choose from {', '.join(SHAPES)}")
-    print(f"{'shape':>22} {'upsampler':>14} {'mode':>7} {'ms':>9} {'x carafe':>8} {'peak MB':>8} "
+    print(f"{'shape':>22} {'resampler':>18} {'mode':>7} {'ms':>9} {'x carafe':>8} {'peak MB':>8} "
           f"{'params':>10} {'GFLOP':>8}")
     for preset in names:
-        for n, c, h, w in SHAPES[preset]:
-            shape_id = f"N{n}-C{c}-H{h}-W{w}"
-            torch.manual_seed(0)
-            x = torch.randn(n, c, h, w, device=device, requires_grad=True)
-            grad_out = torch.randn(n, c, 2 * h, 2 * w, device=device)
-            out_elements = grad_out.numel()
-            reference_ms: dict[str, float] = {}
-            for name, make in upsamplers(c, backends).items():
-                module = make().to(device)
-                params = sum(p.numel() for p in module.parameters())
-                for mode in MODES:
-                    fn = step(module, x, grad_out, mode)
-                    timing = time_fn(fn, device, threads=args.threads, min_run_time=args.min_run_time)
-                    peak = peak_memory_bytes(fn, device)
-                    flops = count_flops(module, x, mode == "fwdbwd") + uncounted_flops(name, out_elements) * (
-                        1 if mode == "fwd" else 3)
-                    if name.startswith("carafe:") and mode not in reference_ms:
-                        reference_ms[mode] = timing["ms"]
-                    row = {"preset": preset, "shape": shape_id, "N": n, "C": c, "H": h, "W": w, "scale": 2,
-                           "upsampler": name, "mode": mode, "device": device, "threads": args.threads, **timing,
-                           "peak_bytes": peak, "out_bytes": out_elements * x.element_size(), "params": params,
-                           "flops": flops,
-                           "vs_carafe": timing["ms"] / reference_ms[mode] if mode in reference_ms else None}
-                    result["rows"].append(row)
-                    ratio = "" if row["vs_carafe"] is None else f"{row['vs_carafe']:.2f}x"
-                    print(f"{shape_id:>22} {name:>14} {mode:>7} {timing['ms']:9.3f} {ratio:>8} "
-                          f"{peak / 2**20:8.1f} {params:10d} {flops / 1e9:8.3f}", flush=True)
-                    if args.json:
-                        _write(args.json, result)
+        for direction, shapes, makers in (("up", SHAPES[preset], upsamplers),
+                                          ("down", DOWN_SHAPES.get(preset, []), downsamplers)):
+            for shape in shapes:
+                _measure(result, args, preset, shape, direction, makers(shape[1], backends))
     return result
+
+
+def _measure(result: dict, args, preset: str, shape, direction: str, makers: dict) -> None:
+    """Times every resampler of `makers` at one input shape and appends its rows (an upsampler's rows
+    name it under "upsampler", a downsampler's under "downsampler"; "vs_carafe" is relative to the first
+    CARAFE row, carafe:<backend> or carafe_down:<backend>)."""
+    device = args.device
+    n, c, h, w = shape
+    shape_id = f"N{n}-C{c}-H{h}-W{w}"
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w, device=device, requires_grad=True)
+    out_h, out_w = (2 * h, 2 * w) if direction == "up" else (-(-h // 2), -(-w // 2))
+    grad_out = torch.randn(n, c, out_h, out_w, device=device)
+    out_elements = grad_out.numel()
+    reference_ms: dict[str, float] = {}
+    for name, make in makers.items():
+        module = make().to(device)
+        params = sum(p.numel() for p in module.parameters())
+        for mode in MODES:
+            fn = step(module, x, grad_out, mode)
+            timing = time_fn(fn, device, threads=args.threads, min_run_time=args.min_run_time)
+            peak = peak_memory_bytes(fn, device)
+            flops = count_flops(module, x, mode == "fwdbwd") + uncounted_flops(name, out_elements) * (
+                1 if mode == "fwd" else 3)
+            if name.startswith(("carafe:", "carafe_down:")) and mode not in reference_ms:
+                reference_ms[mode] = timing["ms"]
+            row = {"preset": preset, "shape": shape_id, "N": n, "C": c, "H": h, "W": w, "scale": 2,
+                   "direction": direction, f"{direction}sampler": name, "mode": mode, "device": device,
+                   "threads": args.threads, **timing,
+                   "peak_bytes": peak, "out_bytes": out_elements * x.element_size(), "params": params,
+                   "flops": flops,
+                   "vs_carafe": timing["ms"] / reference_ms[mode] if mode in reference_ms else None}
+            result["rows"].append(row)
+            ratio = "" if row["vs_carafe"] is None else f"{row['vs_carafe']:.2f}x"
+            print(f"{shape_id:>22} {name:>18} {mode:>7} {timing['ms']:9.3f} {ratio:>8} "
+                  f"{peak / 2**20:8.1f} {params:10d} {flops / 1e9:8.3f}", flush=True)
+            if args.json:
+                _write(args.json, result)
 
 
 def _write(path: str, result: dict) -> None:

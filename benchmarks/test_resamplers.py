@@ -53,10 +53,12 @@ def test_tiny_run_writes_every_row(tmp_path, capsys):
     assert resamplers.main(["--shapes", "tiny", "--min-run-time", "0.01", "--threads", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["machine"]["torch"] == torch.__version__ and result["carafe_backends"] == ["cpu"]
-    names = {row["upsampler"] for row in result["rows"]}
+    up = [row for row in result["rows"] if row["direction"] == "up"]
+    down = [row for row in result["rows"] if row["direction"] == "down"]
+    names = {row["upsampler"] for row in up}
     assert names == {"carafe:cpu", "dysample_lp", "dysample_pl", "bilinear", "nearest", "deconv", "subpixel"}
-    assert len(result["rows"]) == 2 * len(names)
-    rows = {(row["upsampler"], row["mode"]): row for row in result["rows"]}
+    assert len(up) == 2 * len(names)
+    rows = {(row["upsampler"], row["mode"]): row for row in up}
     for (name, mode), row in rows.items():
         assert row["ms"] > 0 and row["peak_bytes"] >= 0 and row["vs_carafe"] > 0
         assert (row["flops"] > 0) == (name != "nearest"), name
@@ -65,3 +67,14 @@ def test_tiny_run_writes_every_row(tmp_path, capsys):
     # Forward+backward costs more FLOPs than forward, and the CARAFE op's own formula is counted.
     assert rows["carafe:cpu", "fwdbwd"]["flops"] > rows["carafe:cpu", "fwd"]["flops"]
     assert "carafe:cpu" in capsys.readouterr().out
+    # The downsampling rows: carafe_down (fused cpu), its unfold formulation, strided conv, pooling.
+    down_names = {row["downsampler"] for row in down}
+    assert down_names == {"carafe_down:cpu", "carafe_down_unfold", "strided_conv", "maxpool", "avgpool"}
+    assert len(down) == 2 * len(down_names)
+    drows = {(row["downsampler"], row["mode"]): row for row in down}
+    assert drows["carafe_down:cpu", "fwd"]["vs_carafe"] == 1.0
+    assert all(row["ms"] > 0 and row["flops"] > 0 and (row["H"], row["W"]) == (8, 8) for row in down)
+    # the same module (and parameters) with the unfold reassembly; FLOPs counted by the op's formula vs einsum
+    assert drows["carafe_down_unfold", "fwd"]["params"] == drows["carafe_down:cpu", "fwd"]["params"] > 0
+    assert drows["carafe_down:cpu", "fwdbwd"]["flops"] > drows["carafe_down:cpu", "fwd"]["flops"]
+    assert drows["maxpool", "fwd"]["params"] == 0 and drows["strided_conv", "fwd"]["params"] == 16 * 16 * 9 + 16
