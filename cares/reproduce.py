@@ -136,7 +136,7 @@ _EXPERIMENT_KEYS = {"name", "description", "train", "semi_train", "pseudo_label"
 _COMPARISON_KEYS = {f.name for f in dataclasses.fields(Comparison)}
 _RUN_KEYS = {f.name for f in dataclasses.fields(RunSpec)}
 _PSEUDO_KEYS = {"entropy_threshold", "log_base", "batch_size", "amp", "split", "score", "keep_fraction", "empty",
-                "border", "tta"}
+                "border", "shape_prior", "tta"}
 # Where a semi run's training starts: the supervised model's weights, or a fresh initialisation.
 SEMI_STARTS = ("supervised", "scratch")
 _EVALUATE_KEYS = {"batch_size", "tta", "amp"}
