@@ -86,11 +86,12 @@ def test_tiny_experiment_end_to_end_and_continued_after_an_interruption(dataset,
     claim, lesion_claim = table["comparisons"]
     assert lesion_claim["better"] == "semi_lesion"
     assert lesion_claim["protocols"]["infnet"]["n_images"] == 4
-    # The project's semi row: its own pseudo-label rule, trained from scratch.
+    # The project's semi row: its own pseudo-label rule (the most reliable half by lesion entropy), continued
+    # from the supervised weights.
     lesion = json.loads((out / "semi_lesion" / "seed_0" / "pseudo" / "summary.json").read_text())
     assert (lesion["score"], lesion["keep_fraction"], lesion["entropy_threshold"]) == ("lesion", 0.5, None)
-    assert lesion["kept"] == 3                                      # half of the 6 unlabeled slices
-    assert "init_from: null" in (out / "semi_lesion" / "seed_0" / "train" / "config.yaml").read_text()
+    assert lesion["empty"] == "drop" and lesion["kept"] == 3                    # half of the 6 unlabeled slices
+    assert "cares_unet/seed_0/train/last.pt" in (out / "semi_lesion" / "seed_0" / "train" / "config.yaml").read_text()
     assert (claim["better"], claim["than"]) == ("semi_cares_unet", "cares_unet")
     for protocol in ("infnet", "threshold"):
         result = claim["protocols"][protocol]
@@ -197,8 +198,12 @@ def test_parallel_jobs_give_the_serial_results_and_continue_after_a_failure(data
     for seed in (0, 1):
         (broken / "semi_cares_unet" / f"seed_{seed}" / "eval" / "done.json").unlink()
         (broken / "semi_cares_unet" / f"seed_{seed}" / "train" / "last.pt").write_bytes(b"garbage")
+    # A healthy run finishing beside them rewrites the table at once, though the command then fails.
+    (broken / "cares_unet" / "seed_0" / "eval" / "done.json").unlink()
+    (broken / "table1.json").unlink()
     failed = command(broken, "--jobs", "2")
     assert failed.returncode == 1 and "error: step(s) failed: evaluate" in failed.stderr
+    assert json.loads((broken / "table1.json").read_text())["rows"][0]["finished_seeds"] == [0, 1]
     assert "see " in failed.stderr and "eval.log" in failed.stderr and "Traceback" not in failed.stderr.splitlines()[-1]
 
 
