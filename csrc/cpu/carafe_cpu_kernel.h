@@ -561,6 +561,11 @@ CARAFE_KERNEL void forward_tasks(const Args& a, int64_t begin, int64_t end) {
 // grad_masks (a reduction over the group's channels, in ascending channel order):
 //   gm[ij][t][h][w] = sum_c God[h][c][ij][w] * Fp[h + ky - r][c][w + kx - r]
 // Each task owns its rows of both outputs: no atomics, no races.
+// A gradient not asked for (its output pointer null: the op's output_mask) is skipped with everything
+// only it needs. grad_features alone stages no features and keeps no gmacc; grad_masks alone runs no
+// gather, stages grad_output of the task's own rows only (no halo), and no masks for the plain op (the
+// fused op stages the probabilities of its own rows, which its softmax backward reads). The gradient
+// computed is bitwise the one of a full call: same operands, same summation order.
 // ---------------------------------------------------------------------------------------------
 template <typename acc_t, int CB>
 CARAFE_INLINE void grad_features_block(const acc_t* __restrict Ms,   // [B+2r][ssp][kk][Wp]
@@ -644,13 +649,16 @@ CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end
   const auto* grad_out = static_cast<const scalar_t*>(a.grad_output);
   auto* grad_features = static_cast<scalar_t*>(a.out);
   auto* grad_masks = static_cast<scalar_t*>(a.out2);
+  const bool want_features = grad_features != nullptr, want_masks = grad_masks != nullptr;
+  const bool need_ms = want_features || Fused;
 
   const int64_t ms_row = q.ssp * q.kk * q.Wp;
   const int64_t god_row = CBLK * q.ssp * q.Wp;
   const int64_t fp_row = CBLK * q.Wp;
   const int64_t gm_row = q.ssp * kkp * q.Wv;
-  Scratch<acc_t> ms_buf(rows * ms_row), god_buf(rows * god_row), fp_buf(rows * fp_row), gm_buf(B * gm_row),
-      row_buf(CBG * q.Wv);
+  Scratch<acc_t> ms_buf(need_ms ? rows * ms_row : 0), god_buf(rows * god_row),
+      fp_buf(want_masks ? rows * fp_row : 0), gm_buf(want_masks ? B * gm_row : 0),
+      row_buf(want_features ? CBG * q.Wv : 0);
   acc_t* Ms = ms_buf.get();
   acc_t* God = god_buf.get();
   acc_t* Fp = fp_buf.get();
@@ -660,7 +668,11 @@ CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end
   for (int64_t task = begin; task < end; ++task) {
     const auto [n, g, h0, h1, lr_lo, lr_hi] = task_rows(task, q, B);
 
-    for (int64_t lr = lr_lo; lr < lr_hi; ++lr) {
+    // The gather reads the mask rows of the halo; the fused softmax backward alone reads only the
+    // task's own rows (local rows [r, r + h1 - h0)).
+    const int64_t ms_lo = want_features ? lr_lo : q.r;
+    const int64_t ms_hi = want_features ? lr_hi : (need_ms ? q.r + h1 - h0 : q.r);
+    for (int64_t lr = ms_lo; lr < ms_hi; ++lr) {
       const int64_t hh = h0 - q.r + lr;
       if (Fused) {
         stage_softmax_row(Ms + lr * ms_row, masks, q, n, g, hh);
@@ -668,7 +680,7 @@ CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end
         stage_masks_row(Ms + lr * ms_row, masks, q, n, g, hh, /*zero_padded_taps=*/false);
       }
     }
-    zero_row(gmacc, (h1 - h0) * gm_row);
+    if (want_masks) zero_row(gmacc, (h1 - h0) * gm_row);
 
     for (int64_t c0 = 0; c0 < q.Cg; c0 += CBLK) {
       const int64_t nch = std::min<int64_t>(CBLK, q.Cg - c0);
@@ -678,43 +690,49 @@ CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end
       // (and of features). Staging is bound by memory latency, so the next channel's stretch is
       // prefetched while this one is de-interleaved.
       const int64_t hh_lo = h0 - q.r + lr_lo, hh_hi = h0 - q.r + lr_hi;  // rows inside the image
+      // grad_output rows: the gather reads the halo, grad_masks alone only the task's own rows
+      const int64_t go_lo = want_features ? hh_lo : h0, go_hi = want_features ? hh_hi : h1;
       for (int64_t c = 0; c < ncg; ++c) {
         if (c + 1 < nch || (c + 1 == nch && c0 + CBLK < q.Cg)) {
           const int64_t next = n * q.C + cbase + c + 1;
-          prefetch_range(grad_out + (next * q.Ho + hh_lo * q.s) * q.Wo, (hh_hi - hh_lo) * q.s * q.Wo);
-          prefetch_range(features + (next * q.H + hh_lo) * q.W, (hh_hi - hh_lo) * q.W);
+          prefetch_range(grad_out + (next * q.Ho + go_lo * q.s) * q.Wo, (go_hi - go_lo) * q.s * q.Wo);
+          if (want_masks) prefetch_range(features + (next * q.H + hh_lo) * q.W, (hh_hi - hh_lo) * q.W);
         }
         for (int64_t lr = 0; lr < rows; ++lr) {
           const int64_t hh = h0 - q.r + lr;
           const bool inside = lr >= lr_lo && lr < lr_hi;
+          const bool stage_go = want_features || (hh >= h0 && hh < h1);
           acc_t* god = God + lr * god_row + c * q.ssp * q.Wp;
           acc_t* fp = Fp + lr * fp_row + c * q.Wp;
           if (inside && c < nch) {
             const int64_t channel = n * q.C + cbase + c;
-            for (int64_t i = 0; i < q.s; ++i)
-              deinterleave_row_any(god + i * q.s * q.Wp, q.Wp, grad_out + (channel * q.Ho + hh * q.s + i) * q.Wo, q);
-            zero_row(god + q.ss * q.Wp, (q.ssp - q.ss) * q.Wp);
-            load_row(fp, features + (channel * q.H + hh) * q.W, q);
+            if (stage_go) {
+              for (int64_t i = 0; i < q.s; ++i)
+                deinterleave_row_any(god + i * q.s * q.Wp, q.Wp, grad_out + (channel * q.Ho + hh * q.s + i) * q.Wo,
+                                     q);
+              zero_row(god + q.ss * q.Wp, (q.ssp - q.ss) * q.Wp);
+            }
+            if (want_masks) load_row(fp, features + (channel * q.H + hh) * q.W, q);
           } else {
-            zero_row(god, q.ssp * q.Wp);
-            zero_row(fp, q.Wp);
+            if (stage_go) zero_row(god, q.ssp * q.Wp);
+            if (want_masks) zero_row(fp, q.Wp);
           }
         }
       }
       for (int64_t h = h0; h < h1; ++h) {
         const int64_t b = h - h0;
-        for (int64_t cg = 0; cg < nch; cg += CBG) {
+        for (int64_t cg = 0; want_features && cg < nch; cg += CBG) {
           grad_features_block<acc_t, CBG>(Ms, God + cg * q.ssp * q.Wp, rowbuf, q, b, h, CBLK);
           for (int64_t cb = 0; cb < std::min<int64_t>(CBG, nch - cg); ++cb) {
             scalar_t* dst = grad_features + ((n * q.C + cbase + cg + cb) * q.H + h) * q.W;
             convert_row(dst, rowbuf + cb * q.Wv, q.W);
           }
         }
-        grad_masks_block<acc_t, TB, PB>(gmacc, God, Fp, q, b, nch, CBLK, kkp);
+        if (want_masks) grad_masks_block<acc_t, TB, PB>(gmacc, God, Fp, q, b, nch, CBLK, kkp);
       }
     }
 
-    for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t h = h0; want_masks && h < h1; ++h) {
       const int64_t b = h - h0;
       acc_t* gm = gmacc + b * gm_row;  // [ssp][kkp][Wv]: dL/dmask per (sub-pixel, tap, w)
       if (Fused) {
