@@ -26,11 +26,18 @@ peak memory of one call (and in output sizes); speedups vs unfold, vs the refere
 op) vs the same backend's unfused pipeline.
 
 Least bytes (b bytes per element; M = masks/logits elements = N*G*k*k*s*s*H*W; O = N*C*H*s*W*s):
-    fwd     b * (N*C*H*W + M + O)                  read features, masks/logits; write output
-    bwd     b * (O + 2*N*C*H*W + 2*M)              read grad_out, features, masks/logits; write both grads
-    fwdbwd  the sum of the two
+    fwd           b * (N*C*H*W + M + O)            read features, masks/logits; write output
+    bwd           b * (O + 2*N*C*H*W + 2*M)        read grad_out, features, masks/logits; write both grads
+    fwdbwd        the sum of fwd and bwd
+    bwd_features  b * (O + M + N*C*H*W)            read grad_out, masks/logits; write grad features
+    bwd_masks     b * (O + N*C*H*W + M), + M fused read grad_out, features (the logits: the softmax
+                                                   backward); write grad masks/logits
 bwd and fwdbwd both call torch.autograd.grad(..., retain_graph=True), so they are timed the same way.
-FLOPs: fwd 2*O*k*k (one multiply-add per tap per output element), bwd twice that, fwdbwd three times.
+bwd_features and bwd_masks (not in the default --modes) are bwd with only the features, or only the
+masks/logits, requiring grad: the backward that computes only what is asked (the ops' output_mask); the
+"x bwd" column is the same implementation's full bwd time over theirs.
+FLOPs: fwd 2*O*k*k (one multiply-add per tap per output element), bwd twice that, fwdbwd three times,
+bwd_features and bwd_masks once.
 """
 from __future__ import annotations
 
@@ -73,7 +80,9 @@ from .machine import (  # noqa: E402
 from .shapes import PRESETS, Shape, parse_shapes  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-MODES = ("fwd", "bwd", "fwdbwd")
+MODES = ("fwd", "bwd", "fwdbwd", "bwd_features", "bwd_masks")
+# The backward modes that ask for one gradient: the input (0: features, 1: masks/logits) that requires grad.
+PARTIAL_BACKWARD = {"bwd_features": 0, "bwd_masks": 1}
 OPS = ("fused", "plain")
 # Correctness check before timing: max |error| / max(1, max |oracle|) against the float64 reference.
 CHECK_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -81,22 +90,26 @@ CHECK_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torc
 
 # --- cost model ----------------------------------------------------------------------------------------
 
-def least_bytes(shape: Shape, mode: str, element_bytes: int) -> int:
+def least_bytes(shape: Shape, mode: str, element_bytes: int, op: str = "fused") -> int:
     N, C, H, W, k, G, s = shape.N, shape.C, shape.H, shape.W, shape.k, shape.G, shape.s
     features, masks, out = N * C * H * W, N * G * k * k * s * s * H * W, N * C * H * s * W * s
     forward = features + masks + out
     backward = out + 2 * features + 2 * masks
-    return element_bytes * {"fwd": forward, "bwd": backward, "fwdbwd": forward + backward}[mode]
+    elements = {"fwd": forward, "bwd": backward, "fwdbwd": forward + backward,
+                "bwd_features": out + masks + features,
+                # the plain op's mask gradient needs no masks; the fused one reads the logits' softmax
+                "bwd_masks": out + features + masks + (masks if op == "fused" else 0)}
+    return element_bytes * elements[mode]
 
 
 def flops(shape: Shape, mode: str) -> int:
     forward = 2 * shape.N * shape.C * shape.H * shape.s * shape.W * shape.s * shape.k * shape.k
-    return forward * {"fwd": 1, "bwd": 2, "fwdbwd": 3}[mode]
+    return forward * {"fwd": 1, "bwd": 2, "fwdbwd": 3, "bwd_features": 1, "bwd_masks": 1}[mode]
 
 
-def floor_ms(shape: Shape, mode: str, element_bytes: int, peaks: dict) -> float:
+def floor_ms(shape: Shape, mode: str, element_bytes: int, peaks: dict, op: str = "fused") -> float:
     compute = flops(shape, mode) / (peaks["gflops"] * 1e9)
-    memory = least_bytes(shape, mode, element_bytes) / (peaks["gbps"] * 1e9)
+    memory = least_bytes(shape, mode, element_bytes, op) / (peaks["gbps"] * 1e9)
     return max(compute, memory) * 1e3
 
 
@@ -150,7 +163,8 @@ def _append_jsonl(path: str | None, rows: list[dict]) -> None:
 def mode_fn(fn, mode: str, features, second, grad_out) -> Callable[[], object]:
     """The callable timed for a mode. fwd: no autograd graph; bwd: the backward of a graph built once;
     fwdbwd: both. bwd and fwdbwd run the backward the same way (retain_graph=True; bwd needs it to
-    run the same graph again), so fwdbwd - bwd is the forward with autograd recording."""
+    run the same graph again), so fwdbwd - bwd is the forward with autograd recording. bwd_features /
+    bwd_masks: bwd with only that input requiring grad."""
     if mode == "fwd":
         f, m = features.detach(), second.detach()
 
@@ -158,6 +172,12 @@ def mode_fn(fn, mode: str, features, second, grad_out) -> Callable[[], object]:
             with torch.no_grad():
                 return fn(f, m)
         return forward
+    if mode in PARTIAL_BACKWARD:
+        wanted = PARTIAL_BACKWARD[mode]
+        f = features.detach().requires_grad_(wanted == 0)
+        m = second.detach().requires_grad_(wanted == 1)
+        out = fn(f, m)
+        return lambda: torch.autograd.grad(out, ((f, m)[wanted],), grad_out, retain_graph=True)
     f = features.detach().requires_grad_(True)
     m = second.detach().requires_grad_(True)
     if mode == "bwd":
@@ -184,9 +204,12 @@ class Oracle:
         return self._cache[key]
 
 
-def check_impl(op, impl, shape, dtype, features, second, grad_out, oracle: Oracle, need_grads: bool) -> str | None:
-    """None when impl matches the float64 reference (output, and gradients when need_grads), else why not."""
+def check_impl(op, impl, shape, dtype, features, second, grad_out, oracle: Oracle, need_grads: bool,
+               partial: tuple[str, ...] = ()) -> str | None:
+    """None when impl matches the float64 reference (output, and gradients when need_grads; and the one
+    gradient of each partial-backward mode in `partial`), else why not."""
     fn = impl_fn(op, impl, shape)
+    names, got = ["output"], []
     try:
         f = features.detach().requires_grad_(need_grads)
         m = second.detach().requires_grad_(need_grads)
@@ -194,10 +217,18 @@ def check_impl(op, impl, shape, dtype, features, second, grad_out, oracle: Oracl
         got = [out]
         if need_grads:
             got += list(torch.autograd.grad(out, (f, m), grad_out))
+            names += ["grad features", "grad masks"]
+        for mode in partial:
+            wanted = PARTIAL_BACKWARD[mode]
+            f = features.detach().requires_grad_(wanted == 0)
+            m = second.detach().requires_grad_(wanted == 1)
+            got += list(torch.autograd.grad(fn(f, m), ((f, m)[wanted],), grad_out))
+            names.append(f"{mode}: grad {('features', 'masks')[wanted]}")
     except Exception as exc:  # noqa: BLE001 -- any failure is reported and the row skipped
         return f"raised {type(exc).__name__}: {exc}"
-    want = oracle.get(op, shape, dtype, features, second, grad_out)
-    for name, a, b in zip(("output", "grad features", "grad masks"), got, want):
+    full = oracle.get(op, shape, dtype, features, second, grad_out)
+    want = list(full[:len(names) - len(partial)]) + [full[1 + PARTIAL_BACKWARD[mode]] for mode in partial]
+    for name, a, b in zip(names, got, want):
         if a.dtype != dtype or a.shape != b.shape:
             return f"{name}: {a.dtype} {tuple(a.shape)}, expected {dtype} {tuple(b.shape)}"
         err = (a.double() - b).abs().max().item() if a.numel() else 0.0
@@ -221,7 +252,7 @@ def inconsistencies(rows: list[dict], spread_limit: float = SPREAD_LIMIT) -> dic
         by_impl.setdefault(row["impl"], {})[row["mode"]] = row
     for impl, modes in by_impl.items():
         whole = modes.get("fwdbwd")
-        for part in ("fwd", "bwd"):
+        for part in ("fwd", "bwd", *PARTIAL_BACKWARD):
             if whole is not None and part in modes and modes[part]["ms"] > whole["ms"]:
                 problems.setdefault(impl, []).append(
                     f"{part} {_fmt_ms(modes[part]['ms'])} ms > fwdbwd {_fmt_ms(whole['ms'])} ms")
@@ -422,7 +453,8 @@ def run(args) -> dict:
                                          "reason": why, "kind": "skipped"})
                         impls.remove(impl)
                         continue
-                    reason = check_impl(op, impl, shape, dtype, features, second, grad_out, oracle, need_grads)
+                    reason = check_impl(op, impl, shape, dtype, features, second, grad_out, oracle, need_grads,
+                                        tuple(m for m in modes if m in PARTIAL_BACKWARD))
                     if reason is not None:
                         print(f"!! {impl} FAILED the correctness check at {op} {shape.id} {dtype_name}: {reason} "
                               "-- not timed", flush=True)
@@ -442,12 +474,13 @@ def run(args) -> dict:
                             "layout": layout, "mode": mode, "impl": impl, "device": device,
                             "threads": args.threads,
                             **timing,
-                            "bytes": least_bytes(shape, mode, element_bytes), "flops": flops(shape, mode),
-                            "floor_ms": floor_ms(shape, mode, element_bytes, peaks),
+                            "bytes": least_bytes(shape, mode, element_bytes, op), "flops": flops(shape, mode),
+                            "floor_ms": floor_ms(shape, mode, element_bytes, peaks, op),
                             "peak_bytes": peak, "out_bytes": out_bytes,
                         }
                         block.append(row)
                 gate_block(args, block, op, shape, dtype_name, modes, plan.backends, peaks, layout)
+                _add_partial_speedups(block)
                 for mode in modes:
                     group = [row for row in block if row["mode"] == mode]
                     for row in group:
@@ -464,6 +497,14 @@ def run(args) -> dict:
     return result
 
 
+def _add_partial_speedups(block: list[dict]) -> None:
+    """vs_bwd of the bwd_features / bwd_masks rows: the same implementation's full bwd time over theirs."""
+    full = {row["impl"]: row["ms"] for row in block if row["mode"] == "bwd" and not row.get("invalid")}
+    for row in block:
+        if row["mode"] in PARTIAL_BACKWARD and row["impl"] in full and not row.get("invalid"):
+            row["vs_bwd"] = full[row["impl"]] / row["ms"]
+
+
 def _add_speedups(group: list[dict]) -> None:
     times = {row["impl"]: row["ms"] for row in group if not row.get("invalid")}
     for row in group:
@@ -476,7 +517,8 @@ def _add_speedups(group: list[dict]) -> None:
 # --- output --------------------------------------------------------------------------------------------
 
 COLUMNS = [("op", 5), ("shape", 26), ("dtype", 7), ("mode", 6), ("impl", 17), ("ms (p20-p80)", 26),
-           ("GB/s", 7), ("floor%", 7), ("peak MB (xout)", 16), ("x unfold", 8), ("x ref", 7), ("x unfused", 9)]
+           ("GB/s", 7), ("floor%", 7), ("peak MB (xout)", 16), ("x unfold", 8), ("x ref", 7), ("x unfused", 9),
+           ("x bwd", 6)]
 
 
 def _fmt_ms(v: float) -> str:
@@ -492,12 +534,13 @@ def format_row(row: dict) -> list[str]:
     dtype = row["dtype"] + (" cl" if row.get("layout") == "channels_last" else "")
     if row.get("invalid"):  # listed, never shown as a result
         return [row["op"], row["shape"], dtype, row["mode"], row["impl"], "INVALID", "-", "-", "-", "-",
-                "-", "-"]
+                "-", "-", "-"]
     return [row["op"], row["shape"], dtype, row["mode"], row["impl"],
             f"{_fmt_ms(row['ms'])} ({_fmt_ms(row['p20'])}-{_fmt_ms(row['p80'])})",
             f"{row['gbps']:.1f}", f"{100 * row['floor_fraction']:.1f}",
             f"{row['peak_bytes'] / 2**20:.1f} ({row['peak_bytes'] / row['out_bytes']:.2f})",
-            _fmt_x(row["vs_unfold"]), _fmt_x(row["vs_reference"]), _fmt_x(row["vs_unfused"])]
+            _fmt_x(row["vs_unfold"]), _fmt_x(row["vs_reference"]), _fmt_x(row["vs_unfused"]),
+            _fmt_x(row.get("vs_bwd"))]
 
 
 def print_table(rows: list[dict], header: bool = True) -> None:
@@ -604,7 +647,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="target", help="comma list of presets "
                         f"({', '.join(PRESETS)}) and/or ids like N2-C256-H44-W44-k5-g1-s2 (default: target)")
     parser.add_argument("--ops", default="fused", help="comma list of fused, plain (default: fused)")
-    parser.add_argument("--modes", default="fwd,bwd,fwdbwd", help="comma list of fwd, bwd, fwdbwd (default: all)")
+    parser.add_argument("--modes", default="fwd,bwd,fwdbwd", help="comma list of fwd, bwd, fwdbwd, bwd_features, "
+                        "bwd_masks (default: fwd,bwd,fwdbwd)")
     parser.add_argument("--dtypes", default="fp32", help="comma list of fp32, bf16, fp16, fp64 (default: fp32)")
     parser.add_argument("--layouts", default="contiguous", help="comma list of contiguous, channels_last: the "
                         "memory format of the inputs and grad_output (default: contiguous)")

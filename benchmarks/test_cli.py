@@ -52,6 +52,25 @@ def test_cli_skips_a_wrong_backend_loudly(monkeypatch, tmp_path, capsys):
     assert result["skipped"][0]["impl"] == "reference" and result["skipped"][0]["kind"] == "failed check"
 
 
+def test_cli_partial_backward_rows(tmp_path, capsys):
+    """bwd_features / bwd_masks rows (one input requiring grad: the backward that computes only what is
+    asked) are checked, timed and compared with the same implementation's full bwd ("x bwd")."""
+    out = tmp_path / "run.json"
+    modes = ["bwd", "fwdbwd", "bwd_features", "bwd_masks"]
+    assert cli.main(FAST + ["--modes", ",".join(modes), "--ops", "fused,plain", "--json", str(out)]) == 0
+    assert "x bwd" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert not result["skipped"] or all(s["kind"] == "skipped" for s in result["skipped"])
+    rows = result["rows"]
+    for row in rows:
+        if row["mode"] in ("bwd_features", "bwd_masks"):
+            full = next(r for r in rows if (r["op"], r["impl"], r["mode"]) == (row["op"], row["impl"], "bwd"))
+            assert row["flops"] * 2 == full["flops"] and row["bytes"] < full["bytes"]
+            if not (row.get("invalid") or full.get("invalid")):  # a noisy 10 ms timing may be gated out
+                assert abs(row["vs_bwd"] - full["ms"] / row["ms"]) < 1e-9
+    assert {(row["op"], row["mode"]) for row in rows} == {(op, mode) for op in ("fused", "plain") for mode in modes}
+
+
 def test_cost_model():
     shape = cli.Shape(2, 256, 44, 44)
     out = 2 * 256 * 88 * 88

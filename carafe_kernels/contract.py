@@ -32,25 +32,33 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # The schema of every CARAFE op, without its namespace; csrc/carafe.cpp declares the same for the C++
 # ops, the Triton ops (triton_<name>) are defined from these strings, and tests check all of them.
+# The backward ops take ATen's convolution_backward output_mask: bool[2] = (grad_features wanted,
+# grad_masks wanted); a gradient not asked for is not computed and comes back as None (an undefined
+# tensor), see docs/design.md#the-call-path. It defaults to both, so a call written without it (a direct
+# caller, or a backward graph that torch.compile cached before it existed) keeps its meaning.
 SCHEMAS: dict[str, str] = {
     "carafe": "(Tensor features, Tensor masks, int kernel_size, int group_size, int scale_factor) -> Tensor",
     "carafe_backward": ("(Tensor grad_output, Tensor features, Tensor masks, int kernel_size, int group_size, "
-                        "int scale_factor) -> (Tensor grad_features, Tensor grad_masks)"),
+                        "int scale_factor, bool[2] output_mask=[True, True]) -> (Tensor grad_features, "
+                        "Tensor grad_masks)"),
     "carafe_fused": ("(Tensor features, Tensor mask_logits, int kernel_size, int group_size, int scale_factor) "
                      "-> Tensor"),
     "carafe_fused_backward": ("(Tensor grad_output, Tensor features, Tensor mask_logits, int kernel_size, "
-                              "int group_size, int scale_factor) -> (Tensor grad_features, Tensor grad_mask_logits)"),
-    # Content-aware downsampling (CARAFE++): the same signatures, masks / mask_logits and output of size
-    # (ceil(H/s), ceil(W/s)) (expected_second_shape(..., down=True), output_shape(..., down=True)).
+                              "int group_size, int scale_factor, bool[2] output_mask=[True, True]) "
+                              "-> (Tensor grad_features, Tensor grad_mask_logits)"),
+    # Content-aware downsampling (CARAFE++): the same signatures (the backward ops with the same output_mask),
+    # masks / mask_logits and output of size (ceil(H/s), ceil(W/s)) (expected_second_shape(..., down=True),
+    # output_shape(..., down=True)).
     "carafe_down": ("(Tensor features, Tensor masks, int kernel_size, int group_size, int scale_factor) "
                     "-> Tensor"),
     "carafe_down_backward": ("(Tensor grad_output, Tensor features, Tensor masks, int kernel_size, int group_size, "
-                             "int scale_factor) -> (Tensor grad_features, Tensor grad_masks)"),
+                             "int scale_factor, bool[2] output_mask=[True, True]) -> (Tensor grad_features, "
+                             "Tensor grad_masks)"),
     "carafe_down_fused": ("(Tensor features, Tensor mask_logits, int kernel_size, int group_size, "
                           "int scale_factor) -> Tensor"),
     "carafe_down_fused_backward": ("(Tensor grad_output, Tensor features, Tensor mask_logits, int kernel_size, "
-                                   "int group_size, int scale_factor) -> (Tensor grad_features, "
-                                   "Tensor grad_mask_logits)"),
+                                   "int group_size, int scale_factor, bool[2] output_mask=[True, True]) "
+                                   "-> (Tensor grad_features, Tensor grad_mask_logits)"),
 }
 
 
@@ -101,6 +109,17 @@ def output_shape(features_shape, s: int, *, down: bool = False) -> tuple:
     """The op's output shape: (N, C, H*s, W*s), or (N, C, ceil(H/s), ceil(W/s)) for the down ops."""
     N, C, H, W = features_shape
     return (N, C, down_output_size(H, s), down_output_size(W, s)) if down else (N, C, H * s, W * s)
+
+
+def check_output_mask(output_mask, op: str | None = None) -> tuple[bool, bool]:
+    """(grad_features wanted, grad_masks wanted) from a backward op's output_mask (bool[2]); ValueError
+    naming the argument for another length (the schema's [2] is not enforced for every caller; the C++
+    ops check the same in csrc/carafe_checks.h)."""
+    pre = f"{op}: " if op else ""
+    if len(output_mask) != 2:
+        raise ValueError(f"{pre}output_mask must have 2 elements (grad_features, grad_masks), got "
+                         f"{len(output_mask)}")
+    return bool(output_mask[0]), bool(output_mask[1])
 
 
 def _fast_accept(features, masks, k, G, s, fused, dtypes, limits, same_dtype, grad_output, down) -> bool:

@@ -13,7 +13,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch.utils.flop_counter import register_flop_formula
 
 from ._native import HAS_NATIVE
-from .contract import NATIVE_DTYPES, check_arguments, output_shape
+from .contract import NATIVE_DTYPES, check_arguments, check_output_mask, output_shape
 from .reference import down_output_size, normalize_down_mask_logits_jvp, normalize_mask_logits_jvp
 
 __all__ = ["carafe_flops", "carafe_down_flops", "register_carafe_op_family", "rule", "AUTOCAST_ERROR"]
@@ -149,17 +149,17 @@ def _register_autograd(forward_op, backward_op, plain_op, *, fused: bool, down: 
 
         @staticmethod
         def backward(ctx, grad_output):
-            # Only the gradients autograd asks for are returned, and none is computed when neither is
-            # asked for. NB: the backward kernels compute both gradients in one pass, so asking for one
-            # costs about as much as asking for both.
+            # Only the gradients autograd asks for are computed: they are the backward op's output_mask
+            # (as ATen's convolution_backward), so the kernels skip the other one and its allocation.
             need_features, need_masks = ctx.needs_input_grad[:2]
             if not (need_features or need_masks):
                 return None, None, None, None, None
             features, masks = ctx.saved_tensors
             # grad_output as it comes: each op brings it to the layout it computes in (a channels_last
             # gradient stays channels_last for kernels that read it in place).
-            grad_features, grad_masks = BackwardRule.apply(grad_output, features, masks, *ctx.args)
-            return (grad_features if need_features else None), (grad_masks if need_masks else None), None, None, None
+            grad_features, grad_masks = BackwardRule.apply(grad_output, features, masks, *ctx.args,
+                                                           need_features, need_masks)
+            return grad_features, grad_masks, None, None, None
 
         @staticmethod
         def jvp(ctx, d_features, d_masks, *_):
@@ -178,31 +178,43 @@ def _register_autograd(forward_op, backward_op, plain_op, *, fused: bool, down: 
         """The backward op. For the plain op it is B(g, X, Y) = (B_F(g, Y), B_M(g, X)): grad_features
         depends only on the masks, grad_masks only on the features, each linear in both arguments. So
         its vjp for cotangents (u, v) is  g: carafe(u, M) + carafe(F, v),  (F, M): B(g, u, v),  and
-        its jvp is B(dg, F, M) + B(g, dF, dM)."""
+        its jvp is B(dg, F, M) + B(g, dF, dM). The op's output_mask (which of the two it computes; the
+        other output is None) is passed on to every B it calls: the vjp's B(g, u, v) computes what
+        autograd asks of F and M, the jvp's Bs what this call computed. NB: it is two bool arguments
+        here, not the op's list: generate_vmap_rule flattens a list argument into pytree leaves, which
+        breaks its jvp rule's bookkeeping (torch 2.13: "treespec.unflatten(leaves): leaves has length 7
+        but the spec refers to a pytree that holds 8 items")."""
         generate_vmap_rule = True
 
         @staticmethod
-        def forward(grad_output, features, masks, kernel_size, group_size, scale_factor):
+        def forward(grad_output, features, masks, kernel_size, group_size, scale_factor, want_features, want_masks):
             with torch._C._AutoDispatchBelowAutograd():
-                return backward_op(grad_output, features, masks, kernel_size, group_size, scale_factor)
+                return backward_op(grad_output, features, masks, kernel_size, group_size, scale_factor,
+                                   [want_features, want_masks])
 
         @staticmethod
         def setup_context(ctx, inputs, output):
-            grad_output, features, masks, kernel_size, group_size, scale_factor = inputs
+            grad_output, features, masks, kernel_size, group_size, scale_factor, want_features, want_masks = inputs
             ctx.save_for_backward(grad_output, features, masks)
             ctx.save_for_forward(grad_output, features, masks)
             ctx.args = (kernel_size, group_size, scale_factor)
+            ctx.output_mask = (want_features, want_masks)
 
         @staticmethod
         def backward(ctx, u, v):
             if fused:
                 _no_second_order(backward_op)
             grad_output, features, masks = ctx.saved_tensors
+            need_grad_output, need_features, need_masks = ctx.needs_input_grad[:3]
             u = torch.zeros_like(features) if u is None else u.contiguous()
             v = torch.zeros_like(masks) if v is None else v.contiguous()
-            grad_grad = CarafeRule.apply(u, masks, *ctx.args) + CarafeRule.apply(features, v, *ctx.args)
-            grad_features, grad_masks = BackwardRule.apply(grad_output, u, v, *ctx.args)
-            return grad_grad, grad_features, grad_masks, None, None, None
+            grad_grad = grad_features = grad_masks = None
+            if need_grad_output:
+                grad_grad = CarafeRule.apply(u, masks, *ctx.args) + CarafeRule.apply(features, v, *ctx.args)
+            if need_features or need_masks:
+                grad_features, grad_masks = BackwardRule.apply(grad_output, u, v, *ctx.args, need_features,
+                                                               need_masks)
+            return grad_grad, grad_features, grad_masks, None, None, None, None, None
 
         @staticmethod
         def jvp(ctx, d_grad_output, d_features, d_masks, *_):
@@ -212,9 +224,10 @@ def _register_autograd(forward_op, backward_op, plain_op, *, fused: bool, down: 
             d_grad_output = torch.zeros_like(grad_output) if d_grad_output is None else d_grad_output
             d_features = torch.zeros_like(features) if d_features is None else d_features
             d_masks = torch.zeros_like(masks) if d_masks is None else d_masks
-            a_features, a_masks = BackwardRule.apply(d_grad_output.contiguous(), features, masks, *ctx.args)
-            b_features, b_masks = BackwardRule.apply(grad_output, d_features, d_masks, *ctx.args)
-            return a_features + b_features, a_masks + b_masks
+            mask = ctx.output_mask
+            a = BackwardRule.apply(d_grad_output.contiguous(), features, masks, *ctx.args, *mask)
+            b = BackwardRule.apply(grad_output, d_features, d_masks, *ctx.args, *mask)
+            return tuple(None if x is None else x + y for x, y in zip(a, b))
 
     _RULES[forward_op] = CarafeRule
     _RULES[backward_op] = BackwardRule
@@ -236,7 +249,9 @@ def _register_vmap(op, tensor_count: int) -> None:
         out = op(*(t.reshape(size * n, *t.shape[2:]) for t in tensors), *args[tensor_count:])
         if isinstance(out, torch.Tensor):
             return out.reshape(size, n, *out.shape[1:]), 0
-        return tuple(o.reshape(size, n, *o.shape[1:]) for o in out), (0,) * len(out)
+        # None: a gradient the backward op's output_mask did not ask for
+        return (tuple(None if o is None else o.reshape(size, n, *o.shape[1:]) for o in out),
+                tuple(None if o is None else 0 for o in out))
 
     torch.library.register_vmap(op._schema.name, batched, lib=_LIBS[-1])
 
@@ -298,7 +313,8 @@ def register_carafe_op_family(forward_qualname: str, backward_qualname: str, *,
                               layout=_always_nchw, down: bool = False) -> None:
     """Fake kernels, autograd, autocast and FLOP formulas for one (forward, backward) op pair with the
     schemas of contract.SCHEMAS:  forward(features, masks_or_logits, k, G, s) -> out  and
-    backward(grad_out, features, masks_or_logits, k, G, s) -> (grad_features, grad_masks_or_logits).
+    backward(grad_out, features, masks_or_logits, k, G, s, output_mask) -> (grad_features,
+    grad_masks_or_logits), None in the slot of a gradient output_mask ([features, masks]) does not ask for.
     dtypes: what the kernels compute in (the fake kernels refuse the others, as the real ones do).
     layout: features -> the memory format of the output and gradients the kernels return (the fake
     kernels must give the real ones' strides): _always_nchw, or follow_channels_last. down: the content-aware
@@ -319,11 +335,14 @@ def register_carafe_op_family(forward_qualname: str, backward_qualname: str, *,
         return _output_like(features, scale_factor, layout(features), down=down)
 
     @torch.library.register_fake(backward_qualname)
-    def _backward_fake(grad_output, features, masks, kernel_size, group_size, scale_factor):
+    def _backward_fake(grad_output, features, masks, kernel_size, group_size, scale_factor,
+                       output_mask=(True, True)):
         check_arguments(features, masks, kernel_size, group_size, scale_factor, fused=fused, op=backward_qualname,
                         dtypes=dtypes, limits=True, grad_output=grad_output, down=down)
-        return torch.empty_like(features, memory_format=layout(features)), \
-            torch.empty_like(masks, memory_format=layout(features))
+        want_features, want_masks = check_output_mask(output_mask, backward_qualname)
+        # None (an undefined tensor) in the slot of a gradient not asked for, as the kernels return
+        return (torch.empty_like(features, memory_format=layout(features)) if want_features else None,
+                torch.empty_like(masks, memory_format=layout(features)) if want_masks else None)
 
     _register_autograd(torch._library.utils.lookup_op(forward_qualname),
                        torch._library.utils.lookup_op(backward_qualname),
@@ -342,10 +361,11 @@ def register_carafe_op_family(forward_qualname: str, backward_qualname: str, *,
 
     @register_flop_formula(backward_op)
     def _backward_flops(grad_shape, features_shape, masks_shape, kernel_size, group_size, scale_factor,
-                        *args, **kwargs):
+                        output_mask=(True, True), *args, **kwargs):
+        # NB: the flop counter leaves out arguments equal to their schema default (output_mask [True, True])
         # grad_features (a gather) and grad_masks (a reduction over channels): one multiply-add each per
-        # tap per output element.
-        return 2 * flops(features_shape, kernel_size, scale_factor)
+        # tap per output element, for each gradient output_mask asks for.
+        return sum(map(bool, output_mask)) * flops(features_shape, kernel_size, scale_factor)
 
 
 if HAS_NATIVE:

@@ -15,6 +15,11 @@
              score tells a clean lesion from a doubtful one whatever the lesion's size. A slice whose
              region is empty is predicted lesion-free: --empty keep|drop says what to do with it.
    The log base b is --log-base, 2 by default, which makes the largest possible entropy (p = 0.5) 1.
+   With --shape-prior SPLIT, a pseudo mask must also look like a real one: a slice is rejected when its
+   predicted lesion covers more of the slice, or more of the image's outer border, than any ground-truth
+   mask of SPLIT (the labelled slices) does. Entropy measures the model's doubt, not its error: on
+   slices unlike the labelled ones (another scanner or window) a model can be confidently wrong, and on
+   COVID-SemiSeg it labels the whole body wall of 1119 "coronacases" slices as lesion, with low entropy.
 3. A slice is kept when its score is below --entropy-threshold (0.6 by default); with --keep-fraction F,
    only the F most reliable of those (lowest scores) are kept, as ST++ (Yang et al., CVPR 2022) keeps
    its most reliable half.
@@ -111,6 +116,24 @@ def reliability_score(probability: np.ndarray, score: str = "mean", log_base: fl
     return mean_binary_entropy(np.asarray(probability)[region], log_base)
 
 
+def mask_shape(mask: np.ndarray) -> tuple[float, float]:
+    """(lesion fraction, fraction of the image's outer border pixels that are lesion) of a 2-D bool mask."""
+    mask = np.asarray(mask, dtype=bool)
+    border = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]])
+    return float(mask.mean()), float(border.mean())
+
+
+def shape_limits(source, split: str) -> dict[str, float]:
+    """The largest lesion fraction and border coverage among the ground-truth masks of `split` of `source`."""
+    from cares.evaluate import native_size_dataset
+    dataset = native_size_dataset(source, split, image_size=256, labeled=True)
+    if len(dataset) == 0:
+        raise ValueError(f"--shape-prior split {split!r} of {source!r} holds no labelled slices")
+    shapes = [mask_shape(dataset[i]["mask"][0].numpy() > 0.5) for i in range(len(dataset))]
+    return {"split": split, "slices": len(shapes), "max_lesion_fraction": max(f for f, _ in shapes),
+            "max_border_fraction": max(b for _, b in shapes)}
+
+
 def is_confident(probability: np.ndarray, entropy_threshold: float = DEFAULT_ENTROPY_THRESHOLD,
                  log_base: float = DEFAULT_LOG_BASE) -> tuple[bool, float]:
     """(keep?, mean entropy): keep when the mean binary entropy is strictly below the threshold."""
@@ -146,6 +169,9 @@ def add_arguments(parser) -> None:
                         help="then keep only the fraction F of the passing slices with the lowest scores")
     parser.add_argument("--empty", choices=EMPTY_POLICIES, default="keep",
                         help="--score lesion: keep or drop slices predicted lesion-free")
+    parser.add_argument("--shape-prior", metavar="SPLIT",
+                        help="a labelled split of --input (e.g. train): reject a pseudo mask that covers more of the "
+                             "slice, or of its outer border, than any of that split's ground-truth masks")
     parser.add_argument("--border", type=float, default=DEFAULT_BORDER, metavar="FRACTION",
                         help="--score lesion: width of the border around the predicted lesion, as a fraction of "
                              "the slice's shorter side")
@@ -160,13 +186,14 @@ def add_arguments(parser) -> None:
 def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
                  entropy_threshold: float | None = DEFAULT_ENTROPY_THRESHOLD, log_base: float = DEFAULT_LOG_BASE,
                  score: str = "mean", keep_fraction: float | None = None, empty: str = "keep",
-                 border: float = DEFAULT_BORDER, threshold: float = 0.5, tta: bool = False, batch_size: int = 4,
+                 border: float = DEFAULT_BORDER, shape_prior: str | None = None, threshold: float = 0.5, tta: bool = False, batch_size: int = 4,
                  device: str = "auto", amp: str = "off", num_workers: int = 0,
                  overwrite: bool = False) -> dict[str, Any]:
     """Write the reliable pseudo labels of `split` of `source` into `out`; returns summary.json's content.
 
     score, keep_fraction, empty, border: the selection rule (module docstring); the defaults are the
-    paper's (mean entropy below entropy_threshold). entropy_threshold None: no threshold."""
+    paper's (mean entropy below entropy_threshold). entropy_threshold None: no threshold. shape_prior: a
+    labelled split of `source` whose masks bound the pseudo masks' lesion fraction and border coverage."""
     from cares.data import save_png
     from cares.evaluate import native_size_dataset
     from cares.inference import SafeItems, describe_checkpoint, load_trained_model, predict_probabilities
@@ -186,6 +213,7 @@ def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
     if not 0.0 <= border < 0.5:
         raise ValueError(f"--border must be in [0, 0.5) (a fraction of the slice's side), got {border}")
     out = check_output_dir(out)  # an unusable --out is reported before the model is loaded
+    limits = shape_limits(source, shape_prior) if shape_prior is not None else None
     model, state, torch_device = load_trained_model(checkpoint, device)
     image_size = state["input"]["image_size"]
     dataset = native_size_dataset(source, split, image_size, labeled=False)
@@ -213,8 +241,13 @@ def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
             continue
         value = reliability_score(probability, score, log_base, threshold, border)
         mask = probability >= threshold
-        row = {"name": item["name"], "entropy": value, "kept": False, "lesion_fraction": float(mask.mean())}
-        if value is None and empty == "drop":
+        lesion_fraction, border_fraction = mask_shape(mask)
+        row = {"name": item["name"], "entropy": value, "kept": False, "lesion_fraction": lesion_fraction,
+               "border_fraction": border_fraction}
+        if limits is not None and (lesion_fraction > limits["max_lesion_fraction"]
+                                   or border_fraction > limits["max_border_fraction"]):
+            row["rejected_because"] = f"unlike every mask of the --shape-prior split {shape_prior!r}"
+        elif value is None and empty == "drop":
             row["rejected_because"] = "predicted lesion-free"
         elif value is not None and entropy_threshold is not None and not value < entropy_threshold:
             row["rejected_because"] = "entropy at or above the threshold"
@@ -240,8 +273,8 @@ def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
         "total": len(images) + len(failures), "kept": kept, "rejected": len(images) - kept,
         "failed": len(failures),
         "score": score, "entropy_threshold": entropy_threshold, "keep_fraction": keep_fraction, "empty": empty,
-        "border": border, "log_base": log_base, "max_entropy": math.log(2) / math.log(log_base),
-        "rule": _rule(score, entropy_threshold, keep_fraction, empty),
+        "border": border, "shape_prior": limits, "log_base": log_base, "max_entropy": math.log(2) / math.log(log_base),
+        "rule": _rule(score, entropy_threshold, keep_fraction, empty, limits),
         "mask_threshold": threshold, "tta": tta,
         "images": images, "failures": failures,
     }
@@ -249,9 +282,13 @@ def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
     return summary
 
 
-def _rule(score: str, entropy_threshold: float | None, keep_fraction: float | None, empty: str) -> str:
+def _rule(score: str, entropy_threshold: float | None, keep_fraction: float | None, empty: str,
+          limits: dict[str, Any] | None) -> str:
     region = "every pixel" if score == "mean" else "the predicted lesion and its border"
     parts = [f"score = mean over {region} of -p log_b p - (1-p) log_b (1-p)"]
+    if limits is not None:
+        parts.append(f"reject when the mask covers more than {limits['max_lesion_fraction']:.3f} of the slice or "
+                     f"{limits['max_border_fraction']:.3f} of its border (the largest in {limits['split']!r})")
     if entropy_threshold is not None:
         parts.append(f"keep when score < {entropy_threshold}")
     if score == "lesion":
@@ -279,7 +316,7 @@ def run(args) -> int:
         summary = pseudo_label(args.checkpoint, args.input, args.out, split=args.split,
                                entropy_threshold=args.entropy_threshold, log_base=args.log_base,
                                score=args.score, keep_fraction=args.keep_fraction, empty=args.empty,
-                               border=args.border, threshold=args.threshold, tta=args.tta, batch_size=args.batch_size,
+                               border=args.border, shape_prior=args.shape_prior, threshold=args.threshold, tta=args.tta, batch_size=args.batch_size,
                                device=args.device, amp=args.amp, num_workers=args.num_workers,
                                overwrite=args.overwrite)
     except (ValueError, OSError) as err:

@@ -136,7 +136,7 @@ _EXPERIMENT_KEYS = {"name", "description", "train", "semi_train", "pseudo_label"
 _COMPARISON_KEYS = {f.name for f in dataclasses.fields(Comparison)}
 _RUN_KEYS = {f.name for f in dataclasses.fields(RunSpec)}
 _PSEUDO_KEYS = {"entropy_threshold", "log_base", "batch_size", "amp", "split", "score", "keep_fraction", "empty",
-                "border", "tta"}
+                "border", "shape_prior", "tta"}
 # Where a semi run's training starts: the supervised model's weights, or a fresh initialisation.
 SEMI_STARTS = ("supervised", "scratch")
 _EVALUATE_KEYS = {"batch_size", "tta", "amp"}
@@ -456,7 +456,8 @@ def reproduce(experiment: Experiment, data: str, out, *, command: str | None = N
           f"{sum(s.is_done() for s in unique)} already done; writing into {out}"
           + (f"; {jobs} at a time" if jobs > 1 else ""), file=sys.stderr, flush=True)
     if jobs > 1:
-        _run_in_parallel(plan, data, out, progress, jobs, threads)
+        _run_in_parallel(plan, data, out, progress, jobs, threads,
+                         on_run_done=lambda: write_report(experiment, data, out, plan))
         return write_report(experiment, data, out, plan)
     ran = 0
     for spec, seed, steps in plan:
@@ -492,16 +493,18 @@ class StepFailed(RuntimeError):
     """A step run in a process of its own exited with an error."""
 
 
-def _run_in_parallel(plan, data: str, out: Path, progress: Progress, jobs: int, threads: int | None) -> None:
+def _run_in_parallel(plan, data: str, out: Path, progress: Progress, jobs: int, threads: int | None,
+                     on_run_done: Callable[[], Any] | None = None) -> None:
     """Run the plan's unfinished steps, up to `jobs` at once, each as `cares reproduce --run-step` in a process
     of its own, a step starting once the steps before it in its chains are done. Each process reads the
     experiment from out/experiment.json and writes its step's done.json, as a serial run does, so a rerun
     continues whatever an interrupted parallel run left. A failed step lets the running ones finish and then
-    raises StepFailed naming its log."""
+    raises StepFailed naming its log. on_run_done is called each time a (run, seed)'s last step finishes."""
     import subprocess
     steps = {step.folder: step for _, _, chain in plan for step in chain}
     order = list(steps)                                  # the plan's order: supervised runs come first
     before = _predecessors(plan)
+    last_steps = {chain[-1].folder for _, _, chain in plan}
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     running: dict[Path, tuple[subprocess.Popen, Path]] = {}
@@ -530,6 +533,8 @@ def _run_in_parallel(plan, data: str, out: Path, progress: Progress, jobs: int, 
             del running[folder]
             if process.returncode == 0 and steps[folder].is_done():
                 progress.advance(steps[folder].work, f"done: {steps[folder].description}")
+                if on_run_done is not None and folder in last_steps:
+                    on_run_done()
             else:
                 failed.append(f"{steps[folder].description} (exit {process.returncode}; see {log})")
     if failed:

@@ -16,6 +16,10 @@
 //   mask_logits (N, G*k*k*s*s, H, W)        content-encoder output; channel (g*k*k + t)*s*s + i*s + j
 //                                           is tap t of group g for sub-pixel (i, j)
 //   output      (N, C, H*s, W*s)
+//   output_mask (backward ops) which of (grad_features, grad_masks) to compute, as ATen's
+//               convolution_backward: a gradient not asked for is neither computed nor allocated, and
+//               its slot holds an undefined tensor (None in Python). Default both: callers and
+//               compiled graphs written before the argument existed keep working
 //
 // Built on PyTorch's stable ABI (docs/design.md#the-build): one binary serves every torch from the
 // target (carafe_kernels/_abi.py) up, and every Python from 3.10 up (Py_LIMITED_API, an abi3 wheel).
@@ -44,25 +48,27 @@ STABLE_TORCH_LIBRARY(carafe_kernels, m) {
   m.def("carafe(Tensor features, Tensor masks, int kernel_size, int group_size, int scale_factor) -> Tensor");
   m.def(
       "carafe_backward(Tensor grad_output, Tensor features, Tensor masks, int kernel_size, int group_size, "
-      "int scale_factor) -> (Tensor grad_features, Tensor grad_masks)");
+      "int scale_factor, bool[2] output_mask=[True, True]) -> (Tensor grad_features, Tensor grad_masks)");
   m.def(
       "carafe_fused(Tensor features, Tensor mask_logits, int kernel_size, int group_size, int scale_factor) "
       "-> Tensor");
   m.def(
       "carafe_fused_backward(Tensor grad_output, Tensor features, Tensor mask_logits, int kernel_size, "
-      "int group_size, int scale_factor) -> (Tensor grad_features, Tensor grad_mask_logits)");
+      "int group_size, int scale_factor, bool[2] output_mask=[True, True]) -> (Tensor grad_features, "
+      "Tensor grad_mask_logits)");
   // Content-aware downsampling (CARAFE++): masks and mask_logits alike (N, G*k*k, ceil(H/s), ceil(W/s)),
-  // output (N, C, ceil(H/s), ceil(W/s)).
+  // output (N, C, ceil(H/s), ceil(W/s)); the backward ops take the same output_mask as the up ones.
   m.def("carafe_down(Tensor features, Tensor masks, int kernel_size, int group_size, int scale_factor) -> Tensor");
   m.def(
       "carafe_down_backward(Tensor grad_output, Tensor features, Tensor masks, int kernel_size, int group_size, "
-      "int scale_factor) -> (Tensor grad_features, Tensor grad_masks)");
+      "int scale_factor, bool[2] output_mask=[True, True]) -> (Tensor grad_features, Tensor grad_masks)");
   m.def(
       "carafe_down_fused(Tensor features, Tensor mask_logits, int kernel_size, int group_size, int scale_factor) "
       "-> Tensor");
   m.def(
       "carafe_down_fused_backward(Tensor grad_output, Tensor features, Tensor mask_logits, int kernel_size, "
-      "int group_size, int scale_factor) -> (Tensor grad_features, Tensor grad_mask_logits)");
+      "int group_size, int scale_factor, bool[2] output_mask=[True, True]) -> (Tensor grad_features, "
+      "Tensor grad_mask_logits)");
   m.def("_native_limits() -> int[]");
 }
 

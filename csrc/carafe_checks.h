@@ -154,6 +154,18 @@ inline void check_grad_output(const char* op, const Tensor& grad_output, const T
                sizes_of(grad_output));
 }
 
+// output_mask of a backward op (bool[2]: grad_features, grad_masks; ATen's convolution_backward style).
+// The schema's [2] is not enforced by the dispatcher for every caller, so the length is checked here.
+struct OutputMask {
+  bool features;
+  bool masks;
+};
+inline OutputMask check_output_mask(const char* op, const std::vector<bool>& output_mask) {
+  CARAFE_CHECK(output_mask.size() == 2, op, ": output_mask must have 2 elements (grad_features, grad_masks), got ",
+               output_mask.size());
+  return {output_mask[0], output_mask[1]};
+}
+
 // Tensors for the glue (CPU and CUDA): a new contiguous NCHW tensor of `sizes` on the device of
 // `like`, in its dtype unless `dtype` is given; and `t` made contiguous. The latter asks
 // is_contiguous() first (one shim call) because torch::stable::contiguous goes through the boxed

@@ -113,6 +113,14 @@ def forward_backward(fn, features, second, grad_out=None):
     return out.detach(), grad_features, grad_second
 
 
+def gradient_of_one(fn, features, second, wanted: int, grad_out):
+    """The gradient of fn(features, second) for grad_out w.r.t. features (wanted=0) or second (1) alone:
+    the other input does not require grad, so the backward computes only this one (output_mask)."""
+    leaves = (features.detach().requires_grad_(wanted == 0), second.detach().requires_grad_(wanted == 1))
+    (grad,) = torch.autograd.grad(fn(*leaves), (leaves[wanted],), grad_out)
+    return grad
+
+
 def oracle(op: str, features, second, k, G, s, grad_out=None):
     """Float64 CPU reference of forward and both gradients, on the same (already rounded) input values."""
     f64 = features.detach().to("cpu", torch.float64)

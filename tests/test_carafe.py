@@ -20,6 +20,7 @@ from conftest import (
     assert_close_to_oracle,
     backend_cases,
     forward_backward,
+    gradient_of_one,
     make_inputs,
     max_abs_err,
     native_backend_cases,
@@ -218,6 +219,26 @@ def test_deterministic(op, backend, device):
     again = forward_backward(_run(op, backend, k, G, s), features, second, grad_out)
     for a, b, what in zip(first, again, ("output", "grad features", "grad masks")):
         assert torch.equal(a, b), f"{what} differs between two identical runs"
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("wanted", [0, 1], ids=["features-only", "masks-only"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_backward_of_one_input_equals_the_full_backwards(op, dtype, wanted, backend, device):
+    """With one input not requiring grad, the backward computes only its gradient (the ops' output_mask,
+    docs/design.md#the-call-path): bitwise the full backward's for the compiled kernels (deterministic,
+    the same summation order); the reference (PyTorch's autograd) within rounding."""
+    N, C, H, W, k, G, s = MULTI_BLOCK
+    features, second = make_inputs(*MULTI_BLOCK, fused=op == "fused", dtype=dtype, device=device)
+    grad_out = torch.randn(N, C, H * s, W * s, device=device).to(dtype)
+    fn = _run(op, backend, k, G, s)
+    full = forward_backward(fn, features, second, grad_out)
+    grad = gradient_of_one(fn, features, second, wanted, grad_out)
+    if backend == "reference":
+        torch.testing.assert_close(grad, full[1 + wanted])
+    else:
+        assert torch.equal(grad, full[1 + wanted])
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)

@@ -506,14 +506,18 @@ def test_direct_op_calls_are_checked_in_cpp(op):
 
 
 @needs_native
-def test_flop_counter_counts_the_native_ops():
+@pytest.mark.parametrize("logits_grad", [True, False], ids=["both-gradients", "features-only"])
+def test_flop_counter_counts_the_native_ops(logits_grad):
+    """The forward and each gradient the backward's output_mask asks for: one multiply-add per tap per
+    output element each."""
     from torch.utils.flop_counter import FlopCounterMode
     N, C, H, W, k, G, s = ODD
     features, logits = make_inputs(*ODD, op="fused")
     features.requires_grad_(True)
+    logits.requires_grad_(logits_grad)
     with FlopCounterMode(display=False) as mode:
         carafe_down_fused(features, logits, k, G, s, backend="cpu").sum().backward()
-    assert mode.get_total_flops() == 3 * carafe_down_flops(features.shape, k, s)
+    assert mode.get_total_flops() == (3 if logits_grad else 2) * carafe_down_flops(features.shape, k, s)
 
 
 # --- torch.compile ---------------------------------------------------------------------------------------

@@ -262,8 +262,10 @@ def _inputs(N, C, H, W, k, G, s, dtype, fused, seed):
     return f.to(dtype), m.to(dtype), go.to(dtype)
 
 
-def emu_run(lib, N, C, H, W, k, G, s, dtype, fused, *, num_sms=1, max_blocks=2**31 - 1, shift=0, seed=0):
-    """Forward and backward through the emulated launchers; returns inputs, outputs, and guard checks."""
+def emu_run(lib, N, C, H, W, k, G, s, dtype, fused, *, num_sms=1, max_blocks=2**31 - 1, shift=0, seed=0,
+            output_mask=(True, True)):
+    """Forward and backward through the emulated launchers; returns inputs, outputs, and guard checks.
+    output_mask: the gradients to ask for; one not asked for gets a null pointer and comes back None."""
     f, m, go = _inputs(N, C, H, W, k, G, s, dtype, fused, seed)
     dims, code = _dims(N, C, H, W, k, G, s), DTYPE_CODE[dtype]
     gf_in, gm_in, ggo = (Guarded(t.shape, dtype, fill=t, shift=shift) for t in (f, m, go))
@@ -271,17 +273,19 @@ def emu_run(lib, N, C, H, W, k, G, s, dtype, fused, *, num_sms=1, max_blocks=2**
                   shift=shift)
     rc = lib.emu_forward(dims, code, int(fused), gf_in.ptr, gm_in.ptr, out.ptr, num_sms, max_blocks)
     assert rc == 0, f"carafe_forward returned cudaError {rc}"
-    ws_bytes = lib.emu_workspace_bytes(dims, code, int(fused), num_sms)
+    ws_bytes = lib.emu_workspace_bytes(dims, code, int(fused), int(output_mask[1]), num_sms)
     ws = Guarded((ws_bytes,), torch.uint8, guard=171, fill=torch.zeros(ws_bytes, dtype=torch.uint8))
-    grad_f = Guarded(f.shape, dtype, guard=SENTINEL, fill=torch.full(f.shape, SENTINEL), shift=shift)
-    grad_m = Guarded(m.shape, dtype, guard=SENTINEL, fill=torch.full(m.shape, SENTINEL), shift=shift)
-    rc = lib.emu_backward(dims, code, int(fused), ggo.ptr, gf_in.ptr, gm_in.ptr, grad_f.ptr, grad_m.ptr, ws.ptr,
-                          ws_bytes, num_sms, max_blocks)
+    grad_f, grad_m = (Guarded(t.shape, dtype, guard=SENTINEL, fill=torch.full(t.shape, SENTINEL), shift=shift)
+                      if wanted else None for t, wanted in zip((f, m), output_mask))
+    null = ctypes.c_void_p(0)
+    rc = lib.emu_backward(dims, code, int(fused), ggo.ptr, gf_in.ptr, gm_in.ptr, grad_f.ptr if grad_f else null,
+                          grad_m.ptr if grad_m else null, ws.ptr, ws_bytes, num_sms, max_blocks)
     assert rc == 0, f"carafe_backward returned cudaError {rc}"
     for name, g in (("output", out), ("grad_features", grad_f), ("grad_masks", grad_m), ("workspace", ws)):
-        assert g.guards_intact(), f"{name}: a write outside the buffer"
+        assert g is None or g.guards_intact(), f"{name}: a write outside the buffer"
     assert lib.emu_misaligned_accesses() == 0, "a vector access a GPU would fault on (misaligned)"
-    return dict(f=f, m=m, go=go, out=out.tensor(), grad_f=grad_f.tensor(), grad_m=grad_m.tensor())
+    return dict(f=f, m=m, go=go, out=out.tensor(), grad_f=grad_f.tensor() if grad_f else None,
+                grad_m=grad_m.tensor() if grad_m else None, ws_bytes=ws_bytes)
 
 
 def check_against_reference(r, k, G, s, dtype, fused):
@@ -347,13 +351,49 @@ def test_emulated_dtypes(emu, shape, fused, dtype):
     check_against_reference(r, *shape[4:], dtype, fused)
 
 
+# The backward's output_mask: templated and generic (k, s), the split reduction (many multiprocessors)
+# with a capped grid, fp16 (the fp32 partials), misaligned pointers (the generic kernels).
+OUTPUT_MASK_CASES = [((2, 6, 5, 7, 5, 2, 2), torch.float32, {}), ((1, 3, 3, 4, 9, 3, 2), torch.float32, {}),
+                     ((1, 76, 4, 3, 5, 2, 2), torch.float32, dict(num_sms=1000, max_blocks=3)),
+                     ((1, 40, 3, 4, 5, 1, 2), torch.float16, dict(num_sms=1000)),
+                     ((2, 6, 5, 7, 5, 2, 2), torch.float32, dict(shift=1))]
+
+
+@pytest.mark.parametrize("output_mask", [(True, False), (False, True)], ids=["features-only", "masks-only"])
+@pytest.mark.parametrize("fused", [False, True], ids=["carafe", "fused"])
+@pytest.mark.parametrize("shape, dtype, launch", OUTPUT_MASK_CASES,
+                         ids=[f"{shape_id(*c[0])}-{str(c[1])[6:]}-{'-'.join(c[2]) or 'default'}"
+                              for c in OUTPUT_MASK_CASES])
+def test_emulated_output_mask_computes_only_what_is_asked(emu, shape, dtype, launch, fused, output_mask):
+    """A null gradient pointer is a gradient not asked for: the launcher writes nothing there (a write
+    through the null pointer would crash), stays inside a workspace sized for that call (its guards),
+    and the gradient it computes is bitwise the one of a call that asks for both."""
+    full = emu_run(emu, *shape, dtype, fused, **launch)
+    part = emu_run(emu, *shape, dtype, fused, output_mask=output_mask, **launch)
+    for name, wanted in zip(("grad_f", "grad_m"), output_mask):
+        if wanted:
+            assert torch.equal(part[name], full[name]), name
+        else:
+            assert part[name] is None
+    assert part["ws_bytes"] <= full["ws_bytes"]
+    if not output_mask[1] and launch.get("num_sms", 1) > 1:
+        # the split reduction's partial sums are the mask gradient's: a features-only call has none
+        assert part["ws_bytes"] < full["ws_bytes"]
+
+
+def test_emulated_nothing_asked_launches_nothing(emu):
+    dims = _dims(2, 6, 5, 7, 5, 2, 2)
+    null = ctypes.c_void_p(0)
+    assert emu.emu_backward(dims, 0, 1, null, null, null, null, null, null, 0, 1, 1) == 0
+
+
 @pytest.mark.parametrize("shape", [(0, 4, 5, 5, 3, 1, 2), (2, 0, 5, 5, 3, 1, 2), (2, 4, 0, 5, 3, 1, 2)],
                          ids=lambda s: shape_id(*s))
 def test_emulated_empty_shapes_launch_nothing(emu, shape):
     dims = _dims(*shape)
     null = ctypes.c_void_p(0)
     assert emu.emu_forward(dims, 0, 0, null, null, null, 1, 1) == 0
-    assert emu.emu_workspace_bytes(dims, 0, 1, 1) == 0
+    assert emu.emu_workspace_bytes(dims, 0, 1, 1, 1) == 0
     assert emu.emu_backward(dims, 0, 1, null, null, null, null, null, null, 0, 1, 1) == 0
 
 

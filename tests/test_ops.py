@@ -16,7 +16,7 @@ from conftest import make_inputs, shape_id, to_layout
 
 from carafe_kernels import backend_status, carafe_flops
 from carafe_kernels import ops as carafe_ops
-from carafe_kernels.contract import SCHEMAS
+from carafe_kernels.contract import SCHEMAS, check_output_mask
 from carafe_kernels.ops import register_carafe_op_family
 from carafe_kernels.reference import carafe_fused_reference, carafe_reference, normalize_mask_logits
 
@@ -73,8 +73,18 @@ for _name, _schema in SCHEMAS.items():
     _LIB.define(_name + _schema)
 _LIB.impl("carafe", lambda f, m, k, g, s: _fresh(carafe_reference(f, m, k, g, s)), "CPU")
 _LIB.impl("carafe_fused", lambda f, m, k, g, s: _fresh(carafe_fused_reference(f, m, k, g, s)), "CPU")
-_LIB.impl("carafe_backward", analytic_carafe_backward, "CPU")
-_LIB.impl("carafe_fused_backward", analytic_carafe_fused_backward, "CPU")
+def _masked(backward):
+    """The stand-in backward op: the analytic gradients, None where output_mask does not ask (the
+    kernels' convention; the stand-in computes both and drops one, the kernels skip it)."""
+    def op(grad_out, features, second, k, G, s, output_mask=(True, True)):
+        check_output_mask(output_mask, "carafe_kernels_test backward")
+        grads = backward(grad_out, features, second, k, G, s)
+        return tuple(g if wanted else None for g, wanted in zip(grads, output_mask))
+    return op
+
+
+_LIB.impl("carafe_backward", _masked(analytic_carafe_backward), "CPU")
+_LIB.impl("carafe_fused_backward", _masked(analytic_carafe_fused_backward), "CPU")
 register_carafe_op_family("carafe_kernels_test::carafe", "carafe_kernels_test::carafe_backward")
 register_carafe_op_family("carafe_kernels_test::carafe_fused", "carafe_kernels_test::carafe_fused_backward")
 
@@ -87,7 +97,7 @@ def _op(namespace, name):
     return getattr(getattr(torch.ops, namespace), name).default
 
 
-def _op_args(name, shape, dtype=torch.float32, layout="contiguous"):
+def _op_args(name, shape, dtype=torch.float32, layout="contiguous", output_mask=(True, True)):
     """Arguments of op `name`; forward ops get inputs that require grad (so opcheck checks autograd)."""
     N, C, H, W, k, G, s = shape
     fused = name.startswith("carafe_fused")
@@ -95,7 +105,7 @@ def _op_args(name, shape, dtype=torch.float32, layout="contiguous"):
     features, second = to_layout(features, layout), to_layout(second, layout)
     if name.endswith("_backward"):
         grad_out = to_layout(torch.randn(N, C, H * s, W * s, dtype=dtype), layout)
-        return (grad_out, features, second, k, G, s)
+        return (grad_out, features, second, k, G, s, list(output_mask))
     return (features.requires_grad_(True), second.requires_grad_(True), k, G, s)
 
 
@@ -183,6 +193,123 @@ def test_backward_returns_only_the_requested_gradients(namespace, needs):
     assert (features.grad, second.grad) == (None, None)
 
 
+# --- output_mask: the backward computes only what is asked ----------------------------------------------
+
+OUTPUT_MASKS = [pytest.param((True, False), id="features-only"), pytest.param((False, True), id="masks-only"),
+                pytest.param((False, False), id="none")]
+BACKWARD_NAMES = ["carafe_backward", "carafe_fused_backward"]
+
+
+@pytest.mark.parametrize("output_mask", OUTPUT_MASKS)
+@pytest.mark.parametrize("name", BACKWARD_NAMES)
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_opcheck_output_mask(namespace, name, output_mask):
+    """The fake kernels and AOT dispatch agree with the kernels on the None slots."""
+    torch.library.opcheck(_op(namespace, name), _op_args(name, (2, 4, 5, 3, 3, 2, 2), output_mask=output_mask))
+
+
+# Shapes for the bitwise comparisons: several row blocks per task and halo rows at both borders (H=11),
+# every sub-pixel block width (s = 1, 2, 3), groups, channel blocks of 16 and a remainder (C/G = 20).
+MASK_SHAPES = [(2, 4, 11, 6, 3, 2, 2), (1, 40, 9, 7, 5, 2, 3), (1, 3, 4, 17, 5, 1, 1)]
+
+
+@pytest.mark.parametrize("output_mask", OUTPUT_MASKS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=lambda p: shape_id(*p))
+@pytest.mark.parametrize("name", BACKWARD_NAMES)
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_output_mask_gives_the_full_backwards_gradients(namespace, name, shape, dtype, output_mask):
+    """Each gradient asked for is bitwise the one of a call that asks for both (the kernels are
+    deterministic); the other slot is None (the kernels returned an undefined tensor: nothing allocated)."""
+    args = _op_args(name, shape, dtype, output_mask=(True, True))
+    full = _op(namespace, name)(*args)
+    got = _op(namespace, name)(*args[:-1], list(output_mask))
+    for wanted, g, f in zip(output_mask, got, full):
+        if wanted:
+            assert torch.equal(g, f)
+            assert g.stride() == f.stride()
+        else:
+            assert g is None
+
+
+@pytest.mark.parametrize("name", BACKWARD_NAMES)
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_output_mask_defaults_to_both(namespace, name):
+    """A call without output_mask (a caller, or a torch.compile backward graph cached before the argument
+    existed) computes both gradients, as before; the fake kernel agrees."""
+    args = _op_args(name, (2, 4, 5, 3, 3, 2, 2))
+    full = _op(namespace, name)(*args)
+    for got, want in zip(_op(namespace, name)(*args[:-1]), full):
+        assert torch.equal(got, want)
+    torch.library.opcheck(_op(namespace, name), args[:-1])
+
+
+class _BackwardCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records each call of a CARAFE backward op: its output_mask and what it returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.startswith(("carafe_backward", "carafe_fused_backward")):
+            self.calls.append((list(args[6]), out))
+        return out
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True)], ids=["features-only", "masks-only"])
+@pytest.mark.parametrize("name", ["carafe", "carafe_fused"])
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_autograd_asks_the_kernel_only_for_the_needed_gradient(namespace, name, needs):
+    """With one input not requiring grad, autograd calls the backward op once, with that output_mask,
+    and the op leaves the other slot empty: the kernel was not asked for it. The gradient equals the
+    full backward's bitwise."""
+    features, second, k, G, s = _op_args(name, (2, 4, 5, 3, 3, 2, 2), torch.float32)
+    grad_out = torch.randn(2, 4, 10, 6)
+    expected = _op(namespace, name + "_backward")(grad_out, features.detach(), second.detach(), k, G, s,
+                                                  [True, True])
+    features.requires_grad_(needs[0])
+    second.requires_grad_(needs[1])
+    wanted = 0 if needs[0] else 1
+    with _BackwardCalls() as recorder:
+        out = _op(namespace, name)(features, second, k, G, s)
+        (grad,) = torch.autograd.grad(out, ((features, second)[wanted],), grad_out)
+    assert len(recorder.calls) == 1
+    output_mask, returned = recorder.calls[0]
+    assert output_mask == list(needs)
+    assert returned[1 - wanted] is None and returned[wanted] is not None
+    assert torch.equal(grad, expected[wanted])
+
+
+@pytest.mark.parametrize("name", BACKWARD_NAMES)
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_output_mask_of_another_length_is_refused(namespace, name):
+    """The schema's bool[2] is not enforced by the dispatcher: the kernels and the fake kernels check it."""
+    args = _op_args(name, (1, 4, 3, 3, 3, 2, 2))
+    for bad in ([True], [True, True, False]):
+        with pytest.raises(ValueError, match=f"output_mask must have 2 elements .* got {len(bad)}"):
+            _op(namespace, name)(*args[:-1], bad)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args[:-1]]
+        with pytest.raises(ValueError, match="output_mask must have 2 elements .* got 1"):
+            _op(namespace, name)(*fake, [True])
+
+
+@pytest.mark.parametrize("namespace", FAMILIES)
+def test_flop_counter_counts_the_gradients_asked_for(namespace):
+    """A backward that computes one gradient counts one multiply-add per tap per output element."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    features, logits = make_inputs(2, 8, 4, 5, 5, 2, 2, fused=True)
+    logits.requires_grad_(True)  # features frozen: the mask gradient only
+    with FlopCounterMode(display=False) as counter:
+        _op(namespace, "carafe_fused")(features, logits, 5, 2, 2).sum().backward()
+    assert counter.get_total_flops() == 2 * carafe_flops(features.shape, 5, 2)
+
+
 @pytest.mark.parametrize("namespace", FAMILIES)
 def test_fake_kernels_check_shapes(namespace):
     """Under fake tensors (torch.compile, torch.export) a bad call fails as in eager, with the same
@@ -200,7 +327,8 @@ def test_fake_kernels_check_shapes(namespace):
         with pytest.raises(TypeError, match=r"features and masks must have the same dtype"):
             _op(namespace, "carafe")(features, torch.empty(1, 9, 6, 6, dtype=torch.float64), 3, 1, 2)
         with pytest.raises(ValueError, match=r"grad_output must have the output's shape"):
-            _op(namespace, "carafe_backward")(torch.empty(1, 4, 6, 5), features, torch.empty(1, 9, 6, 6), 3, 1, 2)
+            _op(namespace, "carafe_backward")(torch.empty(1, 4, 6, 5), features, torch.empty(1, 9, 6, 6), 3, 1, 2,
+                                              [True, True])
 
 
 @pytest.mark.parametrize("name", ["carafe", "carafe_fused"])

@@ -156,3 +156,39 @@ def test_lesion_score_keep_fraction_and_empty_slices(tmp_path, capsys):
                          (["--border", "0.7"], "--border must be in [0, 0.5)")):
         assert main(base + bad + ["--out", str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_shape_prior_rejects_masks_unlike_every_labelled_mask(tmp_path):
+    """A confidently wrong pseudo mask (here: a third of the slice, touching its border) passes any entropy
+    rule; --shape-prior rejects masks covering more of the slice or of its border than the labelled ones."""
+    from cares.pseudo_label import mask_shape, shape_limits
+    root = tmp_path / "root"
+    slices = write_unlabeled_folder(root / "unlabeled" / "Imgs")
+    small = np.full((40, 40), 10)
+    small[16:24, 16:24] = 240                                        # 4% of the slice, away from the border
+    Image.fromarray(small.astype(np.uint8)).save(root / "unlabeled" / "Imgs" / "small_lesion.png")
+    for index, side in enumerate((10, 12)):                          # labelled: lesions of 6.25% and 9%
+        label = np.zeros((40, 40), np.uint8)
+        label[5:5 + side, 5:5 + side] = 255
+        Image.fromarray(np.where(label > 0, 200, 20).astype(np.uint8)).save(_mkdir(root / "train" / "Imgs") /
+                                                                             f"{index}.png")
+        Image.fromarray(label).save(_mkdir(root / "train" / "GT") / f"{index}.png")
+    assert mask_shape(np.pad(np.ones((2, 2), bool), 1)) == (0.25, 0.0)
+    assert shape_limits(root, "train") == {"split": "train", "slices": 2, "max_lesion_fraction": 0.09,
+                                           "max_border_fraction": 0.0}
+    checkpoint = write_checkpoint(tmp_path / "best.pt")
+    out = tmp_path / "pseudo"
+    assert main(["pseudo-label", "--checkpoint", str(checkpoint), "--input", str(root), "--out", str(out),
+                 "--shape-prior", "train"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    by_name = {row["name"]: row for row in summary["images"]}
+    assert sorted(p.stem for p in (out / "GT").iterdir()) == ["confident_clear", "small_lesion"]
+    assert by_name["confident_lesion"]["entropy"] < 0.6                              # the paper's rule keeps it
+    assert "unlike every mask of the --shape-prior split 'train'" == by_name["confident_lesion"]["rejected_because"]
+    assert summary["shape_prior"]["max_lesion_fraction"] == 0.09 and "0.090 of the slice" in summary["rule"]
+    assert slices                                                    # (the folder's slices, for the reader)
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path

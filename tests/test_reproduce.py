@@ -42,6 +42,7 @@ def test_every_preset_loads_and_the_cpu_preset_holds_what_the_protocol_needs():
     runs = {run.name: run for run in cpu.runs}
     assert all(len(run.seeds) >= 3 for run in cpu.runs)                       # statistics need seeds
     assert runs["semi_paper"].semi and runs["semi_paper"].semi_from == "scratch"   # the paper retrains
+    assert runs["semi_project"].pseudo_label["shape_prior"] == "train" and runs["semi_project"].semi_from == "supervised"
     assert runs["unet"].model_options == runs["cares_unet"].model_options      # the same width
     assert runs["res_unet"].model_options == {**runs["cares_unet"].model_options, "upsampler": "deconv"}
     assert {(c.better, c.than) for c in cpu.comparisons} >= {("semi_paper", "cares_unet"), ("cares_unet", "unet"),
@@ -82,7 +83,15 @@ def test_tiny_experiment_end_to_end_and_continued_after_an_interruption(dataset,
     markdown = (out / "table1.md").read_text()
     assert "| CARes-UNet (`cares_unet[base_channels=4]`) | 1/1 |" in markdown and "0.731" in markdown
     # The claim "semi beats supervised": a paired difference over the seed and the 4 test images.
-    (claim,) = table["comparisons"]
+    claim, lesion_claim = table["comparisons"]
+    assert lesion_claim["better"] == "semi_lesion"
+    assert lesion_claim["protocols"]["infnet"]["n_images"] == 4
+    # The project's semi row: its own pseudo-label rule (the most reliable half by lesion entropy), continued
+    # from the supervised weights.
+    lesion = json.loads((out / "semi_lesion" / "seed_0" / "pseudo" / "summary.json").read_text())
+    assert (lesion["score"], lesion["keep_fraction"], lesion["entropy_threshold"]) == ("lesion", 0.5, None)
+    assert lesion["empty"] == "drop" and lesion["kept"] == 3                    # half of the 6 unlabeled slices
+    assert "cares_unet/seed_0/train/last.pt" in (out / "semi_lesion" / "seed_0" / "train" / "config.yaml").read_text()
     assert (claim["better"], claim["than"]) == ("semi_cares_unet", "cares_unet")
     for protocol in ("infnet", "threshold"):
         result = claim["protocols"][protocol]
@@ -189,8 +198,12 @@ def test_parallel_jobs_give_the_serial_results_and_continue_after_a_failure(data
     for seed in (0, 1):
         (broken / "semi_cares_unet" / f"seed_{seed}" / "eval" / "done.json").unlink()
         (broken / "semi_cares_unet" / f"seed_{seed}" / "train" / "last.pt").write_bytes(b"garbage")
+    # A healthy run finishing beside them rewrites the table at once, though the command then fails.
+    (broken / "cares_unet" / "seed_0" / "eval" / "done.json").unlink()
+    (broken / "table1.json").unlink()
     failed = command(broken, "--jobs", "2")
     assert failed.returncode == 1 and "error: step(s) failed: evaluate" in failed.stderr
+    assert json.loads((broken / "table1.json").read_text())["rows"][0]["finished_seeds"] == [0, 1]
     assert "see " in failed.stderr and "eval.log" in failed.stderr and "Traceback" not in failed.stderr.splitlines()[-1]
 
 
@@ -241,7 +254,7 @@ def test_runs_may_be_added_to_an_experiment_but_its_steps_not_changed(dataset, t
     reproduce(supervised_only, str(dataset), out)
     done = (out / "cares_unet" / "seed_0" / "train" / "done.json").stat().st_mtime_ns
     semi = dataclasses.replace(tiny.runs[1], semi_from="scratch", pseudo_label={"entropy_threshold": 1.5})
-    added = dataclasses.replace(tiny, runs=(tiny.runs[0], semi))
+    added = dataclasses.replace(tiny, runs=(tiny.runs[0], semi), comparisons=())
     table = reproduce(added, str(dataset), out)
     assert (out / "cares_unet" / "seed_0" / "train" / "done.json").stat().st_mtime_ns == done
     assert [row["finished_seeds"] for row in table["rows"]] == [[0], [0]]

@@ -23,6 +23,7 @@ from conftest import (
     OPS,
     assert_close_to_oracle,
     forward_backward,
+    gradient_of_one,
     make_inputs,
     max_abs_err,
     oracle,
@@ -234,6 +235,28 @@ def test_every_launch_runs_under_the_tensors_device(monkeypatch):
     assert all(devices == [features.device] for _, devices in launches)
 
 
+@pytest.mark.parametrize("wanted", [0, 1], ids=["features-only", "masks-only"])
+@pytest.mark.parametrize("shape", [(2, 4, 3, 5, 3, 2, 2), (1, 20, 3, 4, 3, 1, 2), (1, 8, 4, 3, 5, 4, 3)],
+                         ids=lambda p: shape_id(*p))
+@pytest.mark.parametrize("op", OPS)
+def test_backward_of_one_input_launches_only_its_kernels(op, shape, wanted, monkeypatch):
+    """With one input not requiring grad the backward launches the kernel of the other gradient alone
+    (the fused features-only backward also runs the mask kernel, for the logsumexp only:
+    GRAD_MASKS=False), and that gradient is bitwise the one of the full backward."""
+    from carafe_kernels.triton import kernels
+
+    N, C, H, W, k, G, s = shape
+    features, second = make_inputs(*shape, fused=op == "fused", device=DEVICE)
+    grad_out = torch.randn(N, C, H * s, W * s, device=DEVICE)
+    full = forward_backward(_triton(op, k, G, s), features, second, grad_out)
+    launches = _launch_recorder(monkeypatch)
+    grad = gradient_of_one(_triton(op, k, G, s), features, second, wanted, grad_out)
+    assert torch.equal(grad, full[1 + wanted])
+    forward_kernel, mask_kernel, feat_kernel = kernels.launchers()
+    backward = [mask_kernel] if wanted else ([mask_kernel, feat_kernel] if op == "fused" else [feat_kernel])
+    assert [kernel for kernel, _ in launches] == [forward_kernel, *backward]
+
+
 def test_device_context_is_the_tensors_device():
     from carafe_kernels.triton.ops import _on_device
 
@@ -271,13 +294,13 @@ def test_deterministic_request_launches_fixed_configs(monkeypatch):
 # The ops: registrations, limits, public API
 # --------------------------------------------------------------------------------------------------
 
-def _op_args(name, shape=(1, 4, 3, 3, 3, 2, 2), dtype=torch.float32):
+def _op_args(name, shape=(1, 4, 3, 3, 3, 2, 2), dtype=torch.float32, output_mask=(True, True)):
     N, C, H, W, k, G, s = shape
     fused = "fused" in name
     features, second = make_inputs(*shape, fused=fused, dtype=dtype, device=DEVICE)
     if name.endswith("_backward"):
         grad = torch.randn(N, C, H * s, W * s, dtype=dtype, device=DEVICE)
-        return (grad, features, second, k, G, s)
+        return (grad, features, second, k, G, s, list(output_mask))
     return (features.requires_grad_(), second.requires_grad_(), k, G, s)
 
 
@@ -291,6 +314,24 @@ def test_opcheck(name):
     triton_backend._ops()
     op = getattr(OPS_NS, name).default
     torch.library.opcheck(op, _op_args(name))
+
+
+@pytest.mark.parametrize("output_mask", [(True, False), (False, True), (False, False)],
+                         ids=["features-only", "masks-only", "none"])
+@pytest.mark.parametrize("name", ["triton_carafe_backward", "triton_carafe_fused_backward"])
+def test_opcheck_output_mask(name, output_mask):
+    """The backward ops' None slots (a gradient not asked for) agree between the op and its fake kernel."""
+    triton_backend._ops()
+    torch.library.opcheck(getattr(OPS_NS, name).default, _op_args(name, output_mask=output_mask))
+
+
+@pytest.mark.parametrize("name", ["triton_carafe_backward", "triton_carafe_fused_backward"])
+def test_output_mask_defaults_to_both(name):
+    triton_backend._ops()
+    args = _op_args(name)
+    op = getattr(OPS_NS, name).default
+    for got, want in zip(op(*args[:-1]), op(*args)):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("name", OP_NAMES)

@@ -34,6 +34,8 @@ reproducible across processes only with a fixed config: launchers() below):
   accumulating in an fp32 buffer that only it touches; the fused variant then folds in the softmax
   backward dlogit_t = prob_t * (dprob_t - sum_t' prob_t' dprob_t') (pixel-shuffle backward is the
   index map), and writes the logsumexp it computed for the grad-features kernel.
+- A backward that asks for one gradient (the ops' output_mask) launches only its kernel; a fused
+  features-only backward also launches the mask kernel with GRAD_MASKS=False, which writes lse alone.
 
 Autotuning. On a GPU each kernel is wrapped in triton.autotune over block shapes, num_warps and
 num_stages, keyed on (C, H, W, G, K, S, FUSED) plus the tensor dtypes (the autotuner adds those),
@@ -241,6 +243,8 @@ def _carafe_bwd_mask(
     FUSED: tl.constexpr,    # gradients w.r.t. logits (softmax + pixel-shuffle backward folded in)
     ACC_IN_GRAD: tl.constexpr,  # grad_ptr is fp32 and doubles as the accumulator (no aliased arguments)
     CL: tl.constexpr,       # gout, feat, logit, dp and grad are channels_last (lse is always NCHW)
+    GRAD_MASKS: tl.constexpr,  # compute the mask gradient; False (FUSED only): write lse alone, for a
+                               # features-only backward (output_mask), and touch neither dp nor grad
     BLOCK_C: tl.constexpr,  # channels per step of the reduction loop
     BLOCK_P: tl.constexpr,  # low-res positions per program
 ):
@@ -274,50 +278,50 @@ def _carafe_bwd_mask(
         lse = m_run + tl.log(s_run)
         # lse of group g, sub-pixel sub at p: (n*G + g)*SS*HW + sub*HW + p (NCHW in either layout)
         tl.store(lse_ptr + ng * SS * HW + sub[None, :] * HW + p[:, None], lse, mask=pix_ok)
+    if GRAD_MASKS:  # else (FUSED, a features-only backward): lse was all that was asked
+        # dL/dmask_t accumulated over channel blocks in dp (fp32); only this program touches these elements.
+        if ACC_IN_GRAD:
+            dp_base = grad_ptr + mbase
+        else:
+            dp_base = dp_ptr + mbase
+        for cb in range(n_cb):
+            tl.debug_barrier()  # NB: last block's stores visible before this block's read-modify-write
+            c_ok, chan = _channel_block(cb, ng, Cg, BLOCK_C)
+            gbase, gstride = _chan_base(chan, C, HWs, CL)
+            go = tl.load(gout_ptr + gbase[:, None, None] + (opix * gstride)[None, :, :],
+                         mask=c_ok[:, None, None] & pix_ok[None, :, :], other=0.0).to(tl.float32)
+            fbase, fstride = _chan_base(chan, C, HW, CL)
+            feat_rows = feat_ptr + fbase[:, None]
+            for ky in range(K):
+                hh = h + (ky - R)
+                row_ok = p_ok & (hh >= 0) & (hh < H)
+                for kx in range(K):
+                    f = _tap_features(feat_rows, fstride, p, w, row_ok, c_ok, ky - R, kx - R, W)
+                    contrib = tl.sum(go * f[:, :, None], axis=0)                    # [BLOCK_P, SS_PAD]
+                    ptrs = dp_base + (ky * K + kx) * tap_stride + mpix
+                    prev = tl.load(ptrs, mask=pix_ok & (cb > 0), other=0.0)
+                    tl.store(ptrs, prev + contrib, mask=pix_ok)
 
-    # dL/dmask_t accumulated over channel blocks in dp (fp32); only this program touches these elements.
-    if ACC_IN_GRAD:
-        dp_base = grad_ptr + mbase
-    else:
-        dp_base = dp_ptr + mbase
-    for cb in range(n_cb):
-        tl.debug_barrier()  # NB: last block's stores visible before this block's read-modify-write
-        c_ok, chan = _channel_block(cb, ng, Cg, BLOCK_C)
-        gbase, gstride = _chan_base(chan, C, HWs, CL)
-        go = tl.load(gout_ptr + gbase[:, None, None] + (opix * gstride)[None, :, :],
-                     mask=c_ok[:, None, None] & pix_ok[None, :, :], other=0.0).to(tl.float32)
-        fbase, fstride = _chan_base(chan, C, HW, CL)
-        feat_rows = feat_ptr + fbase[:, None]
-        for ky in range(K):
-            hh = h + (ky - R)
-            row_ok = p_ok & (hh >= 0) & (hh < H)
-            for kx in range(K):
-                f = _tap_features(feat_rows, fstride, p, w, row_ok, c_ok, ky - R, kx - R, W)
-                contrib = tl.sum(go * f[:, :, None], axis=0)                    # [BLOCK_P, SS_PAD]
-                ptrs = dp_base + (ky * K + kx) * tap_stride + mpix
-                prev = tl.load(ptrs, mask=pix_ok & (cb > 0), other=0.0)
-                tl.store(ptrs, prev + contrib, mask=pix_ok)
-
-    if FUSED:
-        # Softmax backward: dlogit_t = prob_t * (dprob_t - sum_t' prob_t' * dprob_t').
-        tl.debug_barrier()
-        dot = tl.zeros([BLOCK_P, SS_PAD], tl.float32)
-        for t in range(KK):
-            prob = tl.exp(tl.load(logit_base + t * tap_stride + mpix, mask=pix_ok, other=0.0).to(tl.float32) - lse)
-            dot += prob * tl.load(dp_base + t * tap_stride + mpix, mask=pix_ok, other=0.0)
-        tl.debug_barrier()  # NB: with ACC_IN_GRAD the writes below overwrite dp: the dot pass reads first
-        grad_base = grad_ptr + mbase
-        for t in range(KK):
-            prob = tl.exp(tl.load(logit_base + t * tap_stride + mpix, mask=pix_ok, other=0.0).to(tl.float32) - lse)
-            dprob = tl.load(dp_base + t * tap_stride + mpix, mask=pix_ok, other=0.0)
-            tl.store(grad_base + t * tap_stride + mpix, (prob * (dprob - dot)).to(grad_ptr.dtype.element_ty),
-                     mask=pix_ok)
-    elif not ACC_IN_GRAD:  # half types: cast the fp32 accumulator into the output
-        tl.debug_barrier()
-        grad_base = grad_ptr + mbase
-        for t in range(KK):
-            dprob = tl.load(dp_base + t * tap_stride + mpix, mask=pix_ok, other=0.0)
-            tl.store(grad_base + t * tap_stride + mpix, dprob.to(grad_ptr.dtype.element_ty), mask=pix_ok)
+        if FUSED:
+            # Softmax backward: dlogit_t = prob_t * (dprob_t - sum_t' prob_t' * dprob_t').
+            tl.debug_barrier()
+            dot = tl.zeros([BLOCK_P, SS_PAD], tl.float32)
+            for t in range(KK):
+                prob = tl.exp(tl.load(logit_base + t * tap_stride + mpix, mask=pix_ok, other=0.0).to(tl.float32) - lse)
+                dot += prob * tl.load(dp_base + t * tap_stride + mpix, mask=pix_ok, other=0.0)
+            tl.debug_barrier()  # NB: with ACC_IN_GRAD the writes below overwrite dp: the dot pass reads first
+            grad_base = grad_ptr + mbase
+            for t in range(KK):
+                prob = tl.exp(tl.load(logit_base + t * tap_stride + mpix, mask=pix_ok, other=0.0).to(tl.float32) - lse)
+                dprob = tl.load(dp_base + t * tap_stride + mpix, mask=pix_ok, other=0.0)
+                tl.store(grad_base + t * tap_stride + mpix, (prob * (dprob - dot)).to(grad_ptr.dtype.element_ty),
+                         mask=pix_ok)
+        elif not ACC_IN_GRAD:  # half types: cast the fp32 accumulator into the output
+            tl.debug_barrier()
+            grad_base = grad_ptr + mbase
+            for t in range(KK):
+                dprob = tl.load(dp_base + t * tap_stride + mpix, mask=pix_ok, other=0.0)
+                tl.store(grad_base + t * tap_stride + mpix, dprob.to(grad_ptr.dtype.element_ty), mask=pix_ok)
 
 
 @triton.jit
@@ -401,6 +405,7 @@ def _carafe_bwd_feat(
 INTERPRET: bool = type(_carafe_fwd).__name__ == "InterpretedFunction"
 
 _KEY = ["C", "H", "W", "G", "K", "S", "FUSED", "CL"]  # plus the tensor dtypes, which the autotuner appends
+_MASK_KEY = _KEY + ["GRAD_MASKS"]  # the mask-gradient kernel: its lse-only variant is timed on its own
 # Registers for the fp32 accumulator tile: BLOCK_C * BLOCK_P * SS_PAD <= _ACC_PER_THREAD * threads.
 _ACC_PER_THREAD = 32
 
@@ -446,24 +451,24 @@ def _fit_configs(configs, named_args, **kwargs):
     return fitted
 
 
-def _autotuned(fn, configs):
+def _autotuned(fn, configs, key=_KEY):
     if INTERPRET:
-        return triton.autotune(configs=_INTERPRET_CONFIGS, key=_KEY)(fn)
-    return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _fit_configs})(fn)
+        return triton.autotune(configs=_INTERPRET_CONFIGS, key=key)(fn)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _fit_configs})(fn)
 
 
-def _fixed(fn, configs):
+def _fixed(fn, configs, key=_KEY):
     # One candidate, fitted to the shape by the same prune: nothing is timed, so every process picks the
     # same blocks for the same shape, and with them the same summation order.
     if INTERPRET:
-        return _autotuned(fn, configs)
-    return triton.autotune(configs=configs[:1], key=_KEY, prune_configs_by={"early_config_prune": _fit_configs})(fn)
+        return _autotuned(fn, configs, key)
+    return triton.autotune(configs=configs[:1], key=key, prune_configs_by={"early_config_prune": _fit_configs})(fn)
 
 
 carafe_fwd_kernel = _autotuned(_carafe_fwd, _FWD_CONFIGS)
-carafe_bwd_mask_kernel = _autotuned(_carafe_bwd_mask, _BWD_MASK_CONFIGS)
+carafe_bwd_mask_kernel = _autotuned(_carafe_bwd_mask, _BWD_MASK_CONFIGS, _MASK_KEY)
 carafe_bwd_feat_kernel = _autotuned(_carafe_bwd_feat, _BWD_FEAT_CONFIGS)
-_FIXED = (_fixed(_carafe_fwd, _FWD_CONFIGS), _fixed(_carafe_bwd_mask, _BWD_MASK_CONFIGS),
+_FIXED = (_fixed(_carafe_fwd, _FWD_CONFIGS), _fixed(_carafe_bwd_mask, _BWD_MASK_CONFIGS, _MASK_KEY),
           _fixed(_carafe_bwd_feat, _BWD_FEAT_CONFIGS))
 
 

@@ -26,7 +26,7 @@ import triton
 from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
-from ..contract import SCHEMAS, TRITON_DTYPES, check_arguments
+from ..contract import SCHEMAS, TRITON_DTYPES, check_arguments, check_output_mask
 from ..ops import follow_channels_last as _layout
 from ..ops import register_carafe_op_family
 from . import kernels as _k
@@ -89,27 +89,31 @@ def _forward(op: str, features: Tensor, masks: Tensor, k: int, G: int, s: int, f
 
 
 def _backward(op: str, grad_output: Tensor, features: Tensor, masks: Tensor, k: int, G: int, s: int,
-              fused: bool) -> tuple[Tensor, Tensor]:
+              fused: bool, output_mask) -> tuple[Tensor | None, Tensor | None]:
     _check(op, features, masks, k, G, s, fused=fused, grad_output=grad_output)
+    want_features, want_masks = check_output_mask(output_mask, op)
     layout = _layout(features)
     grad_output = grad_output.contiguous(memory_format=layout)
     features = features.contiguous(memory_format=layout)
     masks = masks.contiguous(memory_format=layout)
     N, C, H, W = features.shape
-    grad_features = torch.empty_like(features)
-    grad_masks = torch.empty_like(masks)
-    if N == 0 or H == 0 or W == 0:
+    # A gradient not asked for: no allocation, no kernel, None in its slot.
+    grad_features = torch.empty_like(features) if want_features else None
+    grad_masks = torch.empty_like(masks) if want_masks else None
+    if N == 0 or H == 0 or W == 0 or not (want_features or want_masks):
         return grad_features, grad_masks
     if C == 0:
-        return grad_features, grad_masks.zero_()
+        return grad_features, (grad_masks.zero_() if want_masks else None)
     Cg = C // G
     ss_pad = _k.next_pow2(s * s)
     # fp32 accumulator of dL/dmask for the channel-block reduction: the output itself when it is fp32
     # (ACC_IN_GRAD; a 1-element placeholder goes in dp's slot, so no two kernel arguments alias, which
-    # torch.compile's functionalisation of the kernel's mutations requires).
-    acc_in_grad = masks.dtype == torch.float32
-    dp = (features.new_empty((1,), dtype=torch.float32) if acc_in_grad
-          else torch.empty_like(masks, dtype=torch.float32))                  # laid out like grad_masks
+    # torch.compile's functionalisation of the kernel's mutations requires). Without grad_masks (a fused
+    # features-only call runs the mask kernel for lse alone) dp and grad are 1-element placeholders.
+    acc_in_grad = want_masks and masks.dtype == torch.float32
+    dp = (torch.empty_like(masks, dtype=torch.float32) if want_masks and not acc_in_grad   # laid out like grad_masks
+          else features.new_empty((1,), dtype=torch.float32))
+    grad_masks_arg = grad_masks if want_masks else masks.new_empty((1,))
     # logsumexp of the fused softmax, written by the mask kernel, read by the features kernel.
     lse = features.new_empty((N, G * s * s, H, W) if fused else (1,), dtype=torch.float32)
 
@@ -122,10 +126,13 @@ def _backward(op: str, grad_output: Tensor, features: Tensor, masks: Tensor, k: 
     _, mask_kernel, feat_kernel = _k.launchers()
     cl = layout == torch.channels_last
     with _on_device(features):
-        wrap_triton(mask_kernel)[mask_grid](
-            grad_output, features, masks, dp, grad_masks, lse, C, H, W, G, k, s, ss_pad, fused, acc_in_grad, cl)
-        wrap_triton(feat_kernel)[feat_grid](
-            grad_output, masks, lse, grad_features, C, H, W, G, k, s, ss_pad, fused, cl)
+        if want_masks or fused:
+            wrap_triton(mask_kernel)[mask_grid](
+                grad_output, features, masks, dp, grad_masks_arg, lse, C, H, W, G, k, s, ss_pad, fused, acc_in_grad,
+                cl, want_masks)
+        if want_features:
+            wrap_triton(feat_kernel)[feat_grid](
+                grad_output, masks, lse, grad_features, C, H, W, G, k, s, ss_pad, fused, cl)
     return grad_features, grad_masks
 
 
@@ -137,9 +144,10 @@ def triton_carafe(features: Tensor, masks: Tensor, kernel_size: int, group_size:
 
 @_define("triton_carafe_backward")
 def triton_carafe_backward(grad_output: Tensor, features: Tensor, masks: Tensor, kernel_size: int,
-                           group_size: int, scale_factor: int) -> tuple[Tensor, Tensor]:
+                           group_size: int, scale_factor: int,
+                           output_mask: list[bool] = (True, True)) -> tuple[Tensor, Tensor]:
     return _backward("triton_carafe_backward", grad_output, features, masks, kernel_size, group_size, scale_factor,
-                     False)
+                     False, output_mask)
 
 
 @_define("triton_carafe_fused")
@@ -150,9 +158,10 @@ def triton_carafe_fused(features: Tensor, mask_logits: Tensor, kernel_size: int,
 
 @_define("triton_carafe_fused_backward")
 def triton_carafe_fused_backward(grad_output: Tensor, features: Tensor, mask_logits: Tensor, kernel_size: int,
-                                 group_size: int, scale_factor: int) -> tuple[Tensor, Tensor]:
+                                 group_size: int, scale_factor: int,
+                                 output_mask: list[bool] = (True, True)) -> tuple[Tensor, Tensor]:
     return _backward("triton_carafe_fused_backward", grad_output, features, mask_logits, kernel_size, group_size,
-                     scale_factor, True)
+                     scale_factor, True, output_mask)
 
 
 # The Triton kernels read channels_last in place and return it (cares' CUDA default is bf16 + channels_last).

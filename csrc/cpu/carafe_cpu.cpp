@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -176,30 +177,37 @@ Tensor forward_cpu(const char* op, bool fused, const Tensor& features_in, const 
 
 std::tuple<Tensor, Tensor> backward_cpu(const char* op, bool fused, const Tensor& grad_output_in,
                                         const Tensor& features_in, const Tensor& masks_in, int64_t kernel_size,
-                                        int64_t group_size, int64_t scale_factor, bool down = false) {
+                                        int64_t group_size, int64_t scale_factor,
+                                        const std::vector<bool>& output_mask, bool down = false) {
   const Shape p = check_inputs(op, torch::headeronly::DeviceType::CPU, features_in, masks_in, fused, kernel_size,
                                group_size, scale_factor, down);
   check_grad_output(op, grad_output_in, features_in, p, down);
-  Tensor grad_features = empty_nchw(features_in, sizes_of(features_in).v);
-  Tensor grad_masks = empty_nchw(masks_in, sizes_of(masks_in).v);
-  if (p.N * p.H * p.W == 0) return {grad_features, grad_masks};  // both empty
-  advise_huge_pages(grad_features);
-  advise_huge_pages(grad_masks);
+  const OutputMask want = check_output_mask(op, output_mask);
+  // A gradient not asked for is neither allocated nor computed: its slot is an undefined tensor (None
+  // in Python) and its kernel pointer is null, which the kernel reads as "skip" (carafe_cpu.h, Args).
+  Tensor grad_features, grad_masks;
+  if (want.features) grad_features = empty_nchw(features_in, sizes_of(features_in).v);
+  if (want.masks) grad_masks = empty_nchw(masks_in, sizes_of(masks_in).v);
+  if (!(want.features || want.masks) || p.N * p.H * p.W == 0) return {grad_features, grad_masks};  // empty
+  if (want.features) advise_huge_pages(grad_features);
+  if (want.masks) advise_huge_pages(grad_masks);
   const Tensor features = contiguous_nchw(features_in);
   const Tensor masks = contiguous_nchw(masks_in);
   const Tensor grad_output = contiguous_nchw(grad_output_in);
   Args a = make_args(p, features, masks);
   a.grad_output = grad_output.const_data_ptr();
-  a.out = grad_features.mutable_data_ptr();
-  a.out2 = grad_masks.mutable_data_ptr();
+  a.out = want.features ? grad_features.mutable_data_ptr() : nullptr;
+  a.out2 = want.masks ? grad_masks.mutable_data_ptr() : nullptr;
   a.down = down;
   const Shape grid = task_grid(p, down);
   a.rows_per_task = rows_per_task(grid, 8);
   const KernelTable& t = kernels();
   const RangeFn fn =
       down ? (fused ? t.backward_down_fused : t.backward_down) : (fused ? t.backward_fused : t.backward);
+  const int64_t gradients = int64_t{want.features} + int64_t{want.masks};
   run_tasks(fn, a, num_tasks(a),
-            2 * std::max<int64_t>(grid.channels_per_group(), 1) * grid.ss() * grid.kk() * grid.W * a.rows_per_task);
+            gradients * std::max<int64_t>(grid.channels_per_group(), 1) * grid.ss() * grid.kk() * grid.W *
+                a.rows_per_task);
   return {grad_features, grad_masks};
 }
 
@@ -209,8 +217,9 @@ std::tuple<Tensor, Tensor> backward_cpu(const char* op, bool fused, const Tensor
 //   mask_logits  (N, G*k*k*s*s, H, W)       carafe_fused / carafe_fused_backward
 //   grad_output  (N, C, H*s, W*s)
 //   kernel_size k (odd, >= 1), group_size G (divides C), scale_factor s (>= 1)
+//   output_mask  [grad_features wanted, grad_masks wanted] (backward)
 // Returns out (N, C, H*s, W*s), or (grad_features like features, grad_masks / grad_mask_logits like
-// masks / mask_logits).
+// masks / mask_logits), an undefined tensor in the slot of a gradient not asked for.
 Tensor carafe_cpu(const Tensor& features, const Tensor& masks, int64_t kernel_size, int64_t group_size,
                   int64_t scale_factor) {
   return forward_cpu("carafe_kernels::carafe", false, features, masks, kernel_size, group_size, scale_factor);
@@ -224,17 +233,19 @@ Tensor carafe_fused_cpu(const Tensor& features, const Tensor& mask_logits, int64
 
 std::tuple<Tensor, Tensor> carafe_backward_cpu(const Tensor& grad_output, const Tensor& features,
                                                const Tensor& masks, int64_t kernel_size,
-                                               int64_t group_size, int64_t scale_factor) {
+                                               int64_t group_size, int64_t scale_factor,
+                                               std::vector<bool> output_mask) {
   return backward_cpu("carafe_kernels::carafe_backward", false, grad_output, features, masks, kernel_size,
-                      group_size, scale_factor);
+                      group_size, scale_factor, output_mask);
 }
 
 std::tuple<Tensor, Tensor> carafe_fused_backward_cpu(const Tensor& grad_output,
                                                      const Tensor& features,
                                                      const Tensor& mask_logits, int64_t kernel_size,
-                                                     int64_t group_size, int64_t scale_factor) {
+                                                     int64_t group_size, int64_t scale_factor,
+                                                     std::vector<bool> output_mask) {
   return backward_cpu("carafe_kernels::carafe_fused_backward", true, grad_output, features, mask_logits,
-                      kernel_size, group_size, scale_factor);
+                      kernel_size, group_size, scale_factor, output_mask);
 }
 
 // The down ops (content-aware downsampling): masks and mask_logits alike (N, G*k*k, ceil(H/s), ceil(W/s)),
@@ -253,16 +264,17 @@ Tensor carafe_down_fused_cpu(const Tensor& features, const Tensor& mask_logits, 
 
 std::tuple<Tensor, Tensor> carafe_down_backward_cpu(const Tensor& grad_output, const Tensor& features,
                                                     const Tensor& masks, int64_t kernel_size, int64_t group_size,
-                                                    int64_t scale_factor) {
+                                                    int64_t scale_factor, std::vector<bool> output_mask) {
   return backward_cpu("carafe_kernels::carafe_down_backward", false, grad_output, features, masks, kernel_size,
-                      group_size, scale_factor, /*down=*/true);
+                      group_size, scale_factor, output_mask, /*down=*/true);
 }
 
 std::tuple<Tensor, Tensor> carafe_down_fused_backward_cpu(const Tensor& grad_output, const Tensor& features,
                                                           const Tensor& mask_logits, int64_t kernel_size,
-                                                          int64_t group_size, int64_t scale_factor) {
+                                                          int64_t group_size, int64_t scale_factor,
+                                                          std::vector<bool> output_mask) {
   return backward_cpu("carafe_kernels::carafe_down_fused_backward", true, grad_output, features, mask_logits,
-                      kernel_size, group_size, scale_factor, /*down=*/true);
+                      kernel_size, group_size, scale_factor, output_mask, /*down=*/true);
 }
 
 // Which compiled instruction set the CPU kernels run ("avx512", "avx2" or "default"), for benchmark

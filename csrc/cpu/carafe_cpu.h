@@ -22,6 +22,7 @@ struct Args {
   const void* grad_output;  // (N, C, H*s, W*s); backward only
   void* out;                // forward: output (N, C, H*s, W*s); backward: grad_features (N, C, H, W)
   void* out2;               // backward: grad_masks / grad_mask_logits (shape of `masks`); forward: unused
+                            // backward: a null out / out2 is a gradient not asked for, which the kernel skips
   int64_t rows_per_task;    // low-resolution rows per task (the down ops: output rows)
   bool down;                // the down ops (carafe_down): masks, logits, output and grad_output are
                             // (.., ceil(H/s), ceil(W/s)), and out (backward) is grad_features (N, C, H, W)

@@ -585,6 +585,11 @@ CARAFE_KERNEL void forward_tasks(const Args& a, int64_t begin, int64_t end) {
 // grad_masks (a reduction over the group's channels, in ascending channel order):
 //   gm[ij][t][h][w] = sum_c God[h][c][ij][w] * Fp[h + ky - r][c][w + kx - r]
 // Each task owns its rows of both outputs: no atomics, no races.
+// A gradient not asked for (its output pointer null: the op's output_mask) is skipped with everything
+// only it needs. grad_features alone stages no features and keeps no gmacc; grad_masks alone runs no
+// gather, stages grad_output of the task's own rows only (no halo), and no masks for the plain op (the
+// fused op stages the probabilities of its own rows, which its softmax backward reads). The gradient
+// computed is bitwise the one of a full call: same operands, same summation order.
 // ---------------------------------------------------------------------------------------------
 // One term of a grad_features gather: the grad_output vector at God + go + w (channel c: + c * cstride)
 // times the mask vector at Ms + m + w. The terms of a feature row are listed in summation order by each
@@ -701,19 +706,22 @@ CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end
   const auto* grad_out = static_cast<const scalar_t*>(a.grad_output);
   auto* grad_features = static_cast<scalar_t*>(a.out);
   auto* grad_masks = static_cast<scalar_t*>(a.out2);
+  const bool want_features = grad_features != nullptr, want_masks = grad_masks != nullptr;
+  const bool need_ms = want_features || Fused;
 
   const int64_t ms_row = q.ssp * q.kk * q.Wp;
   const int64_t god_row = CBLK * q.ssp * q.Wp;
   const int64_t fp_row = CBLK * q.Wp;
   const int64_t gm_row = q.ssp * kkp * q.Wv;
-  Scratch<acc_t> ms_buf(rows * ms_row), god_buf(rows * god_row), fp_buf(rows * fp_row), gm_buf(B * gm_row),
-      row_buf(CBG * q.Wv);
+  Scratch<acc_t> ms_buf(need_ms ? rows * ms_row : 0), god_buf(rows * god_row),
+      fp_buf(want_masks ? rows * fp_row : 0), gm_buf(want_masks ? B * gm_row : 0),
+      row_buf(want_features ? CBG * q.Wv : 0);
   acc_t* Ms = ms_buf.get();
   acc_t* God = god_buf.get();
   acc_t* Fp = fp_buf.get();
   acc_t* gmacc = gm_buf.get();
   acc_t* rowbuf = row_buf.get();
-  Scratch<GatherTerm> term_buf(q.kk * q.ss);
+  Scratch<GatherTerm> term_buf(want_features ? q.kk * q.ss : 0);
   GatherTerm* terms = term_buf.get();
   int64_t tap_off[kMaxKernelSize * kMaxKernelSize];
   tap_offsets(tap_off, q.k, q.r, 1, q.r, 0, fp_row);
@@ -721,7 +729,11 @@ CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end
   for (int64_t task = begin; task < end; ++task) {
     const auto [n, g, h0, h1, lr_lo, lr_hi] = task_rows(task, q, B);
 
-    for (int64_t lr = lr_lo; lr < lr_hi; ++lr) {
+    // The gather reads the mask rows of the halo; the fused softmax backward alone reads only the
+    // task's own rows (local rows [r, r + h1 - h0)).
+    const int64_t ms_lo = want_features ? lr_lo : q.r;
+    const int64_t ms_hi = want_features ? lr_hi : (need_ms ? q.r + h1 - h0 : q.r);
+    for (int64_t lr = ms_lo; lr < ms_hi; ++lr) {
       const int64_t hh = h0 - q.r + lr;
       if (Fused) {
         stage_softmax_row(Ms + lr * ms_row, masks, q, n, g, hh);
@@ -729,7 +741,7 @@ CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end
         stage_masks_row(Ms + lr * ms_row, masks, q, n, g, hh, /*zero_padded_taps=*/false);
       }
     }
-    zero_row(gmacc, (h1 - h0) * gm_row);
+    if (want_masks) zero_row(gmacc, (h1 - h0) * gm_row);
 
     for (int64_t c0 = 0; c0 < q.Cg; c0 += CBLK) {
       const int64_t nch = std::min<int64_t>(CBLK, q.Cg - c0);
@@ -739,45 +751,54 @@ CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end
       // (and of features). Staging is bound by memory latency, so the next channel's stretch is
       // prefetched while this one is de-interleaved.
       const int64_t hh_lo = h0 - q.r + lr_lo, hh_hi = h0 - q.r + lr_hi;  // rows inside the image
+      // grad_output rows: the gather reads the halo, grad_masks alone only the task's own rows
+      const int64_t go_lo = want_features ? hh_lo : h0, go_hi = want_features ? hh_hi : h1;
       for (int64_t c = 0; c < ncg; ++c) {
         if (c + 1 < nch || (c + 1 == nch && c0 + CBLK < q.Cg)) {
           const int64_t next = n * q.C + cbase + c + 1;
-          prefetch_range(grad_out + (next * q.Ho + hh_lo * q.s) * q.Wo, (hh_hi - hh_lo) * q.s * q.Wo);
-          prefetch_range(features + (next * q.H + hh_lo) * q.W, (hh_hi - hh_lo) * q.W);
+          prefetch_range(grad_out + (next * q.Ho + go_lo * q.s) * q.Wo, (go_hi - go_lo) * q.s * q.Wo);
+          if (want_masks) prefetch_range(features + (next * q.H + hh_lo) * q.W, (hh_hi - hh_lo) * q.W);
         }
         for (int64_t lr = 0; lr < rows; ++lr) {
           const int64_t hh = h0 - q.r + lr;
           const bool inside = lr >= lr_lo && lr < lr_hi;
+          const bool stage_go = want_features || (hh >= h0 && hh < h1);
           acc_t* god = God + lr * god_row + c * q.ssp * q.Wp;
           acc_t* fp = Fp + lr * fp_row + c * q.Wp;
           if (inside && c < nch) {
             const int64_t channel = n * q.C + cbase + c;
-            for (int64_t i = 0; i < q.s; ++i)
-              deinterleave_row_any(god + i * q.s * q.Wp, q.Wp, grad_out + (channel * q.Ho + hh * q.s + i) * q.Wo, q);
-            zero_row(god + q.ss * q.Wp, (q.ssp - q.ss) * q.Wp);
-            load_row(fp, features + (channel * q.H + hh) * q.W, q);
+            if (stage_go) {
+              for (int64_t i = 0; i < q.s; ++i)
+                deinterleave_row_any(god + i * q.s * q.Wp, q.Wp, grad_out + (channel * q.Ho + hh * q.s + i) * q.Wo,
+                                     q);
+              zero_row(god + q.ss * q.Wp, (q.ssp - q.ss) * q.Wp);
+            }
+            if (want_masks) load_row(fp, features + (channel * q.H + hh) * q.W, q);
           } else {
-            zero_row(god, q.ssp * q.Wp);
-            zero_row(fp, q.Wp);
+            if (stage_go) zero_row(god, q.ssp * q.Wp);
+            if (want_masks) zero_row(fp, q.Wp);
           }
         }
       }
       for (int64_t h = h0; h < h1; ++h) {
         const int64_t b = h - h0;
-        const int64_t nterms = gather_terms_up(terms, q, b, h, CBLK);
-        for (int64_t cg = 0; cg < nch; cg += CBG) {
-          grad_features_block<acc_t, CBG>(Ms, God + cg * q.ssp * q.Wp, q.ssp * q.Wp, terms, nterms, rowbuf, q.Wv);
-          for (int64_t cb = 0; cb < std::min<int64_t>(CBG, nch - cg); ++cb) {
-            scalar_t* dst = grad_features + ((n * q.C + cbase + cg + cb) * q.H + h) * q.W;
-            convert_row(dst, rowbuf + cb * q.Wv, q.W);
+        if (want_features) {
+          const int64_t nterms = gather_terms_up(terms, q, b, h, CBLK);
+          for (int64_t cg = 0; cg < nch; cg += CBG) {
+            grad_features_block<acc_t, CBG>(Ms, God + cg * q.ssp * q.Wp, q.ssp * q.Wp, terms, nterms, rowbuf, q.Wv);
+            for (int64_t cb = 0; cb < std::min<int64_t>(CBG, nch - cg); ++cb) {
+              scalar_t* dst = grad_features + ((n * q.C + cbase + cg + cb) * q.H + h) * q.W;
+              convert_row(dst, rowbuf + cb * q.Wv, q.W);
+            }
           }
         }
-        grad_masks_block<acc_t, TB, PB>(gmacc + b * gm_row, God + (b + q.r) * god_row + q.r, q.ssp * q.Wp,
-                                        Fp + b * fp_row, tap_off, q.Wp, q, nch, kkp);
+        if (want_masks)
+          grad_masks_block<acc_t, TB, PB>(gmacc + b * gm_row, God + (b + q.r) * god_row + q.r, q.ssp * q.Wp,
+                                          Fp + b * fp_row, tap_off, q.Wp, q, nch, kkp);
       }
     }
 
-    for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t h = h0; want_masks && h < h1; ++h) {
       const int64_t b = h - h0;
       acc_t* gm = gmacc + b * gm_row;  // [ssp][kkp][Wv]: dL/dmask per (sub-pixel, tap, w)
       if (Fused) {
@@ -1040,20 +1061,27 @@ CARAFE_KERNEL void backward_down_tasks(const Args& a, int64_t begin, int64_t end
   const auto* grad_out = static_cast<const scalar_t*>(a.grad_output);
   auto* grad_features = static_cast<scalar_t*>(a.out);
   auto* grad_masks = static_cast<scalar_t*>(a.out2);
+  // The output mask as in backward_tasks_impl: a null output is a gradient not asked for, skipped with
+  // what only it needs (grad_masks alone: no gather, no halo rows of Ms / God, Ms only for the fused
+  // softmax backward; grad_features alone: no feature rows, no gmacc). Same operands and summation
+  // order as a full call, so the gradient computed is bitwise the same.
+  const bool want_features = grad_features != nullptr, want_masks = grad_masks != nullptr;
+  const bool need_ms = want_features || Fused;
 
   const int64_t ms_row = q.kk * q.Wp;
   const int64_t god_row = CBLK * q.Wp;
   const int64_t fch = d.s * d.Wq;
   const int64_t fp_row = CBLK * fch;
   const int64_t gm_row = kkp * q.Wv;
-  Scratch<acc_t> ms_buf(mrows * ms_row), god_buf(mrows * god_row), fp_buf(frows * fp_row), gm_buf(B * gm_row),
-      row_buf(d.s * CBG * q.Wv);
+  Scratch<acc_t> ms_buf(need_ms ? mrows * ms_row : 0), god_buf(mrows * god_row),
+      fp_buf(want_masks ? frows * fp_row : 0), gm_buf(want_masks ? B * gm_row : 0),
+      row_buf(want_features ? d.s * CBG * q.Wv : 0);
   acc_t* Ms = ms_buf.get();
   acc_t* God = god_buf.get();
   acc_t* Fp = fp_buf.get();
   acc_t* gmacc = gm_buf.get();
   acc_t* rowbuf = row_buf.get();  // [s][CBG][Wv]: one feature row's phases
-  Scratch<GatherTerm> term_buf(d.s * q.kk);
+  Scratch<GatherTerm> term_buf(want_features ? d.s * q.kk : 0);
   GatherTerm* terms = term_buf.get();
   int64_t nterms[kMaxScaleFactor];
   int64_t tap_off[kMaxKernelSize * kMaxKernelSize];
@@ -1068,7 +1096,11 @@ CARAFE_KERNEL void backward_down_tasks(const Args& a, int64_t begin, int64_t end
     const int64_t ly_lo = std::max<int64_t>(0, -y0), ly_hi = std::min<int64_t>(nf, d.H - y0);
     const int64_t y_end = std::min<int64_t>(d.H, d.s * i1);  // grad_features rows [s*i0, y_end) are this task's
 
-    for (int64_t lm = lm_lo; lm < lm_hi; ++lm) {
+    // The gather reads the mask rows of the halo; the fused softmax backward alone reads only the
+    // task's own rows (local rows [R, R + i1 - i0)).
+    const int64_t ms_lo = want_features ? lm_lo : d.R;
+    const int64_t ms_hi = want_features ? lm_hi : (need_ms ? d.R + i1 - i0 : d.R);
+    for (int64_t lm = ms_lo; lm < ms_hi; ++lm) {
       const int64_t i = i0 - d.R + lm;
       if (Fused) {
         stage_softmax_row(Ms + lm * ms_row, masks, q, n, g, i);
@@ -1076,7 +1108,9 @@ CARAFE_KERNEL void backward_down_tasks(const Args& a, int64_t begin, int64_t end
         stage_down_masks_row(Ms + lm * ms_row, masks, d, n, g, i, /*zero_padded_taps=*/false);
       }
     }
-    zero_row(gmacc, (i1 - i0) * gm_row);
+    if (want_masks) zero_row(gmacc, (i1 - i0) * gm_row);
+    // grad_output rows: the gather reads the halo, grad_masks alone only the task's own rows
+    const int64_t go_lo = want_features ? lm_lo : d.R, go_hi = want_features ? lm_hi : d.R + i1 - i0;
 
     for (int64_t c0 = 0; c0 < q.Cg; c0 += CBLK) {
       const int64_t nch = std::min<int64_t>(CBLK, q.Cg - c0);
@@ -1085,10 +1119,11 @@ CARAFE_KERNEL void backward_down_tasks(const Args& a, int64_t begin, int64_t end
       for (int64_t c = 0; c < ncg; ++c) {
         const int64_t channel = n * q.C + cbase + c;
         if (c + 1 < nch) {
-          prefetch_range(features + ((channel + 1) * d.H + y0 + ly_lo) * d.W, (ly_hi - ly_lo) * d.W);
-          prefetch_range(grad_out + ((channel + 1) * q.H + i0 - d.R + lm_lo) * q.W, (lm_hi - lm_lo) * q.W);
+          if (want_masks) prefetch_range(features + ((channel + 1) * d.H + y0 + ly_lo) * d.W, (ly_hi - ly_lo) * d.W);
+          prefetch_range(grad_out + ((channel + 1) * q.H + i0 - d.R + go_lo) * q.W, (go_hi - go_lo) * q.W);
         }
         for (int64_t lm = 0; lm < nm; ++lm) {
+          if (!want_features && (lm < d.R || lm >= d.R + i1 - i0)) continue;  // a halo row only the gather reads
           acc_t* dst = God + lm * god_row + c * q.Wp;
           if (c < nch && lm >= lm_lo && lm < lm_hi) {
             load_row(dst, grad_out + (channel * q.H + i0 - d.R + lm) * q.W, q);
@@ -1096,7 +1131,7 @@ CARAFE_KERNEL void backward_down_tasks(const Args& a, int64_t begin, int64_t end
             zero_row(dst, q.Wp);
           }
         }
-        for (int64_t ly = 0; ly < nf; ++ly) {
+        for (int64_t ly = 0; want_masks && ly < nf; ++ly) {
           acc_t* dst = Fp + ly * fp_row + c * fch;
           if (c < nch && ly >= ly_lo && ly < ly_hi) {
             load_phases_any(dst, features + (channel * d.H + y0 + ly) * d.W, d);
@@ -1105,7 +1140,7 @@ CARAFE_KERNEL void backward_down_tasks(const Args& a, int64_t begin, int64_t end
           }
         }
       }
-      for (int64_t y = d.s * i0; y < y_end; ++y) {
+      for (int64_t y = d.s * i0; want_features && y < y_end; ++y) {
         for (int64_t b = 0; b < d.s; ++b) nterms[b] = gather_terms_down(terms + b * q.kk, d, y, b, i0, god_row);
         for (int64_t cg = 0; cg < nch; cg += CBG) {
           for (int64_t b = 0; b < d.s; ++b)
@@ -1116,14 +1151,14 @@ CARAFE_KERNEL void backward_down_tasks(const Args& a, int64_t begin, int64_t end
                          CBG * q.Wv, d);
         }
       }
-      for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t i = i0; want_masks && i < i1; ++i) {
         const int64_t b = i - i0;
         grad_masks_block<acc_t, TB, 1>(gmacc + b * gm_row, God + (b + d.R) * god_row + d.R, q.Wp,
                                        Fp + d.s * b * fp_row, tap_off, fch, q, nch, kkp);
       }
     }
 
-    for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t i = i0; want_masks && i < i1; ++i) {
       const int64_t b = i - i0;
       acc_t* gm = gmacc + b * gm_row;  // [kkp][Wv]: dL/dmask per (tap, j)
       if (Fused) softmax_backward(gm, q.Wv, Ms + (b + d.R) * ms_row + d.R, q.Wp, q.kk, q.Wv);

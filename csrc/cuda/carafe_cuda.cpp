@@ -107,30 +107,37 @@ Tensor forward(const Tensor& features, const Tensor& masks, int64_t k, int64_t G
 }
 
 std::tuple<Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& features,
-                                    const Tensor& masks, int64_t k, int64_t G, int64_t s, bool fused) {
+                                    const Tensor& masks, int64_t k, int64_t G, int64_t s, bool fused,
+                                    const std::vector<bool>& output_mask) {
   const char* op = fused ? "carafe_fused_backward" : "carafe_backward";
   const Shape p = check_args(op, features, masks, k, G, s, fused);
   check_grad_output(op, grad_output, features, p);
+  const OutputMask want = check_output_mask(op, output_mask);
   const int32_t device = features.get_device_index();
   const torch::stable::accelerator::DeviceGuard guard(device);
+  // A gradient not asked for is neither allocated nor computed: an undefined tensor (None in Python)
+  // in its slot, a null pointer for the launcher, which then skips its kernels.
+  Tensor grad_features, grad_masks;
+  if (!(want.features || want.masks)) return {grad_features, grad_masks};
   const Tensor go = contiguous_nchw(grad_output);
   const Tensor f = contiguous_nchw(features);
   const Tensor m = contiguous_nchw(masks);
-  Tensor grad_features = empty_nchw(f, sizes_of(f).v);
-  Tensor grad_masks = empty_nchw(m, sizes_of(m).v);
+  if (want.features) grad_features = empty_nchw(f, sizes_of(f).v);
+  if (want.masks) grad_masks = empty_nchw(m, sizes_of(m).v);
   if (f.numel() == 0) {
     // No channels (or no pixels): the mask gradient is a sum over nothing.
-    torch::stable::zero_(grad_masks);
+    if (want.masks) torch::stable::zero_(grad_masks);
     return {grad_features, grad_masks};
   }
   const cuda::LaunchParams lp = launch_params(device);
   const cuda::DType dtype = to_kernel_dtype(f.scalar_type());
-  const size_t ws_bytes = cuda::carafe_backward_workspace_bytes(p, dtype, fused, lp);
+  const size_t ws_bytes = cuda::carafe_backward_workspace_bytes(p, dtype, fused, want.masks, lp);
   // The workspace comes from torch's caching allocator, on the current stream like the kernels.
   std::optional<Tensor> workspace;
   if (ws_bytes > 0) workspace = empty_nchw(f, {static_cast<int64_t>(ws_bytes)}, ScalarType::Byte);
   cuda_check(cuda::carafe_backward(p, dtype, fused, go.const_data_ptr(), f.const_data_ptr(), m.const_data_ptr(),
-                                   grad_features.mutable_data_ptr(), grad_masks.mutable_data_ptr(),
+                                   want.features ? grad_features.mutable_data_ptr() : nullptr,
+                                   want.masks ? grad_masks.mutable_data_ptr() : nullptr,
                                    workspace ? workspace->mutable_data_ptr() : nullptr, ws_bytes, lp),
              op);
   return {grad_features, grad_masks};
@@ -148,15 +155,19 @@ Tensor carafe_fused_cuda(const Tensor& features, const Tensor& mask_logits, int6
 
 std::tuple<Tensor, Tensor> carafe_backward_cuda(const Tensor& grad_output, const Tensor& features,
                                                 const Tensor& masks, int64_t kernel_size,
-                                                int64_t group_size, int64_t scale_factor) {
-  return backward(grad_output, features, masks, kernel_size, group_size, scale_factor, /*fused=*/false);
+                                                int64_t group_size, int64_t scale_factor,
+                                                std::vector<bool> output_mask) {
+  return backward(grad_output, features, masks, kernel_size, group_size, scale_factor, /*fused=*/false,
+                  output_mask);
 }
 
 std::tuple<Tensor, Tensor> carafe_fused_backward_cuda(const Tensor& grad_output,
                                                       const Tensor& features,
                                                       const Tensor& mask_logits, int64_t kernel_size,
-                                                      int64_t group_size, int64_t scale_factor) {
-  return backward(grad_output, features, mask_logits, kernel_size, group_size, scale_factor, /*fused=*/true);
+                                                      int64_t group_size, int64_t scale_factor,
+                                                      std::vector<bool> output_mask) {
+  return backward(grad_output, features, mask_logits, kernel_size, group_size, scale_factor, /*fused=*/true,
+                  output_mask);
 }
 
 }  // namespace

@@ -34,6 +34,9 @@
 //                     partial sums to a workspace that a second kernel adds in chunk order. The fused
 //                     backward first writes the softmax probabilities (fp32, logits' layout) to the
 //                     workspace: both gradients read them. No atomics anywhere: bitwise deterministic.
+//                     A gradient not asked for (a null output pointer: the op's output_mask) launches
+//                     nothing, and a features-only backward needs no partial sums in the workspace; the
+//                     gradient computed is bitwise the one of a full call.
 //   generic           runtime k <= kMaxKernelSize and s <= kMaxScaleFactor (also fp64, pointers not
 //                     16-byte aligned, and (k, s) whose masks exceed the register budget): one thread
 //                     per output pixel with its masks or accumulators in a per-thread column of shared memory; the gather reads
@@ -951,7 +954,8 @@ struct BackwardPlan {
 
 size_t align_up(size_t v) { return (v + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
 
-template <typename T> BackwardPlan plan_backward(const Shape& p, bool fused, bool tiled, const LaunchParams& launch) {
+template <typename T>
+BackwardPlan plan_backward(const Shape& p, bool fused, bool grad_masks, bool tiled, const LaunchParams& launch) {
   BackwardPlan plan{};
   const int64_t grad_numel = p.N * p.G * p.kk() * p.ss() * p.H * p.W;
   int sr = 0;
@@ -960,14 +964,16 @@ template <typename T> BackwardPlan plan_backward(const Shape& p, bool fused, boo
   const int64_t items = plan.tiled_masks ? p.N * p.G * (p.s / sr) * p.H * p.W : p.N * p.G * p.Ho() * p.Wo();
   plan.reduce = choose_chunks(items, p.C / p.G, launch.num_sms, kMaxReduceChunks);
   plan.probs_bytes = fused ? align_up(grad_numel * sizeof(acc_t<T>)) : 0;
-  plan.partial_bytes = plan.reduce.count > 1 ? align_up(plan.reduce.count * grad_numel * sizeof(acc_t<T>)) : 0;
+  plan.partial_bytes =
+      grad_masks && plan.reduce.count > 1 ? align_up(plan.reduce.count * grad_numel * sizeof(acc_t<T>)) : 0;
   return plan;
 }
 
-template <typename T> size_t workspace_bytes(const Shape& p, bool fused, const LaunchParams& launch) {
+template <typename T>
+size_t workspace_bytes(const Shape& p, bool fused, bool grad_masks, const LaunchParams& launch) {
   // The tiled/generic choice depends on pointer alignment, known only at launch: size for the larger.
-  const BackwardPlan a = plan_backward<T>(p, fused, true, launch);
-  const BackwardPlan b = plan_backward<T>(p, fused, false, launch);
+  const BackwardPlan a = plan_backward<T>(p, fused, grad_masks, true, launch);
+  const BackwardPlan b = plan_backward<T>(p, fused, grad_masks, false, launch);
   return std::max(a.probs_bytes + a.partial_bytes, b.probs_bytes + b.partial_bytes);
 }
 
@@ -1017,7 +1023,7 @@ cudaError_t backward_impl(const Shape& p, bool fused, const T* grad_out, const T
   using A = acc_t<T>;
   const int64_t Cg = p.C / p.G;
   const bool tiled = tiled_ok<T>({grad_out, features, masks, grad_features, grad_masks, workspace});
-  const BackwardPlan plan = plan_backward<T>(p, fused, tiled, launch);
+  const BackwardPlan plan = plan_backward<T>(p, fused, grad_masks != nullptr, tiled, launch);
   if (workspace_bytes_given < plan.probs_bytes + plan.partial_bytes) return cudaErrorInvalidValue;
   unsigned char* ws = static_cast<unsigned char*>(workspace);
   A* probs = fused ? reinterpret_cast<A*>(ws) : nullptr;
@@ -1031,8 +1037,8 @@ cudaError_t backward_impl(const Shape& p, bool fused, const T* grad_out, const T
                   masks, probs, p, items);
   }
 
-  // 2. grad_features (gather).
-  const bool tiled_gather = tiled && dispatch_ks(p.k, p.s, [&](auto K, auto S) {
+  // 2. grad_features (gather), when asked for.
+  const bool tiled_gather = grad_features != nullptr && tiled && dispatch_ks(p.k, p.s, [&](auto K, auto S) {
     constexpr int kK = decltype(K)::value, kS = decltype(S)::value;
     if constexpr (!gather_fits(kK, kS) || std::is_same<T, double>::value) {
       return false;
@@ -1049,7 +1055,7 @@ cudaError_t backward_impl(const Shape& p, bool fused, const T* grad_out, const T
       return true;
     }
   });
-  if (!tiled_gather) {
+  if (grad_features != nullptr && !tiled_gather) {
     const int64_t npb = ceil_div(p.H * p.W, kThreads);
     const Chunks ch = choose_chunks(p.N * p.G * p.H * p.W, Cg, launch.num_sms, Cg);
     const int64_t total = p.N * p.G * npb * ch.count;
@@ -1061,9 +1067,9 @@ cudaError_t backward_impl(const Shape& p, bool fused, const T* grad_out, const T
                     launch.stream, grad_out, masks, grad_features, p, ch.cpc, ch.count, total);
   }
 
-  // 3. grad_masks / grad_mask_logits (reduction over channels), 4. the chunk sums when split.
+  // 3. grad_masks / grad_mask_logits (reduction over channels), 4. the chunk sums when split; when asked for.
   const Chunks ch = plan.reduce;
-  const bool tiled_masks = plan.tiled_masks && dispatch_ks(p.k, p.s, [&](auto K, auto S) {
+  const bool tiled_masks = grad_masks != nullptr && plan.tiled_masks && dispatch_ks(p.k, p.s, [&](auto K, auto S) {
     constexpr int kK = decltype(K)::value, kS = decltype(S)::value, kSR = sub_rows(kK, kS);
     if constexpr (kSR == 0 || std::is_same<T, double>::value) {
       return false;
@@ -1081,7 +1087,7 @@ cudaError_t backward_impl(const Shape& p, bool fused, const T* grad_out, const T
       return true;
     }
   });
-  if (!tiled_masks) {
+  if (grad_masks != nullptr && !tiled_masks) {
     const int threads = generic_threads<T>();
     const size_t smem = static_cast<size_t>(p.kk()) * threads * sizeof(A);
     const int64_t npb = ceil_div(p.Ho() * p.Wo(), threads);
@@ -1095,7 +1101,7 @@ cudaError_t backward_impl(const Shape& p, bool fused, const T* grad_out, const T
                     launch.stream, grad_out, features, static_cast<const A*>(probs), grad_masks, partial, p, ch.cpc,
                     ch.count, total);
   }
-  if (ch.count > 1) {
+  if (grad_masks != nullptr && ch.count > 1) {
     const int64_t items = fused ? p.N * p.G * p.ss() * p.H * p.W : grad_numel;
     if (fused)
       launch_kernel(carafe_backward_finalize_kernel<T, true>, grid_for_items(items, kThreads, launch), kThreads, 0,
@@ -1138,11 +1144,12 @@ cudaError_t carafe_forward(const Shape& p, DType dtype, bool fused, const void* 
   });
 }
 
-size_t carafe_backward_workspace_bytes(const Shape& p, DType dtype, bool fused, const LaunchParams& launch) {
+size_t carafe_backward_workspace_bytes(const Shape& p, DType dtype, bool fused, bool grad_masks,
+                                       const LaunchParams& launch) {
   if (unsupported_reason(p) != nullptr || p.N * p.C * p.H * p.W == 0) return 0;
   size_t bytes = 0;
   dispatch_dtype(dtype, [&](auto tag) {
-    bytes = workspace_bytes<decltype(tag)>(p, fused, launch);
+    bytes = workspace_bytes<decltype(tag)>(p, fused, grad_masks, launch);
     return cudaSuccess;
   });
   return bytes;
@@ -1152,8 +1159,9 @@ cudaError_t carafe_backward(const Shape& p, DType dtype, bool fused, const void*
                             const void* masks, void* grad_features, void* grad_masks, void* workspace,
                             size_t workspace_bytes_given, const LaunchParams& launch) {
   if (unsupported_reason(p) != nullptr) return cudaErrorInvalidValue;
-  // Empty extents: nothing to launch (the caller returns zero-filled / empty gradients).
-  if (p.N * p.C * p.H * p.W == 0) return cudaSuccess;
+  // Empty extents, or no gradient asked for: nothing to launch (the caller returns zero-filled / empty
+  // gradients).
+  if (p.N * p.C * p.H * p.W == 0 || (grad_features == nullptr && grad_masks == nullptr)) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return backward_impl<T>(p, fused, static_cast<const T*>(grad_output), static_cast<const T*>(features),

@@ -40,13 +40,16 @@ const char* unsupported_reason(const Shape& p);
 cudaError_t carafe_forward(const Shape& p, DType dtype, bool fused, const void* features, const void* masks,
                            void* output, const LaunchParams& launch);
 
-// Bytes of device workspace carafe_backward needs (0 when none); pass at least this many.
-size_t carafe_backward_workspace_bytes(const Shape& p, DType dtype, bool fused, const LaunchParams& launch);
+// Bytes of device workspace carafe_backward needs (0 when none); pass at least this many. grad_masks:
+// whether that call computes the mask gradient (a features-only call needs less).
+size_t carafe_backward_workspace_bytes(const Shape& p, DType dtype, bool fused, bool grad_masks,
+                                       const LaunchParams& launch);
 
 // (grad_features, grad_masks) of carafe, or (grad_features, grad_mask_logits) of carafe_fused, from
 // grad_output (N, C, H*s, W*s). Every element of both gradients is written; no atomics, so the
-// result is bitwise deterministic. When N*C*H*W == 0 nothing is launched: the caller zero-fills
-// grad_masks (a sum over no channels) itself.
+// result is bitwise deterministic. A null grad_features or grad_masks is a gradient not asked for (the
+// ops' output_mask): nothing computes it, and the other one is bitwise what a call with both gives.
+// When N*C*H*W == 0 nothing is launched: the caller zero-fills grad_masks (a sum over no channels) itself.
 cudaError_t carafe_backward(const Shape& p, DType dtype, bool fused, const void* grad_output, const void* features,
                             const void* masks, void* grad_features, void* grad_masks, void* workspace,
                             size_t workspace_bytes, const LaunchParams& launch);

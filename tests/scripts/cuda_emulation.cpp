@@ -18,9 +18,9 @@ int emu_forward(const long long* d, int dtype, int fused, const void* f, const v
   return carafe::cuda::carafe_forward(shape_of(d), static_cast<carafe::cuda::DType>(dtype), fused != 0, f, m, out,
                                       params(num_sms, max_blocks));
 }
-unsigned long long emu_workspace_bytes(const long long* d, int dtype, int fused, int num_sms) {
+unsigned long long emu_workspace_bytes(const long long* d, int dtype, int fused, int grad_masks, int num_sms) {
   return carafe::cuda::carafe_backward_workspace_bytes(shape_of(d), static_cast<carafe::cuda::DType>(dtype),
-                                                       fused != 0, params(num_sms, 1));
+                                                       fused != 0, grad_masks != 0, params(num_sms, 1));
 }
 int emu_backward(const long long* d, int dtype, int fused, const void* go, const void* f, const void* m, void* gf,
                  void* gm, void* ws, unsigned long long ws_bytes, int num_sms, long long max_blocks) {
