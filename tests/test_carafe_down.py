@@ -464,13 +464,14 @@ def _native(name):
     return getattr(torch.ops.carafe_kernels, name).default
 
 
-def _op_args(name, shape, dtype, layout):
+def _op_args(name, shape, dtype, layout, output_mask=None):
+    """Arguments of op `name`; a backward op gets output_mask when given (else the schema's default)."""
     N, C, H, W, k, G, s = shape
     features, second = make_inputs(*shape, op="fused" if "fused" in name else "plain", dtype=dtype)
     features, second = to_layout(features, layout), to_layout(second, layout)
     if name.endswith("_backward"):
         grad = to_layout(torch.randn(N, C, down_output_size(H, s), down_output_size(W, s), dtype=dtype), layout)
-        return (grad, features, second, k, G, s)
+        return (grad, features, second, k, G, s) + (() if output_mask is None else (list(output_mask),))
     return (features.requires_grad_(True), second.requires_grad_(True), k, G, s)
 
 
@@ -503,6 +504,109 @@ def test_direct_op_calls_are_checked_in_cpp(op):
         _native(name + "_backward")(torch.randn(2, 4, 14, 10), features, second, 3, 2, 2)
     with pytest.raises(ValueError, match="kernel_size must be odd and in \\[1, 11\\]"):
         _native(name)(features, second, 4, 2, 2)
+
+
+# --- output_mask: the down backward ops compute only what is asked, as the up ones (tests/test_ops.py) -----
+
+OUTPUT_MASKS = [pytest.param((True, False), id="features-only"), pytest.param((False, True), id="masks-only"),
+                pytest.param((False, False), id="none")]
+DOWN_BACKWARD_OPS = ["carafe_down_backward", "carafe_down_fused_backward"]
+# Several row blocks per task with halo rows at both borders, channel blocks of 16 and a remainder
+# (C/G = 20), s = 3, the largest kernel and the largest scale factor with ragged last rows and columns.
+MASK_SHAPES = [MULTI_BLOCK, S3, K11_S4, S8, ODD]
+
+
+@needs_native
+@pytest.mark.parametrize("output_mask", OUTPUT_MASKS)
+@pytest.mark.parametrize("name", DOWN_BACKWARD_OPS)
+def test_opcheck_output_mask(name, output_mask):
+    """The fake kernels and AOT dispatch agree with the kernels on the None slots."""
+    torch.library.opcheck(_native(name), _op_args(name, ODD, torch.float32, "contiguous", output_mask))
+
+
+@needs_native
+@pytest.mark.parametrize("output_mask", OUTPUT_MASKS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("name", DOWN_BACKWARD_OPS)
+def test_output_mask_gives_the_full_backwards_gradients(name, shape, dtype, output_mask):
+    """Each gradient asked for is bitwise the one of a call that asks for both (the kernels are
+    deterministic); the other slot is None (the kernel returned an undefined tensor: nothing allocated)."""
+    args = _op_args(name, shape, dtype, "contiguous", (True, True))
+    full = _native(name)(*args)
+    got = _native(name)(*args[:-1], list(output_mask))
+    for wanted, g, f in zip(output_mask, got, full):
+        if wanted:
+            assert torch.equal(g, f)
+            assert g.stride() == f.stride()
+        else:
+            assert g is None
+
+
+@needs_native
+@pytest.mark.parametrize("name", DOWN_BACKWARD_OPS)
+def test_output_mask_defaults_to_both(name):
+    """A call without output_mask computes both gradients; the fake kernel agrees."""
+    args = _op_args(name, ODD, torch.float32, "contiguous")
+    full = _native(name)(*args, [True, True])
+    for got, want in zip(_native(name)(*args), full):
+        assert torch.equal(got, want)
+    torch.library.opcheck(_native(name), args)
+
+
+@needs_native
+@pytest.mark.parametrize("name", DOWN_BACKWARD_OPS)
+def test_output_mask_of_another_length_is_refused(name):
+    """The schema's bool[2] is not enforced by the dispatcher: the kernels and the fake kernels check it."""
+    args = _op_args(name, ODD, torch.float32, "contiguous")
+    for bad in ([True], [True, True, False]):
+        with pytest.raises(ValueError, match=f"output_mask must have 2 elements .* got {len(bad)}"):
+            _native(name)(*args, bad)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(ValueError, match="output_mask must have 2 elements .* got 1"):
+            _native(name)(*fake, [True])
+
+
+class _BackwardCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records each call of a down backward op: its output_mask and what it returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.startswith(tuple(DOWN_BACKWARD_OPS)):
+            self.calls.append((list(args[6]), out))
+        return out
+
+
+@needs_native
+@pytest.mark.parametrize("needs", [(True, False), (False, True)], ids=["features-only", "masks-only"])
+@pytest.mark.parametrize("op", OPS)
+def test_autograd_asks_the_kernel_only_for_the_needed_gradient(op, needs):
+    """With one input not requiring grad, autograd calls the down backward op once with that output_mask
+    (register_carafe_op_family(..., down=True) passes it as for the up ops); the gradient equals the full
+    backward's bitwise."""
+    name = "carafe_down" if op == "plain" else "carafe_down_fused"
+    features, second, k, G, s = _op_args(name, ODD, torch.float32, "contiguous")
+    N, C, H, W = features.shape
+    grad_out = torch.randn(N, C, down_output_size(H, s), down_output_size(W, s))
+    expected = _native(name + "_backward")(grad_out, features.detach(), second.detach(), k, G, s, [True, True])
+    features.requires_grad_(needs[0])
+    second.requires_grad_(needs[1])
+    wanted = 0 if needs[0] else 1
+    with _BackwardCalls() as recorder:
+        out = _native(name)(features, second, k, G, s)
+        (grad,) = torch.autograd.grad(out, ((features, second)[wanted],), grad_out)
+    assert len(recorder.calls) == 1
+    output_mask, returned = recorder.calls[0]
+    assert output_mask == list(needs)
+    assert returned[1 - wanted] is None and returned[wanted] is not None
+    assert torch.equal(grad, expected[wanted])
 
 
 @needs_native
