@@ -70,7 +70,11 @@ def _check_built_extension() -> str | None:
         return (f"the compiled extension {_C.__file__} predates the stable-ABI build (it has no "
                 f"_stable_abi_target op); delete that file if it is an old build beside a newer one, or "
                 f"{REINSTALL}")
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("carafe_kernels::carafe_down", "CPU"):
+    try:
+        has_down = torch._C._dispatch_has_kernel_for_dispatch_key("carafe_kernels::carafe_down", "CPU")
+    except RuntimeError:            # "operator carafe_kernels::carafe_down does not exist"
+        has_down = False
+    if not has_down:
         # A build from before the content-aware downsampling kernels: ops.py registers their autograd and
         # fake kernels, and the registry routes carafe_down to them, so it would fail at the first call.
         return (f"the compiled extension {_C.__file__} predates the carafe_down kernels (a stale build); "

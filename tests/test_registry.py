@@ -118,3 +118,20 @@ def test_availability_is_asked_once(monkeypatch):
     registry.clear_cache()
     backend.call_unsupported_reason(features, 3, 2)
     assert len(calls) == 2
+
+
+def test_a_build_without_the_down_ops_is_reported_stale(monkeypatch):
+    """A compiled extension from before carafe_down (the op is not registered at all, and asking the
+    dispatcher about it raises) is named as a stale build, not an import-time RuntimeError."""
+    import torch
+
+    from carafe_kernels import _native
+    real = torch._C._dispatch_has_kernel_for_dispatch_key
+
+    def without_down(name, key):
+        if name == "carafe_kernels::carafe_down":
+            raise RuntimeError("operator carafe_kernels::carafe_down does not exist")
+        return real(name, key)
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", without_down)
+    reason = _native._check_built_extension()
+    assert reason is not None and "predates the carafe_down kernels" in reason

@@ -91,7 +91,9 @@ def _forward(op: str, features: Tensor, masks: Tensor, k: int, G: int, s: int, f
 def _backward(op: str, grad_output: Tensor, features: Tensor, masks: Tensor, k: int, G: int, s: int,
               fused: bool, output_mask) -> tuple[Tensor | None, Tensor | None]:
     _check(op, features, masks, k, G, s, fused=fused, grad_output=grad_output)
-    want_features, want_masks = check_output_mask(output_mask, op)
+    # None: both gradients. The Python default is None, not [True, True] as in the schema, because
+    # torch.library.triton_op infers the schema from this signature and takes no list defaults.
+    want_features, want_masks = check_output_mask((True, True) if output_mask is None else output_mask, op)
     layout = _layout(features)
     grad_output = grad_output.contiguous(memory_format=layout)
     features = features.contiguous(memory_format=layout)
@@ -145,7 +147,7 @@ def triton_carafe(features: Tensor, masks: Tensor, kernel_size: int, group_size:
 @_define("triton_carafe_backward")
 def triton_carafe_backward(grad_output: Tensor, features: Tensor, masks: Tensor, kernel_size: int,
                            group_size: int, scale_factor: int,
-                           output_mask: list[bool] = (True, True)) -> tuple[Tensor, Tensor]:
+                           output_mask: list[bool] | None = None) -> tuple[Tensor, Tensor]:
     return _backward("triton_carafe_backward", grad_output, features, masks, kernel_size, group_size, scale_factor,
                      False, output_mask)
 
@@ -159,7 +161,7 @@ def triton_carafe_fused(features: Tensor, mask_logits: Tensor, kernel_size: int,
 @_define("triton_carafe_fused_backward")
 def triton_carafe_fused_backward(grad_output: Tensor, features: Tensor, mask_logits: Tensor, kernel_size: int,
                                  group_size: int, scale_factor: int,
-                                 output_mask: list[bool] = (True, True)) -> tuple[Tensor, Tensor]:
+                                 output_mask: list[bool] | None = None) -> tuple[Tensor, Tensor]:
     return _backward("triton_carafe_fused_backward", grad_output, features, mask_logits, kernel_size, group_size,
                      scale_factor, True, output_mask)
 
