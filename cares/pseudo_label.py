@@ -259,9 +259,10 @@ def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
     if keep_fraction is not None:
         # The most reliable first (ties by order of the split, so the choice is reproducible).
         candidates.sort(key=lambda c: (c[0], c[1]))
-        for _, index, _, _ in candidates[int(round(keep_fraction * len(candidates))):]:
+        keep = int(round(keep_fraction * len(candidates)))
+        for _, index, _, _ in candidates[keep:]:
             images[index]["rejected_because"] = "not among the --keep-fraction most reliable"
-        candidates = candidates[:int(round(keep_fraction * len(candidates)))]
+        candidates = candidates[:keep]
     for _, index, pixels, mask in sorted(candidates, key=lambda c: c[1]):
         images[index]["kept"] = True
         save_png(image_dir / f"{images[index]['name']}.png", pixels)
