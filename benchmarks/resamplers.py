@@ -22,6 +22,14 @@ each stride-2 stage: 64 channels at 256x256 ... 512 at 32x32, batch 4):
     strided_conv     Conv2d(C, C, 3, stride 2, padding 1) (the paper's encoder stage, without BN/ReLU)
     maxpool, avgpool MaxPool2d(2), AvgPool2d(2) (no parameters; counted as 4 FLOPs per output element)
 
+The reassembly alone, at the same four shapes (what the kernels replace; the convolutions around it are the
+same in both modules above): logits (N, 25, H/2, W/2) stand for the content encoder's output and get a gradient
+too, so forward+backward computes the gradients of both inputs:
+    carafe_down_fused  the fused softmax + reassembly op on the `cpu` backend (and `cuda`/`triton` on a GPU)
+    unfold           softmax, then carafe_kernels.reference.carafe_down_unfold
+Their rows carry "budget_bytes", the size of the output plus the inputs: forward+backward without a k*k-fold
+intermediate allocates the output and one gradient per input, and forward the output only.
+
 For each: forward and forward+backward (gradients of the input and the parameters) median time, the peak
 memory one call allocates (benchmarks/machine.py), parameters and FLOPs (torch.utils.flop_counter, which
 knows convolutions and the CARAFE ops; grid_sample and interpolation are added by hand: 4 multiply-adds
@@ -119,6 +127,35 @@ def downsamplers(channels: int, carafe_backends: list[str]) -> dict[str, Callabl
     return makers
 
 
+class DownReassembly(nn.Module):
+    """The down reassembly alone, on learnable logits of the content encoder's output shape (N, G*k*k, Ho, Wo):
+    the fused op on a backend, or the unfold formulation (softmax, then carafe_down_unfold)."""
+
+    def __init__(self, logits_shape, backend: str | None, kernel_size: int = 5, group_size: int = 1):
+        super().__init__()
+        self.logits = nn.Parameter(torch.randn(logits_shape, generator=torch.Generator().manual_seed(1)))
+        self.backend, self.kernel_size, self.group_size = backend, kernel_size, group_size
+
+    def forward(self, x):
+        from carafe_kernels import carafe_down_fused
+        from carafe_kernels.reference import carafe_down_unfold, normalize_down_mask_logits
+        k, G = self.kernel_size, self.group_size
+        if self.backend is not None:
+            return carafe_down_fused(x, self.logits, k, G, 2, backend=self.backend)
+        return carafe_down_unfold(x, normalize_down_mask_logits(self.logits, k, G), k, G, 2)
+
+
+def down_reassemblies(shape, carafe_backends: list[str]) -> dict[str, Callable[[], nn.Module]]:
+    """name -> a constructor of the reassembly-only module at input `shape` (k5, G1, s2)."""
+    n, _, h, w = shape
+    logits_shape = (n, 25, -(-h // 2), -(-w // 2))
+    makers: dict[str, Callable[[], nn.Module]] = {
+        f"carafe_down_fused:{backend}": (lambda backend=backend: DownReassembly(logits_shape, backend))
+        for backend in carafe_backends}
+    makers["unfold"] = lambda: DownReassembly(logits_shape, None)
+    return makers
+
+
 def uncounted_flops(name: str, out_elements: int) -> int:
     """FLOPs torch's counter does not see: bilinear sampling (grid_sample, interpolate) at 4 multiply-adds
     per output element; 2x2 pooling at 4 operations per output element."""
@@ -177,39 +214,48 @@ def run(args) -> dict:
                                           ("down", DOWN_SHAPES.get(preset, []), downsamplers)):
             for shape in shapes:
                 _measure(result, args, preset, shape, direction, makers(shape[1], backends))
+        for shape in DOWN_SHAPES.get(preset, []):
+            _measure(result, args, preset, shape, "down_op", down_reassemblies(shape, backends))
     return result
 
 
 def _measure(result: dict, args, preset: str, shape, direction: str, makers: dict) -> None:
     """Times every resampler of `makers` at one input shape and appends its rows (an upsampler's rows
-    name it under "upsampler", a downsampler's under "downsampler"; "vs_carafe" is relative to the first
-    CARAFE row, carafe:<backend> or carafe_down:<backend>)."""
+    name it under "upsampler", a downsampler's under "downsampler", a reassembly-only row (direction
+    "down_op") under "op"; "vs_carafe" is relative to the first CARAFE row: carafe:<backend>,
+    carafe_down:<backend> or carafe_down_fused:<backend>)."""
     device = args.device
     n, c, h, w = shape
     shape_id = f"N{n}-C{c}-H{h}-W{w}"
     torch.manual_seed(0)
     x = torch.randn(n, c, h, w, device=device, requires_grad=True)
     out_h, out_w = (2 * h, 2 * w) if direction == "up" else (-(-h // 2), -(-w // 2))
+    key = "op" if direction == "down_op" else f"{direction}sampler"
     grad_out = torch.randn(n, c, out_h, out_w, device=device)
     out_elements = grad_out.numel()
     reference_ms: dict[str, float] = {}
     for name, make in makers.items():
         module = make().to(device)
-        params = sum(p.numel() for p in module.parameters())
+        # A reassembly-only module's logits stand for an input, not for parameters.
+        params = 0 if direction == "down_op" else sum(p.numel() for p in module.parameters())
+        input_bytes = x.numel() * x.element_size() + (
+            module.logits.numel() * module.logits.element_size() if direction == "down_op" else 0)
         for mode in MODES:
             fn = step(module, x, grad_out, mode)
             timing = time_fn(fn, device, threads=args.threads, min_run_time=args.min_run_time)
             peak = peak_memory_bytes(fn, device)
             flops = count_flops(module, x, mode == "fwdbwd") + uncounted_flops(name, out_elements) * (
                 1 if mode == "fwd" else 3)
-            if name.startswith(("carafe:", "carafe_down:")) and mode not in reference_ms:
+            if name.startswith(("carafe:", "carafe_down:", "carafe_down_fused:")) and mode not in reference_ms:
                 reference_ms[mode] = timing["ms"]
             row = {"preset": preset, "shape": shape_id, "N": n, "C": c, "H": h, "W": w, "scale": 2,
-                   "direction": direction, f"{direction}sampler": name, "mode": mode, "device": device,
+                   "direction": direction, key: name, "mode": mode, "device": device,
                    "threads": args.threads, **timing,
                    "peak_bytes": peak, "out_bytes": out_elements * x.element_size(), "params": params,
                    "flops": flops,
                    "vs_carafe": timing["ms"] / reference_ms[mode] if mode in reference_ms else None}
+            if direction == "down_op":
+                row["budget_bytes"] = out_elements * x.element_size() + input_bytes
             result["rows"].append(row)
             ratio = "" if row["vs_carafe"] is None else f"{row['vs_carafe']:.2f}x"
             print(f"{shape_id:>22} {name:>18} {mode:>7} {timing['ms']:9.3f} {ratio:>8} "

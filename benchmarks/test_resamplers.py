@@ -78,3 +78,11 @@ def test_tiny_run_writes_every_row(tmp_path, capsys):
     assert drows["carafe_down_unfold", "fwd"]["params"] == drows["carafe_down:cpu", "fwd"]["params"] > 0
     assert drows["carafe_down:cpu", "fwdbwd"]["flops"] > drows["carafe_down:cpu", "fwd"]["flops"]
     assert drows["maxpool", "fwd"]["params"] == 0 and drows["strided_conv", "fwd"]["params"] == 16 * 16 * 9 + 16
+    # The reassembly alone: the fused op against the unfold formulation, on inputs (features, logits).
+    ops = {(row["op"], row["mode"]): row for row in result["rows"] if row["direction"] == "down_op"}
+    assert set(ops) == {(name, mode) for name in ("carafe_down_fused:cpu", "unfold") for mode in ("fwd", "fwdbwd")}
+    budget = 4 * (16 * 4 * 4 + 16 * 8 * 8 + 25 * 4 * 4)     # fp32 output + features + logits
+    assert all(row["budget_bytes"] == budget and row["params"] == 0 for row in ops.values())
+    assert ops["carafe_down_fused:cpu", "fwd"]["vs_carafe"] == 1.0
+    # the unfold formulation's k*k-fold intermediate is over budget; the fused op is not
+    assert ops["unfold", "fwdbwd"]["peak_bytes"] > budget >= ops["carafe_down_fused:cpu", "fwdbwd"]["peak_bytes"]
