@@ -22,6 +22,9 @@ otherwise marked INVALID, never shown as a result.
 Columns: ms median (p20-p80); GB/s = least bytes / time; floor% = floor / time, where
 floor = max(FLOPs / FMA rate, least bytes / bandwidth) (docs/design.md#cost-model-and-floor; ceilings
 from benchmarks/machine.py);
+"x clone" = time / the time of cloning an output-sized tensor of the row's dtype, measured in the same run
+(a fresh allocation, its first touch and one read + write of the output's size: what any out-of-place op
+pays before its arithmetic; the bandwidth ceiling above copies into an existing buffer and does not);
 peak memory of one call (and in output sizes); speedups vs unfold, vs the reference backend, and (fused
 op) vs the same backend's unfused pipeline.
 
@@ -443,6 +446,7 @@ def run(args) -> dict:
                 if args.impls:  # a re-timing run: only these
                     impls = [impl for impl in impls if impl in args.impls.split(",")]
                 features, second, grad_out = make_inputs(op, shape, dtype, device, layout=layout)
+                clone_ms = output_clone_ms(grad_out, device, args)
                 need_grads = any(m != "fwd" for m in modes)
                 for impl in list(impls):
                     if impl == "unfold" and unfold_bytes(shape, element_bytes) * (3 if need_grads else 1) > budget:
@@ -477,6 +481,7 @@ def run(args) -> dict:
                             "bytes": least_bytes(shape, mode, element_bytes, op), "flops": flops(shape, mode),
                             "floor_ms": floor_ms(shape, mode, element_bytes, peaks, op),
                             "peak_bytes": peak, "out_bytes": out_bytes,
+                            "out_clone_ms": clone_ms, "vs_clone": timing["ms"] / clone_ms,
                         }
                         block.append(row)
                 gate_block(args, block, op, shape, dtype_name, modes, plan.backends, peaks, layout)
@@ -495,6 +500,11 @@ def run(args) -> dict:
               "notes": plan.notes, "rows": rows, "skipped": failures}
     result["targets"] = evaluate_targets(rows)
     return result
+
+
+def output_clone_ms(output_like: torch.Tensor, device: str, args) -> float:
+    """Median ms of cloning an output-sized tensor (fresh allocation included): the cost beside the kernel."""
+    return time_fn(output_like.clone, device, threads=args.threads, min_run_time=args.min_run_time)["ms"]
 
 
 def _add_partial_speedups(block: list[dict]) -> None:
@@ -518,7 +528,7 @@ def _add_speedups(group: list[dict]) -> None:
 
 COLUMNS = [("op", 5), ("shape", 26), ("dtype", 7), ("mode", 6), ("impl", 17), ("ms (p20-p80)", 26),
            ("GB/s", 7), ("floor%", 7), ("peak MB (xout)", 16), ("x unfold", 8), ("x ref", 7), ("x unfused", 9),
-           ("x bwd", 6)]
+           ("x bwd", 6), ("x clone", 7)]
 
 
 def _fmt_ms(v: float) -> str:
@@ -534,13 +544,13 @@ def format_row(row: dict) -> list[str]:
     dtype = row["dtype"] + (" cl" if row.get("layout") == "channels_last" else "")
     if row.get("invalid"):  # listed, never shown as a result
         return [row["op"], row["shape"], dtype, row["mode"], row["impl"], "INVALID", "-", "-", "-", "-",
-                "-", "-", "-"]
+                "-", "-", "-", "-"]
     return [row["op"], row["shape"], dtype, row["mode"], row["impl"],
             f"{_fmt_ms(row['ms'])} ({_fmt_ms(row['p20'])}-{_fmt_ms(row['p80'])})",
             f"{row['gbps']:.1f}", f"{100 * row['floor_fraction']:.1f}",
             f"{row['peak_bytes'] / 2**20:.1f} ({row['peak_bytes'] / row['out_bytes']:.2f})",
             _fmt_x(row["vs_unfold"]), _fmt_x(row["vs_reference"]), _fmt_x(row["vs_unfused"]),
-            _fmt_x(row.get("vs_bwd"))]
+            _fmt_x(row.get("vs_bwd")), _fmt_x(row.get("vs_clone"))]
 
 
 def print_table(rows: list[dict], header: bool = True) -> None:

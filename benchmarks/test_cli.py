@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import carafe as cli
@@ -28,6 +29,11 @@ def test_cli_writes_json(tmp_path, capsys):
         assert row["ms"] > 0 and row["p20"] <= row["ms"] <= row["p80"]
         assert row["floor_ms"] > 0 and row["bytes"] > 0 and row["peak_bytes"] >= 0
         assert row["vs_unfold"] is not None and row["vs_reference"] is not None
+        # the fresh-allocation cost beside the kernel: one clone time per (op, shape, dtype), in every row
+        assert row["out_clone_ms"] > 0 and row["vs_clone"] == pytest.approx(row["ms"] / row["out_clone_ms"])
+    assert len({(row["op"], row["shape"], row["dtype"], row["out_clone_ms"]) for row in result["rows"]}) == len(
+        {(row["op"], row["shape"], row["dtype"]) for row in result["rows"]})
+    assert "x clone" in text
     fused_impls = {row["impl"] for row in result["rows"] if row["op"] == "fused"}
     assert all(f"unfused:{b}" in fused_impls for b in result["backends"] if b != "reference")
     # --from-json re-prints without running
