@@ -134,11 +134,10 @@ def shape_limits(source, split: str) -> dict[str, float]:
             "max_border_fraction": max(b for _, b in shapes)}
 
 
-def is_confident(probability: np.ndarray, entropy_threshold: float = DEFAULT_ENTROPY_THRESHOLD,
-                 log_base: float = DEFAULT_LOG_BASE) -> tuple[bool, float]:
-    """(keep?, mean entropy): keep when the mean binary entropy is strictly below the threshold."""
-    entropy = mean_binary_entropy(probability, log_base)
-    return entropy < entropy_threshold, entropy
+def below_threshold(score: float, entropy_threshold: float | None) -> bool:
+    """The paper's rule on a slice's reliability score (an entropy): keep when it is strictly below the
+    threshold; None means no threshold."""
+    return entropy_threshold is None or score < entropy_threshold
 
 
 def _threshold_or_none(text: str) -> float | None:
@@ -249,7 +248,7 @@ def pseudo_label(checkpoint, source, out, *, split: str = "unlabeled",
             row["rejected_because"] = f"unlike every mask of the --shape-prior split {shape_prior!r}"
         elif value is None and empty == "drop":
             row["rejected_because"] = "predicted lesion-free"
-        elif value is not None and entropy_threshold is not None and not value < entropy_threshold:
+        elif value is not None and not below_threshold(value, entropy_threshold):
             row["rejected_because"] = "entropy at or above the threshold"
         else:
             # Kept as 8-bit pixels (what save_png writes) until the ranking is known; slices are small.

@@ -13,7 +13,7 @@ from PIL import Image
 
 from cares.cli import main
 from cares.data import build_dataset, load_mask
-from cares.pseudo_label import is_confident, mean_binary_entropy
+from cares.pseudo_label import below_threshold, mean_binary_entropy
 from test_train import tiny_config, tiny_models, write_checkpoint  # noqa: F401  (fixture)
 
 
@@ -35,11 +35,13 @@ def test_entropy_threshold_keeps_confident_maps_and_rejects_uncertain_ones():
     confident = np.where(np.arange(256).reshape(16, 16) % 3 == 0, 0.98, 0.02).astype(np.float32)  # H = 0.141
     uncertain = np.where(np.arange(256).reshape(16, 16) % 2 == 0, 0.6, 0.4).astype(np.float32)    # H = 0.971
     borderline = uniform_map(0.15)                                                               # H = 0.610 bits
-    assert is_confident(confident)[0] and not is_confident(uncertain)[0]
-    assert is_confident(confident)[1] == pytest.approx(0.1414, abs=1e-3)
-    assert not is_confident(borderline, 0.6, 2.0)[0]                # 0.610 bits >= 0.6
-    assert is_confident(borderline, 0.6, math.e)[0]                 # 0.423 nats < 0.6: the base matters
-    assert is_confident(borderline, 0.62, 2.0)[0]
+    assert mean_binary_entropy(confident) == pytest.approx(0.1414, abs=1e-3)
+    assert below_threshold(mean_binary_entropy(confident), 0.6)
+    assert not below_threshold(mean_binary_entropy(uncertain), 0.6)
+    assert not below_threshold(mean_binary_entropy(borderline, 2.0), 0.6)      # 0.610 bits >= 0.6
+    assert below_threshold(mean_binary_entropy(borderline, math.e), 0.6)       # 0.423 nats < 0.6: the base matters
+    assert below_threshold(mean_binary_entropy(borderline, 2.0), 0.62)
+    assert not below_threshold(0.6, 0.6) and below_threshold(5.0, None)      # strictly below; None: no threshold
 
 
 def write_unlabeled_folder(folder):
