@@ -14,7 +14,8 @@ OUTDIR/summary.json is rewritten after every stage, so whatever ends the call ke
     status     every backend's status, and one small call of each usable backend against the float64
                reference; a backend that should run here but cannot (cuda, triton on a GPU) FAILS
     smoke      correctness vs the float64 reference (tolerance scaled like the suite's: by max|ref| and
-               by the number of summed terms), bitwise determinism, >2^31-element offsets, channels_last
+               by the number of summed terms), bitwise determinism, >2^31-element offsets, channels_last;
+               CARAFE, and the down ops (carafe_down, carafe_down_fused) on the backends that have them
     gpu-tests  the GPU-relevant part of the test suite, -rfEs (every skip listed with its reason), no -x
     bench      python -m benchmarks.carafe, each row appended to OUTDIR/bench.jsonl as it is measured
     rest       the rest of the suite (not slow), in whatever time is left
@@ -53,9 +54,10 @@ RESERVE = 10          # seconds kept back from every limit for killing a stage a
 # The GPU-relevant tests: every CUDA/Triton case of the backend-parametrised files, the Triton file,
 # input validation, and the training runs whose determinism / host-sync behaviour differs on CUDA.
 # Files in order of value (a timeout keeps the outcomes before it): the CUDA training behaviour, the
-# Triton kernels (never run on a GPU before), then the backend-parametrised files.
+# Triton kernels (never run on a GPU before), then the backend-parametrised files (the down ops' CUDA
+# kernels, never run on a GPU before either, right after CARAFE's).
 GPU_TEST_ARGS = ["tests/test_train.py", "tests/test_models.py", "tests/test_triton.py", "tests/test_carafe.py",
-                 "tests/test_ops.py", "tests/test_validation.py", "-m", "not slow",
+                 "tests/test_carafe_down.py", "tests/test_ops.py", "tests/test_validation.py", "-m", "not slow",
                  "-k", "cuda or triton or test_ops.py or test_validation.py or execution_options or bitwise "
                        "or data_on_device or deterministic or host_sync"]
 # Rehearsal: the same mechanics on tests that finish in seconds on a CPU (the CUDA cases skip by name).
@@ -181,10 +183,13 @@ def _suite_tolerances():
     return module.TOLERANCES
 
 
-def summed_terms(k: int, G: int, s: int, C: int, fused: bool) -> dict[str, int]:
+def summed_terms(k: int, G: int, s: int, C: int, fused: bool, down: bool = False) -> dict[str, int]:
     """How many terms each result element sums: output k*k taps; grad_features k*k taps of s*s output
-    pixels; grad_masks the C/G channels of a group (the fused softmax backward adds k*k more)."""
-    return {"out": k * k, "grad_features": k * k * s * s, "grad_masks": max(1, C // max(G, 1)) + (k * k if fused else 0)}
+    pixels (down: the ceil(k/s)^2 taps that reach a pixel); grad_masks the C/G channels of a group (the
+    fused softmax backward adds k*k more)."""
+    reach = -(-k // s)
+    return {"out": k * k, "grad_features": reach * reach if down else k * k * s * s,
+            "grad_masks": max(1, C // max(G, 1)) + (k * k if fused else 0)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -306,13 +311,37 @@ def smoke_cases(backend: str, rehearse: bool) -> list[tuple]:
     return cases
 
 
+def down_smoke_cases(backend: str, rehearse: bool) -> list[tuple]:
+    """The same for the down ops (carafe_down, carafe_down_fused), on the backends that have them: H, W
+    that s does not divide, the templated and generic kernels' (k, s), the dtypes, channels_last."""
+    cases = []
+    ks = [(5, 2), (3, 2), (3, 3), (1, 1), (7, 2), (5, 4), (9, 2), (11, 3), (3, 8)]
+    for fused in (False, True):
+        cases += [(2, 16, 9, 13, k, 2, s, "fp32", fused, False) for (k, s) in ks]
+        cases.append((2, 16, 9, 13, 5, 1, 2, "bf16", fused, True))
+        cases.append((2, 16, 9, 13, 3, 2, 3, "fp32", fused, True))
+        cases.append((2, 16, 9, 13, 5, 4, 2, "fp64", fused, False))
+        cases.append((2, 16, 9, 13, 5, 1, 2, "fp16", fused, False))
+        if not rehearse:  # the split channel reduction of the CUDA kernels
+            cases.append((1, 256, 65, 139, 5, 1, 2, "fp32", fused, False))
+        cases.append((0, 8, 5, 5, 5, 1, 2, "fp32", fused, False))            # empty batch
+    return cases
+
+
 def stage_smoke(out: Path, rehearse: bool) -> int:
     import torch
 
     import carafe_kernels
-    from carafe_kernels import carafe, carafe_fused
-    from carafe_kernels.reference import carafe_fused_reference, carafe_reference
+    from carafe_kernels import carafe, carafe_down, carafe_down_fused, carafe_fused
+    from carafe_kernels.contract import down_output_size
+    from carafe_kernels.reference import (carafe_down_fused_reference, carafe_down_reference,
+                                          carafe_fused_reference, carafe_reference)
+    from carafe_kernels.registry import BACKENDS
 
+    # op -> (function, its float64 reference) by (down, fused)
+    ops = {(False, False): (carafe, carafe_reference), (False, True): (carafe_fused, carafe_fused_reference),
+           (True, False): (carafe_down, carafe_down_reference),
+           (True, True): (carafe_down_fused, carafe_down_fused_reference)}
     dtypes = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
     # On a GPU the two GPU backends; in a rehearsal the cpu backend stands in for cuda, and Triton runs in
     # its interpreter when it can.
@@ -335,31 +364,41 @@ def stage_smoke(out: Path, rehearse: bool) -> int:
             continue
         dev = device_of[backend]
         print(f"correctness vs the float64 reference (backend={backend!r}, {dev}):")
-        for (N, C, H, W, k, G, s, dname, fused, channels_last) in smoke_cases(backend, rehearse):
+        # The down ops too where the backend has them (a backend gaining them is checked from then on).
+        cases = [(False, case) for case in smoke_cases(backend, rehearse)]
+        if BACKENDS[backend].carafe_down is not None:
+            cases += [(True, case) for case in down_smoke_cases(backend, rehearse)]
+        for down, (N, C, H, W, k, G, s, dname, fused, channels_last) in cases:
             if backend == "triton" and dname == "fp64":
                 continue
             dtype = dtypes[dname]
+            fn, reference = ops[down, fused]
             gen = torch.Generator().manual_seed(0)
             f = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
-            m = (torch.randn(N, G * k * k * s * s, H, W, generator=gen, dtype=torch.float64) if fused
-                 else torch.rand(N, G * k * k, H * s, W * s, generator=gen, dtype=torch.float64))
-            go = torch.randn(N, C, H * s, W * s, generator=gen, dtype=torch.float64)
+            if down:  # masks and logits alike (N, G*k*k, ceil(H/s), ceil(W/s))
+                Ho, Wo = down_output_size(H, s), down_output_size(W, s)
+                m = (torch.randn(N, G * k * k, Ho, Wo, generator=gen, dtype=torch.float64) if fused
+                     else torch.rand(N, G * k * k, Ho, Wo, generator=gen, dtype=torch.float64))
+            else:
+                Ho, Wo = H * s, W * s
+                m = (torch.randn(N, G * k * k * s * s, H, W, generator=gen, dtype=torch.float64) if fused
+                     else torch.rand(N, G * k * k, Ho, Wo, generator=gen, dtype=torch.float64))
+            go = torch.randn(N, C, Ho, Wo, generator=gen, dtype=torch.float64)
             fx, mx = f.to(dev, dtype), m.to(dev, dtype)
             # The rounded inputs are the reference's inputs, so only the kernel's arithmetic is measured.
             fr = fx.detach().double().cpu().requires_grad_()
             mr = mx.detach().double().cpu().requires_grad_()
-            (carafe_fused_reference if fused else carafe_reference)(fr, mr, k, G, s).backward(
-                go.to(dtype).double())
-            want = (carafe_fused_reference if fused else carafe_reference)(fr.detach(), mr.detach(), k, G, s)
+            reference(fr, mr, k, G, s).backward(go.to(dtype).double())
+            want = reference(fr.detach(), mr.detach(), k, G, s)
             if channels_last:
                 fx, mx = fx.to(memory_format=torch.channels_last), mx.to(memory_format=torch.channels_last)
             fx.requires_grad_()
             mx.requires_grad_()
-            got = (carafe_fused if fused else carafe)(fx, mx, k, G, s, backend=backend)
+            got = fn(fx, mx, k, G, s, backend=backend)
             got.backward(go.to(dev, dtype))
-            tag = (f"{backend} {'fused' if fused else 'plain'} N{N}-C{C}-H{H}-W{W}-k{k}-g{G}-s{s} {dname}"
-                   f"{' channels_last' if channels_last else ''}")
-            terms = summed_terms(k, G, s, C, fused)
+            tag = (f"{backend} {'down ' if down else ''}{'fused' if fused else 'plain'} "
+                   f"N{N}-C{C}-H{H}-W{W}-k{k}-g{G}-s{s} {dname}{' channels_last' if channels_last else ''}")
+            terms = summed_terms(k, G, s, C, fused, down)
             check(tag + " out", got, want, dtype, terms["out"])
             check(tag + " grad_features", fx.grad, fr.grad, dtype, terms["grad_features"])
             check(tag + " grad_masks", mx.grad, mr.grad, dtype, terms["grad_masks"])
@@ -379,24 +418,29 @@ def stage_smoke(out: Path, rehearse: bool) -> int:
         print(f"determinism ({backend}: two backward passes, bitwise):")
         shape = (1, 8, 6, 7) if rehearse else (2, 128, 40, 40)
         with _deterministic():
-            for fused in (False, True):
-                N, C, H, W = shape
-                gen = torch.Generator().manual_seed(1)
-                f = torch.randn(N, C, H, W, generator=gen).to(dev)
-                m = (torch.randn(N, 25 * 4, H, W, generator=gen) if fused
-                     else torch.rand(N, 25, 2 * H, 2 * W, generator=gen)).to(dev)
-                go = torch.randn(N, C, 2 * H, 2 * W, generator=gen).to(dev)
-                fn = carafe_fused if fused else carafe
-                grads = []
-                for _ in range(2):
-                    fx, mx = f.clone().requires_grad_(), m.clone().requires_grad_()
-                    fn(fx, mx, 5, 1, 2, backend=backend).backward(go)
-                    grads.append((fx.grad, mx.grad))
-                same = all(torch.equal(a, b) for a, b in zip(*grads))
-                record["checks"] += 1
-                print(f"  {'ok  ' if same else 'FAIL'} {backend} {'fused' if fused else 'plain'} backward bitwise identical")
-                if not same:
-                    record["failures"].append(f"{backend} determinism")
+            for down in (False, True) if BACKENDS[backend].carafe_down is not None else (False,):
+                for fused in (False, True):
+                    N, C, H, W = shape
+                    # k = 5, s = 2: up to (2H, 2W), down to (ceil(H/2), ceil(W/2)); masks and logits
+                    Ho, Wo = ((H + 1) // 2, (W + 1) // 2) if down else (2 * H, 2 * W)
+                    gen = torch.Generator().manual_seed(1)
+                    f = torch.randn(N, C, H, W, generator=gen).to(dev)
+                    m = (torch.randn(N, 25, Ho, Wo, generator=gen) if down and fused
+                         else torch.randn(N, 25 * 4, H, W, generator=gen) if fused
+                         else torch.rand(N, 25, Ho, Wo, generator=gen)).to(dev)
+                    go = torch.randn(N, C, Ho, Wo, generator=gen).to(dev)
+                    fn = ops[down, fused][0]
+                    grads = []
+                    for _ in range(2):
+                        fx, mx = f.clone().requires_grad_(), m.clone().requires_grad_()
+                        fn(fx, mx, 5, 1, 2, backend=backend).backward(go)
+                        grads.append((fx.grad, mx.grad))
+                    same = all(torch.equal(a, b) for a, b in zip(*grads))
+                    record["checks"] += 1
+                    name = f"{'down ' if down else ''}{'fused' if fused else 'plain'}"
+                    print(f"  {'ok  ' if same else 'FAIL'} {backend} {name} backward bitwise identical")
+                    if not same:
+                        record["failures"].append(f"{backend} {name} determinism")
 
     if rehearse:
         record["skipped"].append("cuda offsets beyond 2^31 elements: rehearsal: needs a GPU (about 8 GB)")

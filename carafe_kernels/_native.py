@@ -99,9 +99,14 @@ def _load_cuda_library() -> str | None:
         return ("the extension was built without CUDA kernels (they need a CUDA build of torch and a CUDA "
                 "toolkit at build time; setup.py prints why it skipped them)")
     try:
-        from . import _C_cuda  # noqa: F401
+        from . import _C_cuda
     except (ImportError, OSError) as exc:
         return f"the CUDA library carafe_kernels._C_cuda could not be loaded ({exc}); {REINSTALL}"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("carafe_kernels::carafe_down", "CUDA"):
+        # A CUDA library from before the down CUDA kernels beside a current _C (which declares the op):
+        # the registry routes carafe_down on CUDA tensors to the cuda backend, so it would fail at the
+        # first call.
+        return f"the CUDA library {_C_cuda.__file__} predates the carafe_down kernels (a stale build); {REINSTALL}"
     return None
 
 

@@ -250,8 +250,9 @@ def carafe_down(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, g
     are used as given (see :func:`carafe_down_fused` for the op that normalises them).
 
     Runs on the ``cpu`` backend (fused, vectorised C++ kernels; ``backend="auto"`` picks it for CPU
-    tensors) and on the pure-PyTorch ``reference`` backend (any device); "cuda" and "triton" have no
-    down kernel yet and raise BackendUnavailableError when asked for explicitly.
+    tensors), on the ``cuda`` backend (CUDA kernels, picked by "auto" for CUDA tensors; compiled and
+    checked in a host emulation, not yet run on a GPU) and on the pure-PyTorch ``reference`` backend (any
+    device); "triton" has no down kernel yet and raises BackendUnavailableError when asked for explicitly.
 
     Args:
         features: (N, C, H, W) float tensor.
@@ -259,7 +260,7 @@ def carafe_down(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, g
         kernel_size: k, odd, >= 1.
         group_size: G, divides C.
         scale_factor: the stride s, integer >= 1.
-        backend: "auto", "cpu" or "reference" ("cuda" and "triton" have no down kernel yet); "auto" also reads
+        backend: "auto", "cpu", "cuda" or "reference" ("triton" has no down kernel yet); "auto" also reads
             CARAFE_BACKEND.
 
     Returns:

@@ -56,7 +56,7 @@ class Backend:
     # cast under torch.autocast; the reference has none and is given cast inputs.
     own_autocast: bool = False
     # Content-aware downsampling (CARAFE++), same signature; None where the backend has no kernel for it
-    # (for now cuda and triton).
+    # (for now triton).
     carafe_down: Callable[..., torch.Tensor] | None = None
     carafe_down_fused: Callable[..., torch.Tensor] | None = None
 
@@ -159,7 +159,8 @@ BACKENDS: dict[str, Backend] = {
                 carafe_down_fused=_native_op("carafe_down_fused")),
         Backend("cuda", lambda: ("cuda",), _native.cuda_unavailable_reason, _native_op("carafe"),
                 _native_op("carafe_fused"), max_kernel_size=MAX_KERNEL_SIZE, max_scale_factor=MAX_SCALE_FACTOR,
-                own_autocast=True),
+                own_autocast=True, carafe_down=_native_op("carafe_down"),
+                carafe_down_fused=_native_op("carafe_down_fused")),
         Backend("triton", _triton_device_types, _triton_reason, _triton_call("carafe"),
                 _triton_call("carafe_fused"), max_kernel_size=MAX_KERNEL_SIZE, max_scale_factor=MAX_SCALE_FACTOR,
                 dtypes=TRITON_DTYPES, own_autocast=True),

@@ -6,7 +6,8 @@
 * the same carafe_kernels.cu, built by the host compiler with -DCARAFE_CUDA_EMULATION (every block and
   thread run one after another on the CPU), matches the float64 reference, forward and backward, for
   the templated and the generic kernels, split channels, a capped grid, misaligned pointers, tiny and
-  empty shapes, and never reads or writes outside its buffers (guard zones around every buffer).
+  empty shapes, and never reads or writes outside its buffers (guard zones around every buffer); the
+  same for the down ops (carafe_down, carafe_down_fused) against their reference.
 
 What this cannot check: timing, occupancy, the real memory system, and anything about concurrency
 (the kernels use no shared state between threads by design, so the emulation covers their maths).
@@ -26,7 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from carafe_kernels.reference import carafe_fused_reference, carafe_reference
+from carafe_kernels.contract import down_output_size
+from carafe_kernels.reference import (carafe_down_fused_reference, carafe_down_reference, carafe_fused_reference,
+                                      carafe_reference)
 from conftest import TOLERANCES, shape_id
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +47,11 @@ TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSI
 KERNEL_FAMILIES = ("carafe_forward_tiled_kernel", "carafe_forward_generic_kernel", "carafe_softmax_kernel",
                    "carafe_backward_features_tiled_kernel", "carafe_backward_features_generic_kernel",
                    "carafe_backward_masks_tiled_kernel", "carafe_backward_masks_generic_kernel",
-                   "carafe_backward_finalize_kernel")
+                   "carafe_backward_finalize_kernel",
+                   # the down ops (carafe_down, carafe_down_fused); they reuse the softmax and finalize kernels
+                   "carafe_down_forward_tiled_kernel", "carafe_down_forward_generic_kernel",
+                   "carafe_down_backward_features_tiled_kernel", "carafe_down_backward_features_generic_kernel",
+                   "carafe_down_backward_masks_tiled_kernel", "carafe_down_backward_masks_generic_kernel")
 
 
 def _cuda_home() -> Path | None:
@@ -217,6 +224,10 @@ def emu(tmp_path_factory):
     lib.emu_workspace_bytes.restype = ctypes.c_ulonglong
     lib.emu_backward.restype = ctypes.c_int
     lib.emu_misaligned_accesses.restype = ctypes.c_longlong
+    lib.emu_down_unsupported_reason.restype = ctypes.c_char_p
+    lib.emu_down_forward.restype = ctypes.c_int
+    lib.emu_down_workspace_bytes.restype = ctypes.c_ulonglong
+    lib.emu_down_backward.restype = ctypes.c_int
     return lib
 
 
@@ -251,9 +262,16 @@ class Guarded:
         return bool(torch.isnan(g).all()) if self.guard != self.guard else bool((g == self.guard).all())
 
 
-def _inputs(N, C, H, W, k, G, s, dtype, fused, seed):
+def _inputs(N, C, H, W, k, G, s, dtype, fused, seed, down=False):
     gen = torch.Generator().manual_seed(seed)
     f = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
+    if down:
+        # masks and logits alike (N, G*k*k, Ho, Wo), as grad_output (N, C, Ho, Wo)
+        Ho, Wo = down_output_size(H, s), down_output_size(W, s)
+        m = torch.randn(N, G * k * k, Ho, Wo, generator=gen, dtype=torch.float64) * 2 if fused else \
+            torch.rand(N, G * k * k, Ho, Wo, generator=gen, dtype=torch.float64)
+        go = torch.randn(N, C, Ho, Wo, generator=gen, dtype=torch.float64)
+        return f.to(dtype), m.to(dtype), go.to(dtype)
     if fused:
         m = torch.randn(N, G * k * k * s * s, H, W, generator=gen, dtype=torch.float64) * 2
     else:
@@ -263,23 +281,26 @@ def _inputs(N, C, H, W, k, G, s, dtype, fused, seed):
 
 
 def emu_run(lib, N, C, H, W, k, G, s, dtype, fused, *, num_sms=1, max_blocks=2**31 - 1, shift=0, seed=0,
-            output_mask=(True, True)):
-    """Forward and backward through the emulated launchers; returns inputs, outputs, and guard checks.
-    output_mask: the gradients to ask for; one not asked for gets a null pointer and comes back None."""
-    f, m, go = _inputs(N, C, H, W, k, G, s, dtype, fused, seed)
+            output_mask=(True, True), down=False):
+    """Forward and backward through the emulated launchers (down: the down ops' launchers); returns
+    inputs, outputs, and guard checks. output_mask: the gradients to ask for; one not asked for gets a
+    null pointer and comes back None."""
+    f, m, go = _inputs(N, C, H, W, k, G, s, dtype, fused, seed, down)
     dims, code = _dims(N, C, H, W, k, G, s), DTYPE_CODE[dtype]
+    launch_forward, workspace_bytes, launch_backward = (
+        (lib.emu_down_forward, lib.emu_down_workspace_bytes, lib.emu_down_backward) if down
+        else (lib.emu_forward, lib.emu_workspace_bytes, lib.emu_backward))
     gf_in, gm_in, ggo = (Guarded(t.shape, dtype, fill=t, shift=shift) for t in (f, m, go))
-    out = Guarded((N, C, H * s, W * s), dtype, guard=SENTINEL, fill=torch.full((N, C, H * s, W * s), SENTINEL),
-                  shift=shift)
-    rc = lib.emu_forward(dims, code, int(fused), gf_in.ptr, gm_in.ptr, out.ptr, num_sms, max_blocks)
+    out = Guarded(go.shape, dtype, guard=SENTINEL, fill=torch.full(go.shape, SENTINEL), shift=shift)
+    rc = launch_forward(dims, code, int(fused), gf_in.ptr, gm_in.ptr, out.ptr, num_sms, max_blocks)
     assert rc == 0, f"carafe_forward returned cudaError {rc}"
-    ws_bytes = lib.emu_workspace_bytes(dims, code, int(fused), int(output_mask[1]), num_sms)
+    ws_bytes = workspace_bytes(dims, code, int(fused), int(output_mask[1]), num_sms)
     ws = Guarded((ws_bytes,), torch.uint8, guard=171, fill=torch.zeros(ws_bytes, dtype=torch.uint8))
     grad_f, grad_m = (Guarded(t.shape, dtype, guard=SENTINEL, fill=torch.full(t.shape, SENTINEL), shift=shift)
                       if wanted else None for t, wanted in zip((f, m), output_mask))
     null = ctypes.c_void_p(0)
-    rc = lib.emu_backward(dims, code, int(fused), ggo.ptr, gf_in.ptr, gm_in.ptr, grad_f.ptr if grad_f else null,
-                          grad_m.ptr if grad_m else null, ws.ptr, ws_bytes, num_sms, max_blocks)
+    rc = launch_backward(dims, code, int(fused), ggo.ptr, gf_in.ptr, gm_in.ptr, grad_f.ptr if grad_f else null,
+                         grad_m.ptr if grad_m else null, ws.ptr, ws_bytes, num_sms, max_blocks)
     assert rc == 0, f"carafe_backward returned cudaError {rc}"
     for name, g in (("output", out), ("grad_features", grad_f), ("grad_masks", grad_m), ("workspace", ws)):
         assert g is None or g.guards_intact(), f"{name}: a write outside the buffer"
@@ -288,14 +309,21 @@ def emu_run(lib, N, C, H, W, k, G, s, dtype, fused, *, num_sms=1, max_blocks=2**
                 grad_m=grad_m.tensor() if grad_m else None, ws_bytes=ws_bytes)
 
 
-def check_against_reference(r, k, G, s, dtype, fused):
+def check_against_reference(r, k, G, s, dtype, fused, down=False):
+    """emu_run's outputs (a gradient not asked for, None, is skipped) vs the float64 reference."""
     f = r["f"].double().requires_grad_()
     m = r["m"].double().requires_grad_()
-    ref = (carafe_fused_reference if fused else carafe_reference)(f, m, k, G, s)
+    if down:
+        reference = carafe_down_fused_reference if fused else carafe_down_reference
+    else:
+        reference = carafe_fused_reference if fused else carafe_reference
+    ref = reference(f, m, k, G, s)
     ref.backward(r["go"].double())
     tol = TOLERANCES[dtype]
     for name, got, want in (("output", r["out"], ref), ("grad_features", r["grad_f"], f.grad),
                             ("grad_masks", r["grad_m"], m.grad)):
+        if got is None:
+            continue
         got = got.double()
         assert not (got == SENTINEL).any(), f"{name}: elements never written"
         assert torch.isfinite(got).all(), f"{name}: non-finite values (an out-of-bounds read?)"
@@ -417,3 +445,130 @@ def test_unsupported_shapes_are_refused(emu, shape, why):
 def test_supported_limits_accepted(emu):
     for shape in [(1, 4, 5, 5, 11, 1, 8), (1, 4, 5, 5, 1, 4, 1), (1, 1, 2**15 - 1, 2**16, 3, 1, 1)]:
         assert emu.emu_unsupported_reason(_dims(*shape)) is None, shape
+
+
+# ---------------------------------------------------------------------------------------------------
+# The down ops (carafe_down, carafe_down_fused): output, masks and logits (.., ceil(H/s), ceil(W/s))
+# ---------------------------------------------------------------------------------------------------
+# Tiled kernels: k in {1, 3, 5, 7} (forward and mask gradient, any s), the gather for (k, s) with s in
+# {1, 2, 4}; the rest (s = 3 gathers, k = 9, 11) runs on the generic kernels. H = 7 and W = 10 are not
+# multiples of s = 3 or 4 (W of 3 and 4, H of 2 neither), so the last output row and column have windows
+# reaching past the image.
+DOWN_SHAPES = [(2, 6, 7, 10, k, 2, s) for k in (1, 3, 5, 7) for s in (1, 2, 3, 4)] + [
+    (2, 6, 7, 10, 9, 2, 2), (1, 4, 9, 8, 11, 1, 3), (1, 4, 6, 5, 9, 2, 8),
+    (1, 4, 1, 1, 5, 1, 2),      # one pixel: one output, every tap but the centre outside
+    (1, 3, 2, 3, 7, 3, 2),      # plane smaller than the window, one channel per group
+    (1, 2, 3, 3, 3, 1, 4),      # s larger than the plane: one output
+    (2, 8, 3, 37, 3, 4, 2),     # a row longer than a warp, G = 4
+    (1, 5, 9, 2, 5, 1, 3),      # tall and narrow
+    (1, 2, 1, 300, 3, 1, 2),    # one row of more output positions than a block has threads
+]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["down", "down_fused"])
+@pytest.mark.parametrize("shape", DOWN_SHAPES, ids=[shape_id(*s) for s in DOWN_SHAPES])
+def test_emulated_down_fp32(emu, shape, fused):
+    r = emu_run(emu, *shape, torch.float32, fused, down=True)
+    check_against_reference(r, *shape[4:], torch.float32, fused, down=True)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["down", "down_fused"])
+@pytest.mark.parametrize("shape", [(1, 76, 7, 6, 5, 2, 2), (2, 36, 5, 9, 3, 2, 3), (1, 20, 6, 7, 7, 1, 2),
+                                   (1, 70, 8, 7, 9, 2, 2)],
+                         ids=lambda s: shape_id(*s))
+def test_emulated_down_split_channels_and_capped_grid(emu, shape, fused):
+    # As for the up ops: uneven channel chunks (the mask gradient through the workspace's partial sums
+    # and the finalize kernel on the down grid) and every kernel grid-striding over 3 blocks.
+    r = emu_run(emu, *shape, torch.float32, fused, num_sms=1000, max_blocks=3, down=True)
+    check_against_reference(r, *shape[4:], torch.float32, fused, down=True)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["down", "down_fused"])
+@pytest.mark.parametrize("shape", [(2, 6, 7, 10, 5, 2, 2), (1, 4, 6, 6, 3, 1, 3)], ids=lambda s: shape_id(*s))
+def test_emulated_down_misaligned_pointers(emu, shape, fused):
+    # The down kernels make scalar accesses only: one element off 16-byte alignment changes nothing.
+    r = emu_run(emu, *shape, torch.float32, fused, shift=1, down=True)
+    check_against_reference(r, *shape[4:], torch.float32, fused, down=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fused", [False, True], ids=["down", "down_fused"])
+@pytest.mark.parametrize("shape", [(2, 6, 7, 10, 5, 2, 2), (1, 4, 6, 5, 3, 1, 3), (1, 3, 5, 6, 9, 3, 2),
+                                   (1, 40, 6, 5, 5, 1, 2)],
+                         ids=lambda s: shape_id(*s))
+def test_emulated_down_dtypes(emu, shape, fused, dtype):
+    r = emu_run(emu, *shape, dtype, fused, num_sms=1000, down=True)
+    check_against_reference(r, *shape[4:], dtype, fused, down=True)
+
+
+# output_mask of the down backward: tiled and generic kernels, the split reduction with a capped grid,
+# fp16 (fp32 partials), fp64 (generic only), misaligned pointers.
+DOWN_OUTPUT_MASK_CASES = [((2, 6, 7, 10, 5, 2, 2), torch.float32, {}), ((1, 3, 5, 6, 9, 3, 2), torch.float32, {}),
+                          ((2, 6, 7, 10, 3, 2, 3), torch.float32, {}),
+                          ((1, 76, 7, 6, 5, 2, 2), torch.float32, dict(num_sms=1000, max_blocks=3)),
+                          ((1, 40, 6, 5, 5, 1, 2), torch.float16, dict(num_sms=1000)),
+                          ((1, 40, 6, 5, 3, 1, 3), torch.float64, dict(num_sms=1000)),
+                          ((2, 6, 7, 10, 5, 2, 2), torch.float32, dict(shift=1))]
+
+
+@pytest.mark.parametrize("output_mask", [(True, False), (False, True)], ids=["features-only", "masks-only"])
+@pytest.mark.parametrize("fused", [False, True], ids=["down", "down_fused"])
+@pytest.mark.parametrize("shape, dtype, launch", DOWN_OUTPUT_MASK_CASES,
+                         ids=[f"{shape_id(*c[0])}-{str(c[1])[6:]}-{'-'.join(c[2]) or 'default'}"
+                              for c in DOWN_OUTPUT_MASK_CASES])
+def test_emulated_down_output_mask_computes_only_what_is_asked(emu, shape, dtype, launch, fused, output_mask):
+    """As for the up ops: nothing is written for a gradient not asked for, the workspace sized for the
+    call suffices, and the gradient asked for is bitwise the one of a full call, and the reference's."""
+    full = emu_run(emu, *shape, dtype, fused, down=True, **launch)
+    part = emu_run(emu, *shape, dtype, fused, output_mask=output_mask, down=True, **launch)
+    for name, wanted in zip(("grad_f", "grad_m"), output_mask):
+        if wanted:
+            assert torch.equal(part[name], full[name]), name
+        else:
+            assert part[name] is None
+    check_against_reference(part, *shape[4:], dtype, fused, down=True)
+    assert part["ws_bytes"] <= full["ws_bytes"]
+    if not output_mask[1] and launch.get("num_sms", 1) > 1:
+        assert part["ws_bytes"] < full["ws_bytes"]
+
+
+def test_emulated_down_nothing_asked_launches_nothing(emu):
+    dims = _dims(2, 6, 7, 10, 5, 2, 2)
+    null = ctypes.c_void_p(0)
+    assert emu.emu_down_backward(dims, 0, 1, null, null, null, null, null, null, 0, 1, 1) == 0
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 5, 5, 3, 1, 2), (2, 0, 5, 5, 3, 1, 2), (2, 4, 0, 5, 3, 1, 2),
+                                   (2, 4, 5, 0, 3, 1, 3)],
+                         ids=lambda s: shape_id(*s))
+def test_emulated_down_empty_shapes_launch_nothing(emu, shape):
+    dims = _dims(*shape)
+    null = ctypes.c_void_p(0)
+    assert emu.emu_down_forward(dims, 0, 0, null, null, null, 1, 1) == 0
+    assert emu.emu_down_workspace_bytes(dims, 0, 1, 1, 1) == 0
+    assert emu.emu_down_backward(dims, 0, 1, null, null, null, null, null, null, 0, 1, 1) == 0
+
+
+@pytest.mark.parametrize("shape, why", [
+    ((1, 4, 5, 5, 4, 1, 2), "odd"),
+    ((1, 4, 5, 5, 13, 1, 2), "kernel_size <= 11"),
+    ((1, 4, 5, 5, 3, 1, 9), "scale_factor <= 8"),
+    ((1, 4, 5, 5, 3, 3, 2), "divide"),
+    ((1, 4, 2**16, 2**15, 3, 1, 2), "features plane H x W must have fewer than 2^31"),
+], ids=["even-k", "k13", "s9", "G-not-dividing", "features-plane-2^31"])
+def test_down_unsupported_shapes_are_refused(emu, shape, why):
+    dims = _dims(*shape)
+    reason = emu.emu_down_unsupported_reason(dims)
+    assert reason is not None and why in reason.decode()
+    null = ctypes.c_void_p(0)
+    assert emu.emu_down_forward(dims, 0, 0, null, null, null, 1, 1) == CUDA_ERROR_INVALID_VALUE
+    assert emu.emu_down_backward(dims, 0, 0, null, null, null, null, null, null, 0, 1, 1) == \
+        CUDA_ERROR_INVALID_VALUE
+
+
+def test_down_supported_limits_accepted(emu):
+    # The down ops' largest plane is the features' (the output is smaller): a 2^28-pixel plane at s = 4,
+    # which the up ops refuse (their output plane would be 2^32), is within the 32-bit offsets here.
+    assert emu.emu_unsupported_reason(_dims(1, 4, 2**14, 2**14, 3, 1, 4)) is not None
+    for shape in [(1, 4, 2**14, 2**14, 3, 1, 4), (1, 4, 5, 5, 11, 1, 8), (1, 1, 2**15 - 1, 2**16, 3, 1, 1)]:
+        assert emu.emu_down_unsupported_reason(_dims(*shape)) is None, shape

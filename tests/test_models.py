@@ -112,9 +112,10 @@ def test_cares_unet_downsampler_option():
                                                             "content_encoder.weight", "content_encoder.bias")}
     assert {k: v for k, v in paper_down.items() if ".block." in k} == \
         {k: v for k, v in carafe_down.items() if ".block." in k}
-    # An explicit native carafe_backend has no down kernel yet: refused when the model is built.
-    with pytest.raises(ValueError, match="backend='cuda' has no carafe_down kernel yet"):
-        build_model("cares_unet[downsampler=carafe,carafe_backend=cuda]", base_channels=4)
+    # An explicit carafe_backend without the down kernel is refused when the model is built; cuda has it.
+    with pytest.raises(ValueError, match="backend='triton' has no carafe_down kernel yet"):
+        build_model("cares_unet[downsampler=carafe,carafe_backend=triton]", base_channels=4)
+    build_model("cares_unet[downsampler=carafe,carafe_backend=cuda]", base_channels=4)  # (checked when run)
     build_model("cares_unet[carafe_backend=cuda]", base_channels=4)  # (the upsamplers alone: checked when run)
     with pytest.raises(ValueError, match="downsampler must be one of \\('conv', 'carafe'\\), got 'maxpool'"):
         build_model("cares_unet[downsampler=maxpool]")

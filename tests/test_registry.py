@@ -135,3 +135,33 @@ def test_a_build_without_the_down_ops_is_reported_stale(monkeypatch):
     monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", without_down)
     reason = _native._check_built_extension()
     assert reason is not None and "predates the carafe_down kernels" in reason
+
+
+@pytest.mark.parametrize("has_down", [False, True], ids=["stale", "current"])
+def test_a_cuda_library_without_the_down_kernels_is_reported_stale(monkeypatch, has_down):
+    """A CUDA library from before the down CUDA kernels, loaded beside a current _C, leaves the cuda
+    backend unavailable with a stale-build reason (the registry would route carafe_down to it)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import torch
+
+    from carafe_kernels import _native
+    fake = types.ModuleType("carafe_kernels._C_cuda")
+    fake.__file__ = "/site/carafe_kernels/_C_cuda.abi3.so"
+    fake.__spec__ = importlib.machinery.ModuleSpec("carafe_kernels._C_cuda", None)
+    monkeypatch.setitem(sys.modules, "carafe_kernels._C_cuda", fake)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    real = torch._C._dispatch_has_kernel_for_dispatch_key
+
+    def cuda_kernels(name, key):
+        if key == "CUDA":
+            return has_down or name != "carafe_kernels::carafe_down"
+        return real(name, key)
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", cuda_kernels)
+    reason = _native._load_cuda_library()
+    if has_down:
+        assert reason is None
+    else:
+        assert reason is not None and "_C_cuda.abi3.so predates the carafe_down kernels" in reason

@@ -1,8 +1,9 @@
 // Torch glue for the CARAFE CUDA kernels (carafe_kernels.cu): argument checks (csrc/carafe_checks.h,
 // shared with the CPU glue), contiguous inputs (strided and channels_last inputs are copied to NCHW), the device
 // guard, the current stream, dtype dispatch (fp32, fp64, fp16, bf16), empty-tensor early returns, the
-// backward's workspace (from the caching allocator), and the CUDA registrations of the four ops
-// declared in csrc/carafe.cpp. Autograd, fake tensors and autocast attach in carafe_kernels/ops.py.
+// backward's workspace (from the caching allocator), and the CUDA registrations of the eight ops
+// declared in csrc/carafe.cpp (carafe, carafe_fused, the down ops carafe_down, carafe_down_fused, and
+// their backward ops). Autograd, fake tensors and autocast attach in carafe_kernels/ops.py.
 //
 // A library of its own (carafe_kernels._C_cuda, docs/design.md#the-build), on PyTorch's stable ABI like
 // the CPU one: it needs torch's CUDA libraries and the CUDA runtime, so carafe_kernels/_native.py loads
@@ -81,37 +82,41 @@ cuda::LaunchParams launch_params(int32_t device) {
 }
 
 // The shared checks (csrc/carafe_checks.h), then the limits only these kernels have (32-bit in-plane
-// offsets), which cuda::unsupported_reason states.
+// offsets), which cuda::unsupported_reason states. down: the content-aware downsampling ops.
 Shape check_args(const char* op, const Tensor& features, const Tensor& masks, int64_t k, int64_t G, int64_t s,
-                 bool fused) {
-  const Shape p = check_inputs(op, torch::headeronly::DeviceType::CUDA, features, masks, fused, k, G, s);
-  const char* why = cuda::unsupported_reason(p);
+                 bool fused, bool down) {
+  const Shape p = check_inputs(op, torch::headeronly::DeviceType::CUDA, features, masks, fused, k, G, s, down);
+  const char* why = cuda::unsupported_reason(p, down);
   CARAFE_CHECK(why == nullptr, op, ": ", (why ? why : ""), " (features ", sizes_of(features), ", kernel_size=", k,
                ", scale_factor=", s, ")");
   return p;
 }
 
-Tensor forward(const Tensor& features, const Tensor& masks, int64_t k, int64_t G, int64_t s, bool fused) {
-  const char* op = fused ? "carafe_fused" : "carafe";
-  const Shape p = check_args(op, features, masks, k, G, s, fused);
+Tensor forward(const Tensor& features, const Tensor& masks, int64_t k, int64_t G, int64_t s, bool fused,
+               bool down) {
+  const char* op = down ? (fused ? "carafe_down_fused" : "carafe_down") : (fused ? "carafe_fused" : "carafe");
+  const Shape p = check_args(op, features, masks, k, G, s, fused, down);
   const int32_t device = features.get_device_index();
   const torch::stable::accelerator::DeviceGuard guard(device);
   const Tensor f = contiguous_nchw(features);
   const Tensor m = contiguous_nchw(masks);
-  Tensor out = empty_nchw(f, {p.N, p.C, p.Ho(), p.Wo()});
+  Tensor out = empty_nchw(f, down ? std::vector<int64_t>{p.N, p.C, p.down_H(), p.down_W()}
+                                  : std::vector<int64_t>{p.N, p.C, p.Ho(), p.Wo()});
   if (out.numel() == 0) return out;
-  cuda_check(cuda::carafe_forward(p, to_kernel_dtype(f.scalar_type()), fused, f.const_data_ptr(), m.const_data_ptr(),
-                                  out.mutable_data_ptr(), launch_params(device)),
+  const auto launch = down ? cuda::carafe_down_forward : cuda::carafe_forward;
+  cuda_check(launch(p, to_kernel_dtype(f.scalar_type()), fused, f.const_data_ptr(), m.const_data_ptr(),
+                    out.mutable_data_ptr(), launch_params(device)),
              op);
   return out;
 }
 
 std::tuple<Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& features,
-                                    const Tensor& masks, int64_t k, int64_t G, int64_t s, bool fused,
+                                    const Tensor& masks, int64_t k, int64_t G, int64_t s, bool fused, bool down,
                                     const std::vector<bool>& output_mask) {
-  const char* op = fused ? "carafe_fused_backward" : "carafe_backward";
-  const Shape p = check_args(op, features, masks, k, G, s, fused);
-  check_grad_output(op, grad_output, features, p);
+  const char* op = down ? (fused ? "carafe_down_fused_backward" : "carafe_down_backward")
+                        : (fused ? "carafe_fused_backward" : "carafe_backward");
+  const Shape p = check_args(op, features, masks, k, G, s, fused, down);
+  check_grad_output(op, grad_output, features, p, down);
   const OutputMask want = check_output_mask(op, output_mask);
   const int32_t device = features.get_device_index();
   const torch::stable::accelerator::DeviceGuard guard(device);
@@ -131,26 +136,28 @@ std::tuple<Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& fea
   }
   const cuda::LaunchParams lp = launch_params(device);
   const cuda::DType dtype = to_kernel_dtype(f.scalar_type());
-  const size_t ws_bytes = cuda::carafe_backward_workspace_bytes(p, dtype, fused, want.masks, lp);
+  const size_t ws_bytes = (down ? cuda::carafe_down_backward_workspace_bytes : cuda::carafe_backward_workspace_bytes)(
+      p, dtype, fused, want.masks, lp);
   // The workspace comes from torch's caching allocator, on the current stream like the kernels.
   std::optional<Tensor> workspace;
   if (ws_bytes > 0) workspace = empty_nchw(f, {static_cast<int64_t>(ws_bytes)}, ScalarType::Byte);
-  cuda_check(cuda::carafe_backward(p, dtype, fused, go.const_data_ptr(), f.const_data_ptr(), m.const_data_ptr(),
-                                   want.features ? grad_features.mutable_data_ptr() : nullptr,
-                                   want.masks ? grad_masks.mutable_data_ptr() : nullptr,
-                                   workspace ? workspace->mutable_data_ptr() : nullptr, ws_bytes, lp),
+  const auto launch = down ? cuda::carafe_down_backward : cuda::carafe_backward;
+  cuda_check(launch(p, dtype, fused, go.const_data_ptr(), f.const_data_ptr(), m.const_data_ptr(),
+                    want.features ? grad_features.mutable_data_ptr() : nullptr,
+                    want.masks ? grad_masks.mutable_data_ptr() : nullptr,
+                    workspace ? workspace->mutable_data_ptr() : nullptr, ws_bytes, lp),
              op);
   return {grad_features, grad_masks};
 }
 
 Tensor carafe_cuda(const Tensor& features, const Tensor& masks, int64_t kernel_size, int64_t group_size,
                    int64_t scale_factor) {
-  return forward(features, masks, kernel_size, group_size, scale_factor, /*fused=*/false);
+  return forward(features, masks, kernel_size, group_size, scale_factor, /*fused=*/false, /*down=*/false);
 }
 
 Tensor carafe_fused_cuda(const Tensor& features, const Tensor& mask_logits, int64_t kernel_size,
                          int64_t group_size, int64_t scale_factor) {
-  return forward(features, mask_logits, kernel_size, group_size, scale_factor, /*fused=*/true);
+  return forward(features, mask_logits, kernel_size, group_size, scale_factor, /*fused=*/true, /*down=*/false);
 }
 
 std::tuple<Tensor, Tensor> carafe_backward_cuda(const Tensor& grad_output, const Tensor& features,
@@ -158,7 +165,7 @@ std::tuple<Tensor, Tensor> carafe_backward_cuda(const Tensor& grad_output, const
                                                 int64_t group_size, int64_t scale_factor,
                                                 std::vector<bool> output_mask) {
   return backward(grad_output, features, masks, kernel_size, group_size, scale_factor, /*fused=*/false,
-                  output_mask);
+                  /*down=*/false, output_mask);
 }
 
 std::tuple<Tensor, Tensor> carafe_fused_backward_cuda(const Tensor& grad_output,
@@ -167,7 +174,34 @@ std::tuple<Tensor, Tensor> carafe_fused_backward_cuda(const Tensor& grad_output,
                                                       int64_t group_size, int64_t scale_factor,
                                                       std::vector<bool> output_mask) {
   return backward(grad_output, features, mask_logits, kernel_size, group_size, scale_factor, /*fused=*/true,
-                  output_mask);
+                  /*down=*/false, output_mask);
+}
+
+// The down ops (content-aware downsampling): masks and mask_logits alike (N, G*k*k, ceil(H/s), ceil(W/s)),
+// grad_output and out (N, C, ceil(H/s), ceil(W/s)).
+Tensor carafe_down_cuda(const Tensor& features, const Tensor& masks, int64_t kernel_size, int64_t group_size,
+                        int64_t scale_factor) {
+  return forward(features, masks, kernel_size, group_size, scale_factor, /*fused=*/false, /*down=*/true);
+}
+
+Tensor carafe_down_fused_cuda(const Tensor& features, const Tensor& mask_logits, int64_t kernel_size,
+                              int64_t group_size, int64_t scale_factor) {
+  return forward(features, mask_logits, kernel_size, group_size, scale_factor, /*fused=*/true, /*down=*/true);
+}
+
+std::tuple<Tensor, Tensor> carafe_down_backward_cuda(const Tensor& grad_output, const Tensor& features,
+                                                     const Tensor& masks, int64_t kernel_size, int64_t group_size,
+                                                     int64_t scale_factor, std::vector<bool> output_mask) {
+  return backward(grad_output, features, masks, kernel_size, group_size, scale_factor, /*fused=*/false,
+                  /*down=*/true, output_mask);
+}
+
+std::tuple<Tensor, Tensor> carafe_down_fused_backward_cuda(const Tensor& grad_output, const Tensor& features,
+                                                           const Tensor& mask_logits, int64_t kernel_size,
+                                                           int64_t group_size, int64_t scale_factor,
+                                                           std::vector<bool> output_mask) {
+  return backward(grad_output, features, mask_logits, kernel_size, group_size, scale_factor, /*fused=*/true,
+                  /*down=*/true, output_mask);
 }
 
 }  // namespace
@@ -178,4 +212,8 @@ STABLE_TORCH_LIBRARY_IMPL(carafe_kernels, CUDA, m) {
   m.impl("carafe_backward", TORCH_BOX(&carafe::carafe_backward_cuda));
   m.impl("carafe_fused", TORCH_BOX(&carafe::carafe_fused_cuda));
   m.impl("carafe_fused_backward", TORCH_BOX(&carafe::carafe_fused_backward_cuda));
+  m.impl("carafe_down", TORCH_BOX(&carafe::carafe_down_cuda));
+  m.impl("carafe_down_backward", TORCH_BOX(&carafe::carafe_down_backward_cuda));
+  m.impl("carafe_down_fused", TORCH_BOX(&carafe::carafe_down_fused_cuda));
+  m.impl("carafe_down_fused_backward", TORCH_BOX(&carafe::carafe_down_fused_backward_cuda));
 }

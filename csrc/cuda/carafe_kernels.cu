@@ -246,6 +246,48 @@ CK_DEVICE void zero_taps_outside(A (&v)[K * K][SR][S], int h, int w, int H, int 
   }
 }
 
+// col[t * bd] = the softmax over t < kk of the logits lp[t * tstride], max subtracted (as torch): the
+// masks of one output pixel in a generic kernel's shared-memory column (up and down fused forwards).
+template <typename T, typename A>
+CK_DEVICE void softmax_column(const T* lp, int64_t tstride, int kk, A* col, int bd) {
+  A mx = neg_inf<A>();
+  for (int t = 0; t < kk; ++t) {
+    const A l = to_acc(ldg(lp + t * tstride));
+    col[t * bd] = l;
+    mx = l > mx ? l : mx;
+  }
+  A sum = 0;
+  for (int t = 0; t < kk; ++t) {
+    const A e = exp_acc(col[t * bd] - mx);
+    col[t * bd] = e;
+    sum += e;
+  }
+  const A inv = A(1) / sum;
+  for (int t = 0; t < kk; ++t) col[t * bd] *= inv;
+}
+
+// The end of a generic mask-gradient kernel: dcol[t * bd] (t < kk) holds the thread's sums over its
+// channel chunk of tap t, whose gradient element is base + t * tstride. With a split reduction
+// (partial: this chunk's slice of the workspace) they go there for carafe_backward_finalize_kernel;
+// else to grad_masks, for FUSED through the softmax backward p_t (dp_t - sum_t' p_t' dp_t').
+template <typename T, bool FUSED, typename A>
+CK_DEVICE void store_mask_grad_column(const A* dcol, int bd, int kk, int64_t base, int64_t tstride,
+                                      const A* __restrict__ probs, T* __restrict__ grad_masks,
+                                      A* __restrict__ partial) {
+  if (partial != nullptr) {
+    for (int t = 0; t < kk; ++t) partial[base + t * tstride] = dcol[t * bd];
+  } else if (FUSED) {
+    A dot = 0;
+    for (int t = 0; t < kk; ++t) dot += ldg(probs + base + t * tstride) * dcol[t * bd];
+    for (int t = 0; t < kk; ++t) {
+      const A pt = ldg(probs + base + t * tstride);
+      grad_masks[base + t * tstride] = from_acc<T>(pt * (dcol[t * bd] - dot));
+    }
+  } else {
+    for (int t = 0; t < kk; ++t) grad_masks[base + t * tstride] = from_acc<T>(dcol[t * bd]);
+  }
+}
+
 // The channel split of one launch: chunk `c` covers channels [c*cpc, min(Cg, (c+1)*cpc)) of its group.
 struct Chunks {
   int cpc;     // channels per chunk
@@ -456,20 +498,7 @@ CK_GLOBAL void carafe_forward_generic_kernel(
 
     if (FUSED) {
       const T* lp = masks + ng * kk * ss * static_cast<int64_t>(HW) + static_cast<int64_t>(i * s + j) * HW + h * W + w;
-      A mx = neg_inf<A>();
-      for (int t = 0; t < kk; ++t) {
-        const A l = to_acc(ldg(lp + static_cast<int64_t>(t) * ss * HW));
-        mcol[t * bd] = l;
-        mx = l > mx ? l : mx;
-      }
-      A sum = 0;
-      for (int t = 0; t < kk; ++t) {
-        const A e = exp_acc(mcol[t * bd] - mx);
-        mcol[t * bd] = e;
-        sum += e;
-      }
-      const A inv = A(1) / sum;
-      for (int t = 0; t < kk; ++t) mcol[t * bd] *= inv;
+      softmax_column(lp, static_cast<int64_t>(ss) * HW, kk, mcol, bd);
     } else {
       const T* mp = masks + ng * kk * static_cast<int64_t>(HoWo) + qo;
       for (int t = 0; t < kk; ++t) mcol[t * bd] = to_acc(ldg(mp + static_cast<int64_t>(t) * HoWo));
@@ -812,18 +841,8 @@ CK_GLOBAL void carafe_backward_masks_generic_kernel(
     const int64_t base = FUSED ? (ng * kk * ss + i * s + j) * static_cast<int64_t>(HW) + h * W + w
                                : ng * kk * static_cast<int64_t>(HoWo) + qo;
     const int64_t tstride = FUSED ? static_cast<int64_t>(ss) * HW : static_cast<int64_t>(HoWo);
-    if (nchunk > 1) {
-      for (int t = 0; t < kk; ++t) partial[chunk * grad_numel + base + t * tstride] = dcol[t * bd];
-    } else if (FUSED) {
-      A dot = 0;
-      for (int t = 0; t < kk; ++t) dot += ldg(probs + base + t * tstride) * dcol[t * bd];
-      for (int t = 0; t < kk; ++t) {
-        const A pt = ldg(probs + base + t * tstride);
-        grad_masks[base + t * tstride] = from_acc<T>(pt * (dcol[t * bd] - dot));
-      }
-    } else {
-      for (int t = 0; t < kk; ++t) grad_masks[base + t * tstride] = from_acc<T>(dcol[t * bd]);
-    }
+    store_mask_grad_column<T, FUSED>(dcol, bd, kk, base, tstride, probs, grad_masks,
+                                     nchunk > 1 ? partial + chunk * grad_numel : nullptr);
   }
 }
 
@@ -862,6 +881,326 @@ CK_GLOBAL void carafe_backward_finalize_kernel(
       for (int ch = 0; ch < nchunk; ++ch) sum += partial[ch * grad_numel + it];
       grad_masks[it] = from_acc<T>(sum);
     }
+  }
+}
+
+// ====================================================================================================
+// Content-aware downsampling: carafe_down, carafe_down_fused (docs/design.md#the-contract). Output,
+// masks and logits share one grid, Ho x Wo = ceil(H/s) x ceil(W/s); position (i, j) reassembles the
+// k x k window of features centred on (s*i, s*j):
+//   out[n, g*Cg + c, i, j] = sum_t features[n, g*Cg + c, s*i + ky - r, s*j + kx - r] * m[n, g*k*k + t, i, j]
+// with t = ky*k + kx. Masks and logits have one layout, (N, G*k*k, Ho, Wo): the logits are not pixel-
+// shuffled. That is the up ops' logit layout at s = 1 on the grid Ho x Wo, so the softmax and finalize
+// kernels above serve the down ops unchanged when given down_grid(p) = {N, C, Ho, Wo, k, G, 1}.
+// The reassembly kernels are their own: a position has one output (no sub-pixels), its window lies on
+// the features' grid at stride s (not on the positions' grid), and the gather visits only the
+// ceil(k/s)^2 taps that can reach a feature pixel. They share the block decoder, the window and tap
+// helpers and the shared-memory column helpers with the up kernels. No vector accesses: any alignment.
+// ====================================================================================================
+
+// Forward, tiled: K known. Thread -> position q = (i, j) of plane (n, g) (block decoding as above, width
+// Wo), its K*K masks (softmaxed logits for FUSED) in registers, one output per channel of its chunk.
+template <typename T, int K, bool FUSED>
+CK_GLOBAL void CK_LAUNCH_BOUNDS(kThreads) carafe_down_forward_tiled_kernel(
+    const T* __restrict__ features,  // (N, C, H, W)
+    const T* __restrict__ masks,     // masks, or (FUSED) logits, (N, G*K*K, Ho, Wo)
+    T* __restrict__ out,             // (N, C, Ho, Wo)
+    const Shape p, const int cpc, const int nchunk, const int64_t total_blocks) {
+  using A = acc_t<T>;
+  constexpr int KK = K * K;
+  const int H = static_cast<int>(p.H), W = static_cast<int>(p.W), s = static_cast<int>(p.s);
+  const int HW = H * W, Wo = static_cast<int>(p.down_W()), HoWo = static_cast<int>(p.down_H()) * Wo;
+  const ChunkGrid grid = chunk_grid(p, HoWo, Wo, kThreads, 1, cpc, nchunk);
+
+  for (int64_t b = CK_BLOCK_X; b < total_blocks; b += CK_GRID_DIM_X) {
+    BlockItem it;
+    if (!decode_block(b, grid, it)) continue;
+    const int q = it.q, y = it.row * s, x = it.col * s;  // the window's centre in the features
+
+    A m[KK][1][1];  // [1][1]: the up kernels' (tap, sub-row, column) shape, for zero_taps_outside
+    const T* mp = masks + it.ng * KK * static_cast<int64_t>(HoWo) + q;
+#pragma unroll
+    for (int t = 0; t < KK; ++t) m[t][0][0] = to_acc(ldg(mp + static_cast<int64_t>(t) * HoWo));
+    if constexpr (FUSED) {
+      A mx = neg_inf<A>();
+#pragma unroll
+      for (int t = 0; t < KK; ++t) mx = m[t][0][0] > mx ? m[t][0][0] : mx;
+      A sum = 0;
+#pragma unroll
+      for (int t = 0; t < KK; ++t) {
+        m[t][0][0] = exp_acc(m[t][0][0] - mx);
+        sum += m[t][0][0];
+      }
+      const A inv = A(1) / sum;
+#pragma unroll
+      for (int t = 0; t < KK; ++t) m[t][0][0] *= inv;
+    }
+
+    // Clamped window offsets and masks 0 for the taps outside the image, as in the up forward: the
+    // channel loop has no predicates.
+    int off[KK];
+    window_offsets<K>(y, x, H, W, off);
+    zero_taps_outside<K>(m, y, x, H, W);
+
+    const int64_t cbase = it.cbase(grid);
+    const T* fp = features + cbase * HW;
+    T* op = out + cbase * HoWo + q;
+    for (int c = it.c0; c < it.c1; ++c, fp += HW, op += HoWo) {
+      A acc = 0;
+#pragma unroll
+      for (int t = 0; t < KK; ++t) acc += to_acc(ldg(fp + off[t])) * m[t][0][0];
+      *op = from_acc<T>(acc);
+    }
+  }
+}
+
+// Forward, generic: runtime k (and fp64). As the tiled kernel, with the masks in column threadIdx.x of
+// the dynamic shared memory (k*k*blockDim values) and bounds checks in the channel loop.
+template <typename T, bool FUSED>
+CK_GLOBAL void carafe_down_forward_generic_kernel(
+    const T* __restrict__ features,  // (N, C, H, W)
+    const T* __restrict__ masks,     // masks, or (FUSED) logits, (N, G*k*k, Ho, Wo)
+    T* __restrict__ out,             // (N, C, Ho, Wo)
+    const Shape p, const int cpc, const int nchunk, const int64_t total_blocks) {
+  using A = acc_t<T>;
+  CK_DYNAMIC_SHARED(A, smem);
+  const int bd = static_cast<int>(CK_BLOCK_DIM_X);
+  A* mcol = smem + CK_THREAD_X;  // mcol[t * bd] = mask of tap t
+  const int k = static_cast<int>(p.k), s = static_cast<int>(p.s), r = (k - 1) / 2, kk = k * k;
+  const int H = static_cast<int>(p.H), W = static_cast<int>(p.W), HW = H * W;
+  const int Wo = static_cast<int>(p.down_W()), HoWo = static_cast<int>(p.down_H()) * Wo;
+  const ChunkGrid grid = chunk_grid(p, HoWo, Wo, bd, 1, cpc, nchunk);
+
+  for (int64_t b = CK_BLOCK_X; b < total_blocks; b += CK_GRID_DIM_X) {
+    BlockItem it;
+    if (!decode_block(b, grid, it)) continue;
+    const int q = it.q, y = it.row * s, x = it.col * s;
+
+    const T* mp = masks + it.ng * kk * static_cast<int64_t>(HoWo) + q;
+    if (FUSED) {
+      softmax_column(mp, static_cast<int64_t>(HoWo), kk, mcol, bd);
+    } else {
+      for (int t = 0; t < kk; ++t) mcol[t * bd] = to_acc(ldg(mp + static_cast<int64_t>(t) * HoWo));
+    }
+
+    const int64_t cbase = it.cbase(grid);
+    const T* fp = features + cbase * HW;
+    T* op = out + cbase * HoWo + q;
+    for (int c = it.c0; c < it.c1; ++c, fp += HW, op += HoWo) {
+      A acc = 0;
+      for (int ky = 0; ky < k; ++ky) {
+        const int yy = y + ky - r;
+        if (yy < 0 || yy >= H) continue;
+        for (int kx = 0; kx < k; ++kx) {
+          const int xx = x + kx - r;
+          if (xx < 0 || xx >= W) continue;
+          acc += to_acc(ldg(fp + yy * W + xx)) * mcol[(ky * k + kx) * bd];
+        }
+      }
+      *op = from_acc<T>(acc);
+    }
+  }
+}
+
+// grad_features, tiled gather: K, S known. Thread -> feature pixel (y, x) of plane (n, g). Tap (ky, kx)
+// of position (i, j) reads (y, x) when s*i + ky - r = y and s*j + kx - r = x, so for a given y only the
+// rows ky = (y + R) % S + S*a (a < NA = ceil(K/S)) at i = (y + R) / S - a can, and they do when ky < K and
+// 0 <= i < Ho (columns alike):
+//   grad_features[n, c, y, x] = sum_{a, b} grad_out[n, c, i_a, j_b] * masks[n, g*K*K + ky_a*K + kx_b, i_a, j_b]
+// summed in that fixed order (no atomics). Its NA*NA masks sit in registers; a tap that cannot reach
+// (y, x) gets mask 0 and reads grad_out at the clamped position (a valid one), so the channel loop has
+// no predicates. M: T masks, or the fp32/fp64 softmax probabilities of the fused op (same layout).
+template <typename T, typename M, int K, int S>
+CK_GLOBAL void CK_LAUNCH_BOUNDS(kThreads) carafe_down_backward_features_tiled_kernel(
+    const T* __restrict__ grad_out,  // (N, C, Ho, Wo)
+    const M* __restrict__ masks,     // (N, G*K*K, Ho, Wo)
+    T* __restrict__ grad_features,   // (N, C, H, W)
+    const Shape p, const int cpc, const int nchunk, const int64_t total_blocks) {
+  using A = acc_t<T>;
+  constexpr int KK = K * K, R = (K - 1) / 2, NA = (K + S - 1) / S;
+  const int H = static_cast<int>(p.H), W = static_cast<int>(p.W), HW = H * W;
+  const int Ho = static_cast<int>(p.down_H()), Wo = static_cast<int>(p.down_W()), HoWo = Ho * Wo;
+  const ChunkGrid grid = chunk_grid(p, HW, W, kThreads, 1, cpc, nchunk);
+
+  for (int64_t b = CK_BLOCK_X; b < total_blocks; b += CK_GRID_DIM_X) {
+    BlockItem it;
+    if (!decode_block(b, grid, it)) continue;
+    const int q = it.q, y = it.row, x = it.col;
+    const int ky0 = (y + R) % S, i0 = (y + R) / S, kx0 = (x + R) % S, j0 = (x + R) / S;
+
+    int goff[NA * NA];  // in-plane offset of the (clamped) position of term (a, b)
+    A m[NA * NA];
+    const M* mbase = masks + it.ng * KK * static_cast<int64_t>(HoWo);
+#pragma unroll
+    for (int a = 0; a < NA; ++a) {
+      const int ky = ky0 + S * a, i = i0 - a;
+      const bool row_ok = ky < K && i >= 0 && i < Ho;
+#pragma unroll
+      for (int bb = 0; bb < NA; ++bb) {
+        const int kx = kx0 + S * bb, j = j0 - bb;
+        const bool ok = row_ok && kx < K && j >= 0 && j < Wo;
+        const int e = a * NA + bb;
+        goff[e] = clampi(i, Ho - 1) * Wo + clampi(j, Wo - 1);
+        m[e] = ok ? to_acc(ldg(mbase + static_cast<int64_t>(ky * K + kx) * HoWo + goff[e])) : A(0);
+      }
+    }
+
+    const int64_t cbase = it.cbase(grid);
+    const T* gp = grad_out + cbase * HoWo;
+    T* fp = grad_features + cbase * HW + q;
+    for (int c = it.c0; c < it.c1; ++c, gp += HoWo, fp += HW) {
+      A acc = 0;
+#pragma unroll
+      for (int e = 0; e < NA * NA; ++e) acc += to_acc(ldg(gp + goff[e])) * m[e];
+      *fp = from_acc<T>(acc);
+    }
+  }
+}
+
+// grad_features, generic gather: runtime k, s; the same terms in the same order, masks read per channel.
+template <typename T, typename M>
+CK_GLOBAL void carafe_down_backward_features_generic_kernel(
+    const T* __restrict__ grad_out,  // (N, C, Ho, Wo)
+    const M* __restrict__ masks,     // (N, G*k*k, Ho, Wo)
+    T* __restrict__ grad_features,   // (N, C, H, W)
+    const Shape p, const int cpc, const int nchunk, const int64_t total_blocks) {
+  using A = acc_t<T>;
+  const int k = static_cast<int>(p.k), s = static_cast<int>(p.s), r = (k - 1) / 2, kk = k * k;
+  const int H = static_cast<int>(p.H), W = static_cast<int>(p.W), HW = H * W;
+  const int Ho = static_cast<int>(p.down_H()), Wo = static_cast<int>(p.down_W()), HoWo = Ho * Wo;
+  const ChunkGrid grid = chunk_grid(p, HW, W, static_cast<int>(CK_BLOCK_DIM_X), 1, cpc, nchunk);
+
+  for (int64_t b = CK_BLOCK_X; b < total_blocks; b += CK_GRID_DIM_X) {
+    BlockItem it;
+    if (!decode_block(b, grid, it)) continue;
+    const int q = it.q, y = it.row, x = it.col;
+    const int ky0 = (y + r) % s, i0 = (y + r) / s, kx0 = (x + r) % s, j0 = (x + r) / s;
+
+    const M* mbase = masks + it.ng * kk * static_cast<int64_t>(HoWo);
+    const int64_t cbase = it.cbase(grid);
+    const T* gp = grad_out + cbase * HoWo;
+    T* fp = grad_features + cbase * HW + q;
+    for (int c = it.c0; c < it.c1; ++c, gp += HoWo, fp += HW) {
+      A acc = 0;
+      for (int ky = ky0, i = i0; ky < k; ky += s, --i) {
+        if (i < 0 || i >= Ho) continue;
+        for (int kx = kx0, j = j0; kx < k; kx += s, --j) {
+          if (j < 0 || j >= Wo) continue;
+          const int go_off = i * Wo + j;
+          acc += to_acc(ldg(gp + go_off)) * to_acc(ldg(mbase + static_cast<int64_t>(ky * k + kx) * HoWo + go_off));
+        }
+      }
+      *fp = from_acc<T>(acc);
+    }
+  }
+}
+
+// grad_masks (carafe_down) / grad_mask_logits (carafe_down_fused), tiled reduction over the group's
+// channels: K known. Thread -> position q = (i, j); for each channel of its chunk
+//   dp[t] += features[n, c, s*i + ky - r, s*j + kx - r] * grad_out[n, c, i, j]
+// then, as the up kernels: dp (or, FUSED, p_t (dp_t - sum_t' p_t' dp_t')) to the gradient, or with
+// several chunks dp to partial[chunk] for carafe_backward_finalize_kernel (run on down_grid(p)).
+template <typename T, int K, bool FUSED>
+CK_GLOBAL void CK_LAUNCH_BOUNDS(kThreads) carafe_down_backward_masks_tiled_kernel(
+    const T* __restrict__ grad_out,      // (N, C, Ho, Wo)
+    const T* __restrict__ features,      // (N, C, H, W)
+    const acc_t<T>* __restrict__ probs,  // FUSED: (N, G*K*K, Ho, Wo) softmax probabilities; else unused
+    T* __restrict__ grad_masks,          // (N, G*K*K, Ho, Wo)
+    acc_t<T>* __restrict__ partial,      // nchunk > 1: (nchunk, N, G*K*K, Ho, Wo); else unused
+    const Shape p, const int cpc, const int nchunk, const int64_t total_blocks) {
+  using A = acc_t<T>;
+  constexpr int KK = K * K;
+  const int H = static_cast<int>(p.H), W = static_cast<int>(p.W), s = static_cast<int>(p.s), HW = H * W;
+  const int Wo = static_cast<int>(p.down_W()), HoWo = static_cast<int>(p.down_H()) * Wo;
+  const ChunkGrid grid = chunk_grid(p, HoWo, Wo, kThreads, 1, cpc, nchunk);
+  const int64_t grad_numel = p.N * grid.G * KK * static_cast<int64_t>(HoWo);
+
+  for (int64_t b = CK_BLOCK_X; b < total_blocks; b += CK_GRID_DIM_X) {
+    BlockItem it;
+    if (!decode_block(b, grid, it)) continue;
+    const int q = it.q, y = it.row * s, x = it.col * s;
+
+    int off[KK];
+    window_offsets<K>(y, x, H, W, off);
+    A dp[KK][1][1];
+#pragma unroll
+    for (int t = 0; t < KK; ++t) dp[t][0][0] = 0;
+
+    const int64_t cbase = it.cbase(grid);
+    const T* fp = features + cbase * HW;
+    const T* gp = grad_out + cbase * HoWo + q;
+    for (int c = it.c0; c < it.c1; ++c, fp += HW, gp += HoWo) {
+      const A go = to_acc(ldg(gp));
+#pragma unroll
+      for (int t = 0; t < KK; ++t) dp[t][0][0] += to_acc(ldg(fp + off[t])) * go;
+    }
+    zero_taps_outside<K>(dp, y, x, H, W);  // they summed products with a clamped pixel: 0 by definition
+
+    const int64_t base = it.ng * KK * static_cast<int64_t>(HoWo) + q;  // + t*HoWo for tap t
+    if (nchunk > 1) {
+      A* dst = partial + it.chunk * grad_numel + base;
+#pragma unroll
+      for (int t = 0; t < KK; ++t) dst[static_cast<int64_t>(t) * HoWo] = dp[t][0][0];
+    } else if constexpr (FUSED) {
+      A dot = 0;
+#pragma unroll
+      for (int t = 0; t < KK; ++t) dot += ldg(probs + base + static_cast<int64_t>(t) * HoWo) * dp[t][0][0];
+#pragma unroll
+      for (int t = 0; t < KK; ++t) {
+        const A pt = ldg(probs + base + static_cast<int64_t>(t) * HoWo);
+        grad_masks[base + static_cast<int64_t>(t) * HoWo] = from_acc<T>(pt * (dp[t][0][0] - dot));
+      }
+    } else {
+#pragma unroll
+      for (int t = 0; t < KK; ++t) grad_masks[base + static_cast<int64_t>(t) * HoWo] = from_acc<T>(dp[t][0][0]);
+    }
+  }
+}
+
+// grad_masks / grad_mask_logits of the down ops, generic: runtime k (and fp64), the accumulators in
+// column threadIdx.x of the dynamic shared memory. Same outputs as the tiled kernel.
+template <typename T, bool FUSED>
+CK_GLOBAL void carafe_down_backward_masks_generic_kernel(
+    const T* __restrict__ grad_out,      // (N, C, Ho, Wo)
+    const T* __restrict__ features,      // (N, C, H, W)
+    const acc_t<T>* __restrict__ probs,  // FUSED: (N, G*k*k, Ho, Wo); else unused
+    T* __restrict__ grad_masks,          // (N, G*k*k, Ho, Wo)
+    acc_t<T>* __restrict__ partial,      // nchunk > 1: (nchunk, N, G*k*k, Ho, Wo)
+    const Shape p, const int cpc, const int nchunk, const int64_t total_blocks) {
+  using A = acc_t<T>;
+  CK_DYNAMIC_SHARED(A, smem);
+  const int bd = static_cast<int>(CK_BLOCK_DIM_X);
+  A* dcol = smem + CK_THREAD_X;  // dcol[t * bd] = accumulator of tap t
+  const int k = static_cast<int>(p.k), s = static_cast<int>(p.s), r = (k - 1) / 2, kk = k * k;
+  const int H = static_cast<int>(p.H), W = static_cast<int>(p.W), HW = H * W;
+  const int Wo = static_cast<int>(p.down_W()), HoWo = static_cast<int>(p.down_H()) * Wo;
+  const ChunkGrid grid = chunk_grid(p, HoWo, Wo, bd, 1, cpc, nchunk);
+  const int64_t grad_numel = p.N * grid.G * kk * static_cast<int64_t>(HoWo);
+
+  for (int64_t b = CK_BLOCK_X; b < total_blocks; b += CK_GRID_DIM_X) {
+    BlockItem it;
+    if (!decode_block(b, grid, it)) continue;
+    const int q = it.q, y = it.row * s, x = it.col * s;
+
+    for (int t = 0; t < kk; ++t) dcol[t * bd] = 0;
+    const int64_t cbase = it.cbase(grid);
+    const T* fp = features + cbase * HW;
+    const T* gp = grad_out + cbase * HoWo + q;
+    for (int c = it.c0; c < it.c1; ++c, fp += HW, gp += HoWo) {
+      const A go = to_acc(ldg(gp));
+      for (int ky = 0; ky < k; ++ky) {
+        const int yy = y + ky - r;
+        if (yy < 0 || yy >= H) continue;
+        for (int kx = 0; kx < k; ++kx) {
+          const int xx = x + kx - r;
+          if (xx < 0 || xx >= W) continue;
+          dcol[(ky * k + kx) * bd] += to_acc(ldg(fp + yy * W + xx)) * go;
+        }
+      }
+    }
+    store_mask_grad_column<T, FUSED>(dcol, bd, kk, it.ng * kk * static_cast<int64_t>(HoWo) + q,
+                                     static_cast<int64_t>(HoWo), probs, grad_masks,
+                                     nchunk > 1 ? partial + it.chunk * grad_numel : nullptr);
   }
 }
 
@@ -1115,9 +1454,150 @@ cudaError_t backward_impl(const Shape& p, bool fused, const T* grad_out, const T
   return last_error();
 }
 
+
+// The down ops' position grid as a Shape: (Ho, Wo) = (ceil(H/s), ceil(W/s)) in place of (H, W), s = 1.
+// Their masks, logits, probabilities and partial sums have the up ops' logit layout on it, which is how
+// carafe_softmax_kernel, carafe_backward_finalize_kernel and plan_backward serve them.
+Shape down_grid(const Shape& p) { return Shape{p.N, p.C, p.down_H(), p.down_W(), p.k, p.G, 1}; }
+
+template <typename T>
+cudaError_t down_forward_impl(const Shape& p, bool fused, const T* features, const T* masks, T* out,
+                              const LaunchParams& launch) {
+  const int64_t Cg = p.C / p.G, positions = p.down_H() * p.down_W();
+  const Chunks ch = choose_chunks(p.N * p.G * positions, Cg, launch.num_sms, Cg,
+                                  fused ? kMinChannelsPerChunkFused : kMinChannelsPerChunk);
+  // Tiled for the templated k (dispatch_ks at s = 1 lists them), fp32/fp16/bf16 as the up kernels.
+  const bool tiled = dispatch_ks(p.k, 1, [&](auto K, auto) {
+    if constexpr (std::is_same<T, double>::value) {
+      return false;
+    } else {
+      constexpr int kK = decltype(K)::value;
+      const int64_t total = p.N * p.G * ceil_div(positions, kThreads) * ch.count;
+      if (fused)
+        launch_kernel(carafe_down_forward_tiled_kernel<T, kK, true>, grid_for(total, launch), kThreads, 0,
+                      launch.stream, features, masks, out, p, ch.cpc, ch.count, total);
+      else
+        launch_kernel(carafe_down_forward_tiled_kernel<T, kK, false>, grid_for(total, launch), kThreads, 0,
+                      launch.stream, features, masks, out, p, ch.cpc, ch.count, total);
+      return true;
+    }
+  });
+  if (!tiled) {
+    const int threads = generic_threads<T>();
+    const size_t smem = static_cast<size_t>(p.kk()) * threads * sizeof(acc_t<T>);
+    const int64_t total = p.N * p.G * ceil_div(positions, threads) * ch.count;
+    if (fused)
+      launch_kernel(carafe_down_forward_generic_kernel<T, true>, grid_for(total, launch), threads, smem,
+                    launch.stream, features, masks, out, p, ch.cpc, ch.count, total);
+    else
+      launch_kernel(carafe_down_forward_generic_kernel<T, false>, grid_for(total, launch), threads, smem,
+                    launch.stream, features, masks, out, p, ch.cpc, ch.count, total);
+  }
+  return last_error();
+}
+
+template <typename T>
+cudaError_t down_backward_impl(const Shape& p, bool fused, const T* grad_out, const T* features, const T* masks,
+                               T* grad_features, T* grad_masks, void* workspace, size_t workspace_bytes_given,
+                               const LaunchParams& launch) {
+  using A = acc_t<T>;
+  const int64_t Cg = p.C / p.G;
+  const Shape og = down_grid(p);
+  // The down kernels make no vector accesses: tiled whenever the dtype and (k, s) allow, any alignment.
+  constexpr bool kTiledDtype = !std::is_same<T, double>::value;
+  const BackwardPlan plan = plan_backward<T>(og, fused, grad_masks != nullptr, kTiledDtype, launch);
+  if (workspace_bytes_given < plan.probs_bytes + plan.partial_bytes) return cudaErrorInvalidValue;
+  unsigned char* ws = static_cast<unsigned char*>(workspace);
+  A* probs = fused ? reinterpret_cast<A*>(ws) : nullptr;
+  A* partial = plan.partial_bytes ? reinterpret_cast<A*>(ws + plan.probs_bytes) : nullptr;
+
+  // 1. The fused op's probabilities (read by both gradients).
+  if (fused) {
+    const int64_t items = og.N * og.G * og.H * og.W;
+    launch_kernel(carafe_softmax_kernel<T>, grid_for_items(items, kThreads, launch), kThreads, 0, launch.stream,
+                  masks, probs, og, items);
+  }
+
+  // 2. grad_features (gather), when asked for.
+  const int64_t gather_npb = ceil_div(p.H * p.W, kThreads);
+  const Chunks gather = choose_chunks(p.N * p.G * p.H * p.W, Cg, launch.num_sms, Cg);
+  const int64_t gather_total = p.N * p.G * gather_npb * gather.count;
+  const bool tiled_gather = grad_features != nullptr && dispatch_ks(p.k, p.s, [&](auto K, auto S) {
+    if constexpr (!kTiledDtype) {
+      return false;
+    } else {
+      constexpr int kK = decltype(K)::value, kS = decltype(S)::value;
+      if (fused)
+        launch_kernel(carafe_down_backward_features_tiled_kernel<T, A, kK, kS>, grid_for(gather_total, launch),
+                      kThreads, 0, launch.stream, grad_out, static_cast<const A*>(probs), grad_features, p,
+                      gather.cpc, gather.count, gather_total);
+      else
+        launch_kernel(carafe_down_backward_features_tiled_kernel<T, T, kK, kS>, grid_for(gather_total, launch),
+                      kThreads, 0, launch.stream, grad_out, masks, grad_features, p, gather.cpc, gather.count,
+                      gather_total);
+      return true;
+    }
+  });
+  if (grad_features != nullptr && !tiled_gather) {
+    if (fused)
+      launch_kernel(carafe_down_backward_features_generic_kernel<T, A>, grid_for(gather_total, launch), kThreads, 0,
+                    launch.stream, grad_out, static_cast<const A*>(probs), grad_features, p, gather.cpc,
+                    gather.count, gather_total);
+    else
+      launch_kernel(carafe_down_backward_features_generic_kernel<T, T>, grid_for(gather_total, launch), kThreads, 0,
+                    launch.stream, grad_out, masks, grad_features, p, gather.cpc, gather.count, gather_total);
+  }
+
+  // 3. grad_masks / grad_mask_logits (reduction over channels), 4. the chunk sums when split; when asked for.
+  const Chunks ch = plan.reduce;
+  const int64_t positions = og.H * og.W;
+  const bool tiled_masks = grad_masks != nullptr && plan.tiled_masks && dispatch_ks(p.k, 1, [&](auto K, auto) {
+    if constexpr (!kTiledDtype) {
+      return false;
+    } else {
+      constexpr int kK = decltype(K)::value;
+      const int64_t total = p.N * p.G * ceil_div(positions, kThreads) * ch.count;
+      if (fused)
+        launch_kernel(carafe_down_backward_masks_tiled_kernel<T, kK, true>, grid_for(total, launch), kThreads, 0,
+                      launch.stream, grad_out, features, static_cast<const A*>(probs), grad_masks, partial, p,
+                      ch.cpc, ch.count, total);
+      else
+        launch_kernel(carafe_down_backward_masks_tiled_kernel<T, kK, false>, grid_for(total, launch), kThreads, 0,
+                      launch.stream, grad_out, features, static_cast<const A*>(probs), grad_masks, partial, p,
+                      ch.cpc, ch.count, total);
+      return true;
+    }
+  });
+  if (grad_masks != nullptr && !tiled_masks) {
+    const int threads = generic_threads<T>();
+    const size_t smem = static_cast<size_t>(p.kk()) * threads * sizeof(A);
+    const int64_t total = p.N * p.G * ceil_div(positions, threads) * ch.count;
+    if (fused)
+      launch_kernel(carafe_down_backward_masks_generic_kernel<T, true>, grid_for(total, launch), threads, smem,
+                    launch.stream, grad_out, features, static_cast<const A*>(probs), grad_masks, partial, p, ch.cpc,
+                    ch.count, total);
+    else
+      launch_kernel(carafe_down_backward_masks_generic_kernel<T, false>, grid_for(total, launch), threads, smem,
+                    launch.stream, grad_out, features, static_cast<const A*>(probs), grad_masks, partial, p, ch.cpc,
+                    ch.count, total);
+  }
+  if (grad_masks != nullptr && ch.count > 1) {
+    const int64_t items = og.N * og.G * (fused ? 1 : og.kk()) * positions;
+    if (fused)
+      launch_kernel(carafe_backward_finalize_kernel<T, true>, grid_for_items(items, kThreads, launch), kThreads, 0,
+                    launch.stream, static_cast<const A*>(partial), static_cast<const A*>(probs), grad_masks, og,
+                    ch.count, items);
+    else
+      launch_kernel(carafe_backward_finalize_kernel<T, false>, grid_for_items(items, kThreads, launch), kThreads, 0,
+                    launch.stream, static_cast<const A*>(partial), static_cast<const A*>(probs), grad_masks, og,
+                    ch.count, items);
+  }
+  return last_error();
+}
+
 }  // namespace
 
-const char* unsupported_reason(const Shape& p) {
+const char* unsupported_reason(const Shape& p, bool down) {
   if (p.N < 0 || p.C < 0 || p.H < 0 || p.W < 0) return "negative extent";
   if (p.k < 1 || p.k % 2 == 0) return "kernel_size must be odd and >= 1";
   if (p.k > kMaxKernelSize) return "the CUDA kernels support kernel_size <= " CARAFE_STRINGIFY(CARAFE_MAX_KERNEL_SIZE);
@@ -1125,49 +1605,100 @@ const char* unsupported_reason(const Shape& p) {
     return "the CUDA kernels support 1 <= scale_factor <= " CARAFE_STRINGIFY(CARAFE_MAX_SCALE_FACTOR);
   if (p.G < 1 || p.C % p.G != 0) return "group_size must be >= 1 and divide the channels";
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
-  // In-plane offsets are 32-bit: one output plane (H*s x W*s) must stay below 2^31 elements, and so
-  // must the channel counts (plane bases are 64-bit).
+  // In-plane offsets are 32-bit: the largest plane (the up ops' output H*s x W*s, the down ops'
+  // features H x W) must stay below 2^31 elements, and so must the channel counts (plane bases are 64-bit).
+  if (down) {
+    if (p.H > kIntMax || p.W > kIntMax || p.H * p.W > kIntMax)
+      return "one features plane H x W must have fewer than 2^31 elements";
+    if (p.C > kIntMax || p.G * p.kk() > kIntMax) return "too many channels";
+    return nullptr;
+  }
   if (p.H > kIntMax || p.W > kIntMax || p.H * p.W > kIntMax / (p.s * p.s))
     return "one output plane H*s x W*s must have fewer than 2^31 elements";
   if (p.C > kIntMax || p.G * p.kk() * p.ss() > kIntMax) return "too many channels";
   return nullptr;
 }
 
-cudaError_t carafe_forward(const Shape& p, DType dtype, bool fused, const void* features, const void* masks,
-                           void* output, const LaunchParams& launch) {
-  if (unsupported_reason(p) != nullptr) return cudaErrorInvalidValue;
+namespace {
+
+// The entry points below, for the up (down = false) and the down ops.
+cudaError_t forward_entry(const Shape& p, DType dtype, bool fused, bool down, const void* features,
+                          const void* masks, void* output, const LaunchParams& launch) {
+  if (unsupported_reason(p, down) != nullptr) return cudaErrorInvalidValue;
   if (p.N * p.C * p.H * p.W == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    return forward_impl<T>(p, fused, static_cast<const T*>(features), static_cast<const T*>(masks),
-                           static_cast<T*>(output), launch);
+    const T* f = static_cast<const T*>(features);
+    const T* m = static_cast<const T*>(masks);
+    T* out = static_cast<T*>(output);
+    return down ? down_forward_impl<T>(p, fused, f, m, out, launch) : forward_impl<T>(p, fused, f, m, out, launch);
   });
 }
 
-size_t carafe_backward_workspace_bytes(const Shape& p, DType dtype, bool fused, bool grad_masks,
-                                       const LaunchParams& launch) {
-  if (unsupported_reason(p) != nullptr || p.N * p.C * p.H * p.W == 0) return 0;
+size_t workspace_entry(const Shape& p, DType dtype, bool fused, bool down, bool grad_masks,
+                       const LaunchParams& launch) {
+  if (unsupported_reason(p, down) != nullptr || p.N * p.C * p.H * p.W == 0) return 0;
   size_t bytes = 0;
   dispatch_dtype(dtype, [&](auto tag) {
-    bytes = workspace_bytes<decltype(tag)>(p, fused, grad_masks, launch);
+    bytes = workspace_bytes<decltype(tag)>(down ? down_grid(p) : p, fused, grad_masks, launch);
     return cudaSuccess;
   });
   return bytes;
 }
 
-cudaError_t carafe_backward(const Shape& p, DType dtype, bool fused, const void* grad_output, const void* features,
-                            const void* masks, void* grad_features, void* grad_masks, void* workspace,
-                            size_t workspace_bytes_given, const LaunchParams& launch) {
-  if (unsupported_reason(p) != nullptr) return cudaErrorInvalidValue;
+cudaError_t backward_entry(const Shape& p, DType dtype, bool fused, bool down, const void* grad_output,
+                           const void* features, const void* masks, void* grad_features, void* grad_masks,
+                           void* workspace, size_t workspace_bytes_given, const LaunchParams& launch) {
+  if (unsupported_reason(p, down) != nullptr) return cudaErrorInvalidValue;
   // Empty extents, or no gradient asked for: nothing to launch (the caller returns zero-filled / empty
   // gradients).
   if (p.N * p.C * p.H * p.W == 0 || (grad_features == nullptr && grad_masks == nullptr)) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    return backward_impl<T>(p, fused, static_cast<const T*>(grad_output), static_cast<const T*>(features),
-                            static_cast<const T*>(masks), static_cast<T*>(grad_features), static_cast<T*>(grad_masks),
-                            workspace, workspace_bytes_given, launch);
+    const T* go = static_cast<const T*>(grad_output);
+    const T* f = static_cast<const T*>(features);
+    const T* m = static_cast<const T*>(masks);
+    T* gf = static_cast<T*>(grad_features);
+    T* gm = static_cast<T*>(grad_masks);
+    return down ? down_backward_impl<T>(p, fused, go, f, m, gf, gm, workspace, workspace_bytes_given, launch)
+                : backward_impl<T>(p, fused, go, f, m, gf, gm, workspace, workspace_bytes_given, launch);
   });
+}
+
+}  // namespace
+
+cudaError_t carafe_forward(const Shape& p, DType dtype, bool fused, const void* features, const void* masks,
+                           void* output, const LaunchParams& launch) {
+  return forward_entry(p, dtype, fused, /*down=*/false, features, masks, output, launch);
+}
+
+size_t carafe_backward_workspace_bytes(const Shape& p, DType dtype, bool fused, bool grad_masks,
+                                       const LaunchParams& launch) {
+  return workspace_entry(p, dtype, fused, /*down=*/false, grad_masks, launch);
+}
+
+cudaError_t carafe_backward(const Shape& p, DType dtype, bool fused, const void* grad_output, const void* features,
+                            const void* masks, void* grad_features, void* grad_masks, void* workspace,
+                            size_t workspace_bytes_given, const LaunchParams& launch) {
+  return backward_entry(p, dtype, fused, /*down=*/false, grad_output, features, masks, grad_features, grad_masks,
+                        workspace, workspace_bytes_given, launch);
+}
+
+cudaError_t carafe_down_forward(const Shape& p, DType dtype, bool fused, const void* features, const void* masks,
+                                void* output, const LaunchParams& launch) {
+  return forward_entry(p, dtype, fused, /*down=*/true, features, masks, output, launch);
+}
+
+size_t carafe_down_backward_workspace_bytes(const Shape& p, DType dtype, bool fused, bool grad_masks,
+                                            const LaunchParams& launch) {
+  return workspace_entry(p, dtype, fused, /*down=*/true, grad_masks, launch);
+}
+
+cudaError_t carafe_down_backward(const Shape& p, DType dtype, bool fused, const void* grad_output,
+                                 const void* features, const void* masks, void* grad_features, void* grad_masks,
+                                 void* workspace, size_t workspace_bytes_given, const LaunchParams& launch) {
+  return backward_entry(p, dtype, fused, /*down=*/true, grad_output, features, masks, grad_features, grad_masks,
+                        workspace, workspace_bytes_given, launch);
 }
 
 }  // namespace cuda

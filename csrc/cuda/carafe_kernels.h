@@ -9,6 +9,9 @@
 //   masks       (N, G*k*k, H*s, W*s)      normalised reassembly kernels (carafe)
 //   mask_logits (N, G*k*k*s*s, H, W)      encoder output (carafe_fused); channel (g*k*k + t)*s*s + i*s + j
 //   output      (N, C, H*s, W*s)
+// and for the content-aware downsampling ops (carafe_down, carafe_down_fused), Ho = ceil(H/s), Wo = ceil(W/s):
+//   masks, mask_logits  (N, G*k*k, Ho, Wo)   one layout (the down logits are not shuffled)
+//   output              (N, C, Ho, Wo)
 #pragma once
 
 #include <cstddef>
@@ -34,7 +37,8 @@ struct LaunchParams {
 // nullptr when the kernels can run this shape, else a static message saying why not
 // (even or too large kernel_size, scale_factor out of range, G not dividing C, a plane too large
 // for the 32-bit in-plane offsets). The launchers check it too and return cudaErrorInvalidValue.
-const char* unsupported_reason(const Shape& p);
+// `down`: for the down ops, whose largest plane is the features' (H x W).
+const char* unsupported_reason(const Shape& p, bool down = false);
 
 // output = carafe(features, masks) or, when fused, carafe_fused(features, mask_logits).
 cudaError_t carafe_forward(const Shape& p, DType dtype, bool fused, const void* features, const void* masks,
@@ -53,6 +57,16 @@ size_t carafe_backward_workspace_bytes(const Shape& p, DType dtype, bool fused, 
 cudaError_t carafe_backward(const Shape& p, DType dtype, bool fused, const void* grad_output, const void* features,
                             const void* masks, void* grad_features, void* grad_masks, void* workspace,
                             size_t workspace_bytes, const LaunchParams& launch);
+
+// The same three for the down ops: out = carafe_down(features, masks) or carafe_down_fused(features,
+// mask_logits); grad_output (N, C, Ho, Wo); same workspace, output_mask and determinism contract.
+cudaError_t carafe_down_forward(const Shape& p, DType dtype, bool fused, const void* features, const void* masks,
+                                void* output, const LaunchParams& launch);
+size_t carafe_down_backward_workspace_bytes(const Shape& p, DType dtype, bool fused, bool grad_masks,
+                                            const LaunchParams& launch);
+cudaError_t carafe_down_backward(const Shape& p, DType dtype, bool fused, const void* grad_output,
+                                 const void* features, const void* masks, void* grad_features, void* grad_masks,
+                                 void* workspace, size_t workspace_bytes_given, const LaunchParams& launch);
 
 }  // namespace cuda
 }  // namespace carafe
