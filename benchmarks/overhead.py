@@ -2,7 +2,8 @@
 
     python -m benchmarks.overhead [--threads 1] [--min-run-time 1]
 
-Times ``carafe_fused(features, logits, k, G, s)`` (validation, backend selection, the op) against
+Times ``carafe_fused(features, logits, k, G, s, backend=...)`` with backend "cpu" and with the default
+"auto" (validation, backend selection, the op) against
 ``torch.ops.carafe_kernels.carafe_fused(features, logits, k, G, s)`` (the dispatcher and the kernel),
 both with torch.utils.benchmark, interleaved in rounds so that a change in machine load hits both,
 and prints the ratio of the medians. The goal (docs/design.md#the-call-path) is at most 1.2x.
@@ -53,10 +54,11 @@ def main(argv=None) -> int:
         print(f"the cpu backend is unavailable ({reason}); nothing to compare")
         return 1
     print(machine_line(machine_info(threads=args.threads)))
-    r = measure(args.threads, args.min_run_time)
-    print(f"carafe_fused at N{SHAPE[0]}-C{SHAPE[1]}-H{SHAPE[2]}-W{SHAPE[3]}-k{SHAPE[4]}-g{SHAPE[5]}-s{SHAPE[6]}, "
-          f"{args.threads} thread(s): public {r['public_us']:.1f} us, torch.ops {r['direct_us']:.1f} us, "
-          f"ratio {r['ratio']:.2f}x (goal <= 1.2x)")
+    for backend in ("cpu", "auto"):  # named, and the default (which also reads CARAFE_BACKEND)
+        r = measure(args.threads, args.min_run_time, backend=backend)
+        print(f"carafe_fused at N{SHAPE[0]}-C{SHAPE[1]}-H{SHAPE[2]}-W{SHAPE[3]}-k{SHAPE[4]}-g{SHAPE[5]}-s{SHAPE[6]}, "
+              f"backend={backend!r}, {args.threads} thread(s): public {r['public_us']:.1f} us, "
+              f"torch.ops {r['direct_us']:.1f} us, ratio {r['ratio']:.2f}x (goal <= 1.2x)")
     return 0
 
 

@@ -96,7 +96,8 @@ def test_overhead_benchmark_runs(capsys):
     if backend_status()["cpu"] is not None:
         pytest.skip(f"cpu: {backend_status()['cpu']}")
     assert overhead.main(["--min-run-time", "0.05"]) == 0
-    assert "ratio" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "backend='cpu'" in out and "backend='auto'" in out and out.count("ratio") == 2
 
 
 def _row(impl, mode, ms, p20=None, p80=None):

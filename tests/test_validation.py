@@ -2,6 +2,7 @@
 backend runs; backend requests (argument, CARAFE_BACKEND) run or raise an error that says why."""
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -140,6 +141,21 @@ def test_env_var_selects_backend(monkeypatch):
     monkeypatch.setenv("CARAFE_BACKEND", "cuda")
     with pytest.raises(BackendUnavailableError, match="CARAFE backend 'cuda' cannot run this call"):
         carafe(*_good(False), K, G, S)
+
+
+def test_env_var_change_takes_effect_at_the_next_identical_call(monkeypatch):
+    """The planned outcome of a call is cached per metadata; the variable's value is part of that key,
+    read on every call (os.environ.__setitem__, setenv and delenv all count)."""
+    features, masks = _good(False)
+    monkeypatch.delenv("CARAFE_BACKEND", raising=False)
+    carafe(features, masks, K, G, S)                       # planned and cached without the variable
+    monkeypatch.setenv("CARAFE_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="from the environment variable CARAFE_BACKEND"):
+        carafe(features, masks, K, G, S)
+    os.environ["CARAFE_BACKEND"] = "reference"
+    torch.testing.assert_close(carafe(features, masks, K, G, S), carafe(features, masks, K, G, S, backend="reference"))
+    del os.environ["CARAFE_BACKEND"]
+    carafe(features, masks, K, G, S)
 
 
 def test_explicit_argument_beats_env_var(monkeypatch):
