@@ -90,25 +90,13 @@ class CARAFEPack(nn.Module):
                  encoder_kernel: int = 3, encoder_dilation: int = 1, compressed_channels: int = 64,
                  *, backend: str = "auto"):
         super().__init__()
-        self.channels = _check_int("channels", channels)
-        self.scale_factor = _check_int("scale_factor", scale_factor)
-        self.up_kernel = _check_int("up_kernel", up_kernel, odd=True)
-        self.up_group = _check_int("up_group", up_group)
-        self.encoder_kernel = _check_int("encoder_kernel", encoder_kernel, odd=True)
-        self.encoder_dilation = _check_int("encoder_dilation", encoder_dilation)
-        self.compressed_channels = _check_int("compressed_channels", compressed_channels)
-        if self.channels % self.up_group != 0:
-            raise ValueError(f"up_group={up_group} must divide channels={channels}")
+        _set_pack_settings(self, channels, scale_factor, ("up_kernel", up_kernel), ("up_group", up_group),
+                           encoder_kernel, encoder_dilation, compressed_channels)
         requested_backend(backend)
         self.backend = backend
-        self.channel_compressor = nn.Conv2d(self.channels, self.compressed_channels, 1)
-        self.content_encoder = nn.Conv2d(
-            self.compressed_channels,
-            self.up_kernel * self.up_kernel * self.up_group * self.scale_factor * self.scale_factor,
-            self.encoder_kernel,
-            padding=(self.encoder_kernel - 1) * self.encoder_dilation // 2,
-            dilation=self.encoder_dilation)
-        self.init_weights()
+        # The encoder predicts the s*s sub-pixels' kernels at each input position (stride 1).
+        _add_kernel_prediction_convs(
+            self, self.up_kernel * self.up_kernel * self.up_group * self.scale_factor * self.scale_factor, stride=1)
 
     def init_weights(self) -> None:
         _init_carafe_convs(self.channel_compressor, self.content_encoder)
@@ -122,6 +110,33 @@ class CARAFEPack(nn.Module):
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, scale_factor={self.scale_factor}, up_kernel={self.up_kernel}, "
                 f"up_group={self.up_group}, backend={self.backend!r}")
+
+
+def _set_pack_settings(pack: nn.Module, channels, scale_factor, kernel: tuple[str, object], group: tuple[str, object],
+                       encoder_kernel, encoder_dilation, compressed_channels) -> None:
+    """Checks CARAFEPack's / CARAFEDownPack's shared arguments and sets them as attributes; `kernel` and
+    `group` are (name, value): up_kernel/up_group or down_kernel/down_group, mmcv's names."""
+    (kernel_name, kernel_value), (group_name, group_value) = kernel, group
+    pack.channels = _check_int("channels", channels)
+    pack.scale_factor = _check_int("scale_factor", scale_factor)
+    setattr(pack, kernel_name, _check_int(kernel_name, kernel_value, odd=True))
+    groups = _check_int(group_name, group_value)
+    setattr(pack, group_name, groups)
+    pack.encoder_kernel = _check_int("encoder_kernel", encoder_kernel, odd=True)
+    pack.encoder_dilation = _check_int("encoder_dilation", encoder_dilation)
+    pack.compressed_channels = _check_int("compressed_channels", compressed_channels)
+    if pack.channels % groups != 0:
+        raise ValueError(f"{group_name}={group_value} must divide channels={channels}")
+
+
+def _add_kernel_prediction_convs(pack: nn.Module, logits: int, stride: int) -> None:
+    """The kernel prediction module: a 1x1 channel compressor, then a content encoder giving `logits`
+    channels at `stride` (padding keeps ceil(H/stride)), initialised as mmcv does."""
+    pack.channel_compressor = nn.Conv2d(pack.channels, pack.compressed_channels, 1)
+    pack.content_encoder = nn.Conv2d(
+        pack.compressed_channels, logits, pack.encoder_kernel, stride=stride,
+        padding=(pack.encoder_kernel - 1) * pack.encoder_dilation // 2, dilation=pack.encoder_dilation)
+    pack.init_weights()
 
 
 def _init_carafe_convs(channel_compressor: nn.Conv2d, content_encoder: nn.Conv2d) -> None:
@@ -179,15 +194,8 @@ class CARAFEDownPack(nn.Module):
                  encoder_kernel: int = 3, encoder_dilation: int = 1, compressed_channels: int = 64,
                  *, backend: str = "auto"):
         super().__init__()
-        self.channels = _check_int("channels", channels)
-        self.scale_factor = _check_int("scale_factor", scale_factor)
-        self.down_kernel = _check_int("down_kernel", down_kernel, odd=True)
-        self.down_group = _check_int("down_group", down_group)
-        self.encoder_kernel = _check_int("encoder_kernel", encoder_kernel, odd=True)
-        self.encoder_dilation = _check_int("encoder_dilation", encoder_dilation)
-        self.compressed_channels = _check_int("compressed_channels", compressed_channels)
-        if self.channels % self.down_group != 0:
-            raise ValueError(f"down_group={down_group} must divide channels={channels}")
+        _set_pack_settings(self, channels, scale_factor, ("down_kernel", down_kernel), ("down_group", down_group),
+                           encoder_kernel, encoder_dilation, compressed_channels)
         requested_backend(backend)
         if backend != "auto" and BACKENDS[backend].carafe_down_fused is None:
             # Known now, whatever the machine: refused here rather than at the first forward (a cares
@@ -195,12 +203,9 @@ class CARAFEDownPack(nn.Module):
             raise ValueError(f"CARAFEDownPack: backend={backend!r} has no carafe_down kernel yet; use "
                              f"'auto' or {[name for name, b in BACKENDS.items() if b.carafe_down_fused]}")
         self.backend = backend
-        self.channel_compressor = nn.Conv2d(self.channels, self.compressed_channels, 1)
-        self.content_encoder = nn.Conv2d(
-            self.compressed_channels, self.down_kernel * self.down_kernel * self.down_group, self.encoder_kernel,
-            stride=self.scale_factor, padding=(self.encoder_kernel - 1) * self.encoder_dilation // 2,
-            dilation=self.encoder_dilation)
-        self.init_weights()
+        # The encoder runs at stride s: one set of kernels per output position.
+        _add_kernel_prediction_convs(self, self.down_kernel * self.down_kernel * self.down_group,
+                                     stride=self.scale_factor)
 
     def init_weights(self) -> None:
         _init_carafe_convs(self.channel_compressor, self.content_encoder)
