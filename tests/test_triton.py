@@ -638,6 +638,21 @@ def test_down_backward_checks_grad_output():
         OPS_NS.triton_carafe_down_backward(torch.randn(1, 4, 10, 12, device=DEVICE), *args[1:])
 
 
+@pytest.mark.parametrize("down", [False, True], ids=["carafe", "down"])
+def test_planes_beyond_32_bit_offsets_are_refused(down):
+    """The kernels' in-plane offsets are int32: the largest plane a launch indexes (CARAFE's output, the
+    down ops' features) must stay below 2**31 pixels; checked on meta tensors (shapes only, no memory)."""
+    from carafe_kernels.triton.ops import _check
+    H, W = (2 ** 16, 2 ** 15) if down else (2 ** 15, 2 ** 14)
+    features = torch.empty(1, 1, H, W, device="meta")
+    masks = torch.empty(1, 9, *((down_output_size(H, 2), down_output_size(W, 2)) if down else (2 * H, 2 * W)),
+                        device="meta")
+    what = f"a features plane of {H} x {W}" if down else f"an output plane of {2 * H} x {2 * W}"
+    with pytest.raises(ValueError, match=f"op: {what} pixels exceeds the kernels' 32-bit in-plane offsets"):
+        _check("op", features, masks, 3, 1, 2, fused=False, down=down)
+    _check("op", features[:, :, :H // 2], masks[:, :, :masks.shape[2] // 2], 3, 1, 2, fused=False, down=down)
+
+
 def test_down_public_api_reports_unsupported_calls():
     features = torch.randn(1, 2, 9, 9, device=DEVICE)
     with pytest.raises(BackendUnavailableError, match="kernel_size <= 11"):
