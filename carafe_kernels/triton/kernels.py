@@ -1,4 +1,5 @@
-"""@triton.jit kernels for CARAFE: forward, and an atomic-free backward, for masks and for mask logits.
+"""@triton.jit kernels for CARAFE: forward, and an atomic-free backward, for masks and for mask logits;
+and for the content-aware downsampling ops (carafe_down, carafe_down_fused; DOWN below).
 
 Shapes (docs/design.md#the-contract): features (N, C, H, W); masks (N, G*K*K, H*S, W*S); mask_logits
 (N, G*K*K*S*S, H, W) whose channel (g*K*K + t)*S*S + i*S + j is tap t of group g for sub-pixel (i, j);
@@ -13,6 +14,13 @@ so the kernels keep a third tensor axis for the sub-pixel index sub = i*S + j (p
 power of two, with a mask): each feature value is loaded once per tap and feeds S*S FMAs, and the
 masks of a tap are loaded once per program and feed BLOCK_C channels. Taps are a runtime loop (not
 unrolled), so K = 11 does not blow up the code.
+
+Content-aware downsampling (DOWN). features (N, C, H, W); masks and mask_logits alike (N, G*K*K, Ho, Wo),
+Ho = ceil(H/S), Wo = ceil(W/S); output (N, C, Ho, Wo); output (i, j) reads tap (ky, kx) at feature
+(S*i + ky - R, S*j + kx - R). The forward and mask-gradient kernels serve both ops: with DOWN the
+positions p are the output pixels (grid (Ho, Wo), _position_grid), each with one "sub-pixel" (SS_PAD = 1;
+the masks' layout is then the fused one with S = 1), and the tap centre moves S feature pixels per
+position. The features gradient has its own gather kernel, _carafe_down_bwd_feat (described there).
 
 NB: everything accumulates in fp32 whatever the input dtype; loads are in the input dtype and the
 stores cast back. NB: per-(n, channel) base offsets are int64 (N*C*H*S*W*S overflows int32 on large
@@ -38,7 +46,8 @@ reproducible across processes only with a fixed config: launchers() below):
   features-only backward also launches the mask kernel with GRAD_MASKS=False, which writes lse alone.
 
 Autotuning. On a GPU each kernel is wrapped in triton.autotune over block shapes, num_warps and
-num_stages, keyed on (C, H, W, G, K, S, FUSED) plus the tensor dtypes (the autotuner adds those),
+num_stages, keyed on (C, H, W, G, K, S, FUSED, CL, and DOWN for the shared kernels) plus the tensor
+dtypes (the autotuner adds those),
 with an early prune that fits the blocks to the shape (register budget BLOCK_C*BLOCK_P*SS_PAD,
 channel blocks no wider than the group). Under TRITON_INTERPRET=1 a single config is used, so tests
 never benchmark configs in the interpreter. Deterministic requests (torch.use_deterministic_algorithms)

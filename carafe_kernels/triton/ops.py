@@ -126,8 +126,8 @@ def _backward(op: str, grad_output: Tensor, features: Tensor, masks: Tensor, k: 
         return grad_features, (grad_masks.zero_() if want_masks else None)
     Cg = C // G
     positions = _positions(features, s, down)
-    # The sub-pixel axis of the forward and mask-gradient kernels: none for the down ops, whose
-    # features-gradient kernel has an axis of S*S phases instead.
+    # The sub-pixel axis of the mask-gradient kernel (none for the down ops), and the features-gradient
+    # kernel's: the s*s sub-pixels of CARAFE, the s*s feature phases of an output pixel for the down ops.
     ss_pad = 1 if down else _k.next_pow2(s * s)
     feat_ss_pad = _k.next_pow2(s * s)
     # fp32 accumulator of dL/dmask for the channel-block reduction: the output itself when it is fp32
@@ -158,7 +158,7 @@ def _backward(op: str, grad_output: Tensor, features: Tensor, masks: Tensor, k: 
                 acc_in_grad, cl, want_masks)
         if want_features:
             wrap_triton(feat_kernel)[feat_grid](
-                grad_output, masks, lse, grad_features, C, H, W, G, k, s, feat_ss_pad if down else ss_pad, fused, cl)
+                grad_output, masks, lse, grad_features, C, H, W, G, k, s, feat_ss_pad, fused, cl)
     return grad_features, grad_masks
 
 
