@@ -273,8 +273,8 @@ def carafe_down(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, g
 
     Runs on the ``cpu`` backend (fused, vectorised C++ kernels; ``backend="auto"`` picks it for CPU
     tensors), on the ``cuda`` backend (CUDA kernels, picked by "auto" for CUDA tensors; compiled and
-    checked in a host emulation, not yet run on a GPU) and on the pure-PyTorch ``reference`` backend (any
-    device); "triton" has no down kernel yet and raises BackendUnavailableError when asked for explicitly.
+    checked in a host emulation, not yet run on a GPU), on the ``triton`` backend (tested in Triton's
+    interpreter) and on the pure-PyTorch ``reference`` backend (any device).
 
     Args:
         features: (N, C, H, W) float tensor.
@@ -282,8 +282,7 @@ def carafe_down(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, g
         kernel_size: k, odd, >= 1.
         group_size: G, divides C.
         scale_factor: the stride s, integer >= 1.
-        backend: "auto", "cpu", "cuda" or "reference" ("triton" has no down kernel yet); "auto" also reads
-            CARAFE_BACKEND.
+        backend: "auto", "cpu", "cuda", "triton" or "reference"; "auto" also reads CARAFE_BACKEND.
 
     Returns:
         (N, C, ceil(H/s), ceil(W/s)) tensor of the input dtype.

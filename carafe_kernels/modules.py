@@ -168,7 +168,7 @@ class CARAFEDownPack(nn.Module):
     stride-2 stages it is meant to replace. Whether CARAFE++ uses other values for downsampling (another
     k_down, k_encoder or C_m) is not confirmed.
 
-    Runs on the backends that have the down op: "cpu", "cuda" and "reference" (see :func:`carafe_down`).
+    Runs on every backend: "cpu", "cuda", "triton" and "reference" (see :func:`carafe_down`).
 
     Args:
         channels: input channels C.
@@ -178,8 +178,8 @@ class CARAFEDownPack(nn.Module):
         encoder_kernel: content-encoder kernel size (odd), default 3.
         encoder_dilation: content-encoder dilation, default 1.
         compressed_channels: channels after the compressor, default 64.
-        backend: "auto" (default), "cpu", "cuda" or "reference"; a backend without the down op ("triton",
-            for now) is a ValueError here.
+        backend: "auto" (default), "cpu", "cuda", "triton" or "reference"; a backend without the down op
+            (none today) is a ValueError here.
 
     Shape:
         (N, C, H, W) -> (N, C, ceil(H/s), ceil(W/s)).

@@ -55,8 +55,7 @@ class Backend:
     # True when its ops have their own autocast kernels (carafe_kernels/ops.py), so the caller need not
     # cast under torch.autocast; the reference has none and is given cast inputs.
     own_autocast: bool = False
-    # Content-aware downsampling (CARAFE++), same signature; None where the backend has no kernel for it
-    # (for now triton).
+    # Content-aware downsampling (CARAFE++), same signature; None where the backend has no kernel for it.
     carafe_down: Callable[..., torch.Tensor] | None = None
     carafe_down_fused: Callable[..., torch.Tensor] | None = None
 
@@ -163,7 +162,8 @@ BACKENDS: dict[str, Backend] = {
                 carafe_down_fused=_native_op("carafe_down_fused")),
         Backend("triton", _triton_device_types, _triton_reason, _triton_call("carafe"),
                 _triton_call("carafe_fused"), max_kernel_size=MAX_KERNEL_SIZE, max_scale_factor=MAX_SCALE_FACTOR,
-                dtypes=TRITON_DTYPES, own_autocast=True),
+                dtypes=TRITON_DTYPES, own_autocast=True, carafe_down=_triton_call("carafe_down"),
+                carafe_down_fused=_triton_call("carafe_down_fused")),
     )
 }
 

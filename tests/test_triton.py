@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +33,11 @@ from conftest import (
 )
 
 import carafe_kernels
-from carafe_kernels import BackendUnavailableError, CARAFEPack, backend_status, carafe, carafe_flops, carafe_fused
+from carafe_kernels import (BackendUnavailableError, CARAFEDownPack, CARAFEPack, backend_status, carafe,
+                            carafe_down, carafe_down_flops, carafe_down_fused, carafe_flops, carafe_fused)
 from carafe_kernels import triton as triton_backend
-from carafe_kernels.contract import SCHEMAS
+from carafe_kernels.contract import SCHEMAS, down_output_size
+from carafe_kernels.reference import normalize_down_mask_logits
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -82,6 +85,33 @@ def _ids(shapes):
 
 def _triton(op, k, G, s):
     return lambda f, m: run_op(op, "triton", f, m, k, G, s)
+
+
+DOWN_OPS = {"plain": carafe_down, "fused": carafe_down_fused}
+
+
+def _triton_down(op, k, G, s):
+    return lambda f, m: DOWN_OPS[op](f, m, k, G, s, backend="triton")
+
+
+def make_down_inputs(N, C, H, W, k, G, s, *, op, dtype=torch.float32, seed=0):
+    """(features, masks or logits (N, G*k*k, ceil(H/s), ceil(W/s))) on DEVICE, float64 values rounded to
+    dtype; plain masks softmax-normalised, as make_inputs does for CARAFE."""
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(N, C, H, W, generator=gen, dtype=torch.float64)
+    second = torch.randn(N, G * k * k, down_output_size(H, s), down_output_size(W, s), generator=gen,
+                         dtype=torch.float64)
+    if op == "plain":
+        second = normalize_down_mask_logits(second, k, G)
+    return features.to(DEVICE, dtype), second.to(DEVICE, dtype)
+
+
+def _down_oracle(op, features, second, k, G, s, grad_out):
+    """The float64 reference's output and gradients for the down op on the same (rounded) values."""
+    fn = carafe_down_fused if op == "fused" else carafe_down
+    return forward_backward(lambda f, m: fn(f, m, k, G, s, backend="reference"),
+                            features.detach().cpu().double(), second.detach().cpu().double(),
+                            grad_out.detach().cpu().double())
 
 
 def _check_against_oracle(op, shape, dtype, *, device=DEVICE, layout=None):
@@ -231,7 +261,9 @@ def test_every_launch_runs_under_the_tensors_device(monkeypatch):
     for op in OPS:
         features, second = make_inputs(1, 4, 3, 3, 3, 2, 2, fused=op == "fused", device=DEVICE)
         forward_backward(_triton(op, 3, 2, 2), features, second)
-    assert len(launches) == 6                                     # forward + two backward kernels, per op
+        features, second = make_down_inputs(1, 4, 5, 5, 3, 2, 2, op=op)
+        forward_backward(_triton_down(op, 3, 2, 2), features, second)
+    assert len(launches) == 12                                    # forward + two backward kernels, per op
     assert all(devices == [features.device] for _, devices in launches)
 
 
@@ -275,6 +307,11 @@ def test_deterministic_request_launches_fixed_configs(monkeypatch):
     assert all(len(kernel.configs) == 1 for kernel in fixed)      # nothing timed: the same choice everywhere
     assert kernels.launchers(deterministic=False) == (kernels.carafe_fwd_kernel, kernels.carafe_bwd_mask_kernel,
                                                       kernels.carafe_bwd_feat_kernel)
+    fixed_down = kernels.launchers(deterministic=True, down=True)
+    assert all(len(kernel.configs) == 1 for kernel in fixed_down)
+    assert fixed_down[:2] == fixed[:2] and fixed_down[2] is not fixed[2]   # the down ops' own gather
+    assert kernels.launchers(deterministic=False, down=True) == (
+        kernels.carafe_fwd_kernel, kernels.carafe_bwd_mask_kernel, kernels.carafe_down_bwd_feat_kernel)
     launches = _launch_recorder(monkeypatch)
     features, second = make_inputs(1, 4, 3, 3, 3, 2, 2, fused=True, device=DEVICE)
     before = torch.are_deterministic_algorithms_enabled()
@@ -294,17 +331,27 @@ def test_deterministic_request_launches_fixed_configs(monkeypatch):
 # The ops: registrations, limits, public API
 # --------------------------------------------------------------------------------------------------
 
-def _op_args(name, shape=(1, 4, 3, 3, 3, 2, 2), dtype=torch.float32, output_mask=(True, True)):
-    N, C, H, W, k, G, s = shape
+def _op_args(name, shape=None, dtype=torch.float32, output_mask=(True, True)):
+    """Arguments of op `name`: the default shape is (1, 4, 3, 3, 3, 2, 2) for CARAFE, (1, 4, 5, 6, 3, 2, 2)
+    (odd, s does not divide it) for the down ops."""
+    down = "_down" in name
+    N, C, H, W, k, G, s = shape = shape or ((1, 4, 5, 6, 3, 2, 2) if down else (1, 4, 3, 3, 3, 2, 2))
     fused = "fused" in name
-    features, second = make_inputs(*shape, fused=fused, dtype=dtype, device=DEVICE)
+    if down:
+        features, second = make_down_inputs(*shape, op="fused" if fused else "plain", dtype=dtype)
+    else:
+        features, second = make_inputs(*shape, fused=fused, dtype=dtype, device=DEVICE)
     if name.endswith("_backward"):
-        grad = torch.randn(N, C, H * s, W * s, dtype=dtype, device=DEVICE)
+        out_h, out_w = (down_output_size(H, s), down_output_size(W, s)) if down else (H * s, W * s)
+        grad = torch.randn(N, C, out_h, out_w, dtype=dtype, device=DEVICE)
         return (grad, features, second, k, G, s, list(output_mask))
     return (features.requires_grad_(), second.requires_grad_(), k, G, s)
 
 
-OP_NAMES = ["triton_carafe", "triton_carafe_fused", "triton_carafe_backward", "triton_carafe_fused_backward"]
+OP_NAMES = ["triton_carafe", "triton_carafe_fused", "triton_carafe_backward", "triton_carafe_fused_backward",
+            "triton_carafe_down", "triton_carafe_down_fused", "triton_carafe_down_backward",
+            "triton_carafe_down_fused_backward"]
+BACKWARD_OP_NAMES = [name for name in OP_NAMES if name.endswith("_backward")]
 
 
 @pytest.mark.parametrize("name", OP_NAMES)
@@ -318,14 +365,14 @@ def test_opcheck(name):
 
 @pytest.mark.parametrize("output_mask", [(True, False), (False, True), (False, False)],
                          ids=["features-only", "masks-only", "none"])
-@pytest.mark.parametrize("name", ["triton_carafe_backward", "triton_carafe_fused_backward"])
+@pytest.mark.parametrize("name", BACKWARD_OP_NAMES)
 def test_opcheck_output_mask(name, output_mask):
     """The backward ops' None slots (a gradient not asked for) agree between the op and its fake kernel."""
     triton_backend._ops()
     torch.library.opcheck(getattr(OPS_NS, name).default, _op_args(name, output_mask=output_mask))
 
 
-@pytest.mark.parametrize("name", ["triton_carafe_backward", "triton_carafe_fused_backward"])
+@pytest.mark.parametrize("name", BACKWARD_OP_NAMES)
 def test_output_mask_defaults_to_both(name):
     triton_backend._ops()
     args = _op_args(name)
@@ -425,6 +472,203 @@ def test_flop_counter():
     with FlopCounterMode(display=False) as counter:
         carafe_fused(features, logits, 3, 2, 2, backend="triton")
     assert counter.get_total_flops() == carafe_flops(features.shape, 3, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Content-aware downsampling (carafe_down, carafe_down_fused): the op suite of tests/test_carafe_down.py
+# runs over the triton backend too (oracle in every dtype, layouts, empty tensors, determinism, autodiff,
+# autocast, torch.compile); here what is particular to the Triton kernels.
+# --------------------------------------------------------------------------------------------------
+
+# (N, C, H, W, k, G, s): ragged last row and column, s = 3 with a 9-phase axis padded to 16, k = 11 with
+# taps reaching two output pixels either side, s = 8, more channels than one channel block.
+DOWN_SHAPES = [(2, 4, 7, 5, 3, 2, 2), (1, 6, 8, 7, 5, 3, 3), (1, 3, 13, 10, 11, 1, 4), (1, 2, 17, 9, 5, 2, 8),
+               (1, 20, 6, 5, 3, 1, 2)]
+
+
+@pytest.mark.parametrize("wanted", [0, 1], ids=["features-only", "masks-only"])
+@pytest.mark.parametrize("shape", DOWN_SHAPES[:3], ids=_ids(DOWN_SHAPES[:3]))
+@pytest.mark.parametrize("op", OPS)
+def test_down_backward_of_one_input_launches_only_its_kernels(op, shape, wanted, monkeypatch):
+    """As for CARAFE: the kernel of the gradient asked for alone (the fused features-only backward also
+    runs the mask kernel for the logsumexp), giving bitwise the full backward's gradient."""
+    from carafe_kernels.triton import kernels
+
+    N, C, H, W, k, G, s = shape
+    features, second = make_down_inputs(*shape, op=op)
+    grad_out = torch.randn(N, C, down_output_size(H, s), down_output_size(W, s), device=DEVICE)
+    full = forward_backward(_triton_down(op, k, G, s), features, second, grad_out)
+    launches = _launch_recorder(monkeypatch)
+    grad = gradient_of_one(_triton_down(op, k, G, s), features, second, wanted, grad_out)
+    assert torch.equal(grad, full[1 + wanted])
+    forward_kernel, mask_kernel, feat_kernel = kernels.launchers(down=True)
+    assert feat_kernel.fn is kernels._carafe_down_bwd_feat
+    backward = [mask_kernel] if wanted else ([mask_kernel, feat_kernel] if op == "fused" else [feat_kernel])
+    assert [kernel for kernel, _ in launches] == [forward_kernel, *backward]
+
+
+@pytest.mark.parametrize("shape", DOWN_SHAPES[:2], ids=_ids(DOWN_SHAPES[:2]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("op", OPS)
+def test_down_channels_last_is_read_in_place_and_returned(op, dtype, shape, monkeypatch):
+    N, C, H, W, k, G, s = shape
+    cl = torch.channels_last
+    features, second = (t.contiguous(memory_format=cl) for t in make_down_inputs(*shape, op=op, dtype=dtype))
+    grad_out = torch.randn(N, C, down_output_size(H, s), down_output_size(W, s), dtype=dtype,
+                           device=DEVICE).contiguous(memory_format=cl)
+    from carafe_kernels.triton import ops as triton_ops
+    pointers = []
+    real_wrap = triton_ops.wrap_triton
+
+    def wrap(kernel):
+        launcher = real_wrap(kernel)
+
+        class Recording:
+            def __getitem__(self, grid):
+                def launch(*args):
+                    pointers.append({a.data_ptr() for a in args if isinstance(a, torch.Tensor)})
+                    return launcher[grid](*args)
+                return launch
+        return Recording()
+
+    monkeypatch.setattr(triton_ops, "wrap_triton", wrap)
+    got = forward_backward(_triton_down(op, k, G, s), features, second, grad_out)
+    assert len(pointers) == 3                  # forward, mask gradient, features gradient
+    assert features.data_ptr() in pointers[0] and second.data_ptr() in pointers[0]
+    assert {features.data_ptr(), second.data_ptr(), grad_out.data_ptr()} <= pointers[1]
+    assert {second.data_ptr(), grad_out.data_ptr()} <= pointers[2]
+    for what, tensor in zip(("output", "grad features", "grad masks"), got):
+        assert tensor.is_contiguous(memory_format=cl), f"{what} is not channels_last"
+    want = _down_oracle(op, features, second, k, G, s, grad_out)
+    ref = forward_backward(lambda f, m: DOWN_OPS[op](f, m, k, G, s, backend="reference"), features, second,
+                           grad_out)
+    for what, actual, expected, reference in zip(("output", "grad features", "grad masks"), got, want, ref):
+        assert_close_to_oracle(actual, expected, dtype, f"{shape_id(*shape)} channels_last {what}",
+                               None if dtype == torch.float32 else max_abs_err(reference, expected))
+
+
+def test_down_extreme_logits_stay_finite():
+    """The fused softmax subtracts the running max: logits of +-80 and -inf on some taps give finite,
+    correct probabilities in the forward and in both gradients (the gather recomputes them from lse)."""
+    shape = (1, 2, 7, 6, 3, 1, 2)
+    features, logits = make_down_inputs(*shape, op="fused")
+    logits = logits * 80
+    logits[:, ::3] = float("-inf")  # a third of the taps of every output pixel masked out entirely
+    grad_out = torch.randn(1, 2, 4, 3, device=DEVICE)
+    got = forward_backward(_triton_down("fused", 3, 1, 2), features, logits, grad_out)
+    want = _down_oracle("fused", features, logits, 3, 1, 2, grad_out)
+    for what, actual, expected in zip(("output", "grad features", "grad logits"), got, want):
+        assert torch.isfinite(actual).all(), what
+        torch.testing.assert_close(actual.double().cpu(), expected, rtol=1e-5, atol=1e-5, msg=what)
+
+
+@pytest.mark.parametrize("shape", DOWN_SHAPES, ids=_ids(DOWN_SHAPES))
+@pytest.mark.parametrize("op", OPS)
+def test_down_gather_visits_every_reading_pair_once(op, shape):
+    """grad features of every pixel is the sum over exactly the (output pixel, tap) pairs that read it:
+    a grad_output of ones and masks of ones (plain) make it the count of such pairs, which a direct
+    count gives (catches a gather that misses or doubles a phase, or reads a tap outside [0, k))."""
+    N, C, H, W, k, G, s = shape
+    Ho, Wo = down_output_size(H, s), down_output_size(W, s)
+    r = (k - 1) // 2
+    features = torch.randn(N, C, H, W, device=DEVICE, requires_grad=True)
+    masks = torch.ones(N, G * k * k, Ho, Wo, device=DEVICE)
+    if op == "fused":
+        masks = torch.zeros_like(masks)  # uniform softmax: every tap 1/k^2
+    out = DOWN_OPS[op](features, masks, k, G, s, backend="triton")
+    (grad,) = torch.autograd.grad(out, features, torch.ones_like(out))
+    # rows: how many (i, ky) with s*i + ky - r = y; columns alike; the count is their product
+    rows = torch.zeros(H)
+    for i in range(Ho):
+        for ky in range(k):
+            if 0 <= s * i + ky - r < H:
+                rows[s * i + ky - r] += 1
+    cols = torch.zeros(W)
+    for j in range(Wo):
+        for kx in range(k):
+            if 0 <= s * j + kx - r < W:
+                cols[s * j + kx - r] += 1
+    expected = (rows[:, None] * cols[None, :]).expand(N, C, H, W) / (k * k if op == "fused" else 1)
+    torch.testing.assert_close(grad.cpu(), expected.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_down_public_api_and_module_use_the_triton_ops():
+    shape = (1, 4, 7, 6, 3, 2, 2)
+    N, C, H, W, k, G, s = shape
+    features, masks = make_down_inputs(*shape, op="plain")
+    _, logits = make_down_inputs(*shape, op="fused")
+    assert torch.equal(carafe_down(features, masks, k, G, s, backend="triton"),
+                       OPS_NS.triton_carafe_down(features, masks, k, G, s))
+    assert torch.equal(carafe_down_fused(features, logits, k, G, s, backend="triton"),
+                       OPS_NS.triton_carafe_down_fused(features, logits, k, G, s))
+    assert torch.equal(triton_backend.carafe_down_fused(features, logits, k, G, s),
+                       OPS_NS.triton_carafe_down_fused(features, logits, k, G, s))
+    pack = CARAFEDownPack(C, s, down_kernel=k, down_group=G, compressed_channels=8, backend="triton").to(DEVICE)
+    ref = CARAFEDownPack(C, s, down_kernel=k, down_group=G, compressed_channels=8, backend="reference").to(DEVICE)
+    ref.load_state_dict(pack.state_dict())
+    torch.testing.assert_close(pack(features), ref(features), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(k=13), ValueError, "kernel_size must be odd and in"),
+    (dict(k=4), ValueError, "kernel_size must be odd and in"),
+    (dict(s=9), ValueError, "scale_factor must be in"),
+    (dict(dtype=torch.float64), TypeError, "features must be one of float16, bfloat16, float32"),
+    (dict(masks_h=3), ValueError, re.escape("must be ceil(5/2)xceil(5/2) = 3x3 spatially")),
+], ids=["k13", "k4", "s9", "fp64", "shape"])
+@pytest.mark.parametrize("name", ["triton_carafe_down", "triton_carafe_down_fused"])
+def test_down_ops_raise_on_bad_calls(name, kwargs, exc, match):
+    """Direct op calls skip the public checks: the ops check again, with the contract's exception types."""
+    k, s, dtype = kwargs.get("k", 3), kwargs.get("s", 2), kwargs.get("dtype", torch.float32)
+    features = torch.randn(1, 2, 5, 5, dtype=dtype, device=DEVICE)
+    masks_h = kwargs.get("masks_h", down_output_size(5, s)) - (1 if "masks_h" in kwargs else 0)
+    masks = torch.rand(1, k * k, masks_h, down_output_size(5, s), dtype=dtype, device=DEVICE)
+    triton_backend._ops()
+    with pytest.raises(exc, match=match):
+        getattr(OPS_NS, name)(features, masks, k, 1, s)
+    grad = torch.randn(1, 2, down_output_size(5, s), down_output_size(5, s), dtype=dtype, device=DEVICE)
+    with pytest.raises(exc, match=match):
+        getattr(OPS_NS, name + "_backward")(grad, features, masks, k, 1, s)
+
+
+def test_down_backward_checks_grad_output():
+    triton_backend._ops()
+    args = _op_args("triton_carafe_down_backward")
+    with pytest.raises(ValueError, match=re.escape("grad_output must have the output's shape (1, 4, 3, 3)")):
+        OPS_NS.triton_carafe_down_backward(torch.randn(1, 4, 10, 12, device=DEVICE), *args[1:])
+
+
+@pytest.mark.parametrize("down", [False, True], ids=["carafe", "down"])
+def test_planes_beyond_32_bit_offsets_are_refused(down):
+    """The kernels' in-plane offsets are int32: the largest plane a launch indexes (CARAFE's output, the
+    down ops' features) must stay below 2**31 pixels; checked on meta tensors (shapes only, no memory)."""
+    from carafe_kernels.triton.ops import _check
+    H, W = (2 ** 16, 2 ** 15) if down else (2 ** 15, 2 ** 14)
+    features = torch.empty(1, 1, H, W, device="meta")
+    masks = torch.empty(1, 9, *((down_output_size(H, 2), down_output_size(W, 2)) if down else (2 * H, 2 * W)),
+                        device="meta")
+    what = f"a features plane of {H} x {W}" if down else f"an output plane of {2 * H} x {2 * W}"
+    with pytest.raises(ValueError, match=f"op: {what} pixels exceeds the kernels' 32-bit in-plane offsets"):
+        _check("op", features, masks, 3, 1, 2, fused=False, down=down)
+    _check("op", features[:, :, :H // 2], masks[:, :, :masks.shape[2] // 2], 3, 1, 2, fused=False, down=down)
+
+
+def test_down_public_api_reports_unsupported_calls():
+    features = torch.randn(1, 2, 9, 9, device=DEVICE)
+    with pytest.raises(BackendUnavailableError, match="kernel_size <= 11"):
+        carafe_down(features, torch.rand(1, 169, 5, 5, device=DEVICE), 13, 1, 2, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="dtype"):
+        carafe_down(features.double(), torch.rand(1, 9, 5, 5, device=DEVICE, dtype=torch.float64), 3, 1, 2,
+                    backend="triton")
+
+
+def test_down_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    features, logits = make_down_inputs(1, 4, 7, 6, 3, 2, 2, op="fused")
+    features.requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        carafe_down_fused(features, logits, 3, 2, 2, backend="triton").sum().backward()
+    assert counter.get_total_flops() == 2 * carafe_down_flops(features.shape, 3, 2)  # forward + grad features
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Triton backend for CARAFE: fused Triton kernels for the forward and an atomic-free backward.
 
 Contract with carafe_kernels.registry: ``unavailable_reason() -> str | None``,
-``carafe(features, masks, k, G, s)`` and ``carafe_fused(features, mask_logits, k, G, s)``; both call the
-dispatcher ops ``torch.ops.carafe_kernels.triton_carafe`` / ``triton_carafe_fused`` (see ops.py; defined
-with ``torch.library.triton_op``, which needs torch >= 2.6), so autograd, torch.compile, fake tensors
-and autocast attach to the ops.
+``carafe(features, masks, k, G, s)`` and ``carafe_fused(features, mask_logits, k, G, s)``, and the
+content-aware downsampling ``carafe_down`` / ``carafe_down_fused`` (same arguments); they call the
+dispatcher ops ``torch.ops.carafe_kernels.triton_carafe`` / ``triton_carafe_fused`` /
+``triton_carafe_down`` / ``triton_carafe_down_fused`` (see ops.py; defined with
+``torch.library.triton_op``, which needs torch >= 2.6), so autograd, torch.compile, fake tensors and
+autocast attach to the ops.
 
 Triton is optional: this package imports nothing from it until the ops are first needed, so
 ``import carafe_kernels`` works without Triton installed. On CPU tensors the kernels run only in
@@ -21,7 +23,8 @@ import torch
 
 from ..contract import MAX_KERNEL_SIZE, MAX_SCALE_FACTOR
 
-__all__ = ["unavailable_reason", "carafe", "carafe_fused", "MAX_KERNEL_SIZE", "MAX_SCALE_FACTOR"]
+__all__ = ["unavailable_reason", "carafe", "carafe_fused", "carafe_down", "carafe_down_fused", "MAX_KERNEL_SIZE",
+           "MAX_SCALE_FACTOR"]
 
 _MIN_TORCH = (2, 6)
 
@@ -95,3 +98,18 @@ def carafe_fused(features: torch.Tensor, mask_logits: torch.Tensor, kernel_size:
     _ops()
     return torch.ops.carafe_kernels.triton_carafe_fused(features, mask_logits, kernel_size, group_size,
                                                         scale_factor)
+
+
+def carafe_down(features: torch.Tensor, masks: torch.Tensor, kernel_size: int, group_size: int,
+                scale_factor: int) -> torch.Tensor:
+    """Content-aware downsampling with normalised masks (N, G*k*k, ceil(H/s), ceil(W/s)) on the Triton kernels."""
+    _ops()
+    return torch.ops.carafe_kernels.triton_carafe_down(features, masks, kernel_size, group_size, scale_factor)
+
+
+def carafe_down_fused(features: torch.Tensor, mask_logits: torch.Tensor, kernel_size: int, group_size: int,
+                      scale_factor: int) -> torch.Tensor:
+    """Per-group softmax of mask_logits (N, G*k*k, ceil(H/s), ceil(W/s)) + content-aware downsampling, fused."""
+    _ops()
+    return torch.ops.carafe_kernels.triton_carafe_down_fused(features, mask_logits, kernel_size, group_size,
+                                                             scale_factor)

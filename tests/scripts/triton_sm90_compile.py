@@ -28,12 +28,14 @@ graphs = []
 def keep(gm, example_inputs):
     graphs.append(gm.code)
     return make_boxed_func(gm.forward)
-for fused, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+for fused, dtype, down in ((True, torch.float32, False), (False, torch.bfloat16, False),
+                          (True, torch.float32, True), (False, torch.bfloat16, True)):
     graphs.clear()
     with FakeTensorMode():
         f = torch.empty(2, 4, 3, 5, dtype=dtype, requires_grad=True)
-        m = torch.empty(*((2, 2 * 9 * 4, 3, 5) if fused else (2, 2 * 9, 6, 10)), dtype=dtype, requires_grad=True)
-        name = "triton_carafe_fused" if fused else "triton_carafe"
+        m_shape = (2, 2 * 9, 2, 3) if down else (2, 2 * 9 * 4, 3, 5) if fused else (2, 2 * 9, 6, 10)
+        m = torch.empty(*m_shape, dtype=dtype, requires_grad=True)
+        name = "triton_carafe" + ("_down" if down else "") + ("_fused" if fused else "")
         fn = aot_function(lambda a, b: getattr(torch.ops.carafe_kernels, name)(a, b, 3, 2, 2),
                           fw_compiler=keep, bw_compiler=keep)
         fn(f, m).sum().backward()
@@ -48,16 +50,24 @@ for fused, dtype in ((True, torch.float32), (False, torch.bfloat16)):
 from triton.compiler import ASTSource
 ptxas_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 checked = 0
+# The down ops (content-aware downsampling) run the forward and mask-gradient kernels with DOWN=True and
+# no sub-pixel axis (SS_PAD=1), and their own features-gradient kernel with an S*S phase axis.
 for shape in (dict(C=256, G=1, H=64, W=64, K=5, S=2), dict(C=16, G=1, H=16, W=16, K=11, S=8)):
     ss_pad = kk.next_pow2(shape["S"] ** 2)
-    for fn, configs, extra in ((kk._carafe_fwd, kk._FWD_CONFIGS, {}),
-                               (kk._carafe_bwd_feat, kk._BWD_FEAT_CONFIGS, {}),
-                               (kk._carafe_bwd_mask, kk._BWD_MASK_CONFIGS, {"ACC_IN_GRAD": False})):
+    for fn, configs, extra, prune in (
+            (kk._carafe_fwd, kk._FWD_CONFIGS, {"DOWN": False, "SS_PAD": ss_pad}, kk._fit_configs),
+            (kk._carafe_bwd_feat, kk._BWD_FEAT_CONFIGS, {"SS_PAD": ss_pad}, kk._fit_configs),
+            (kk._carafe_bwd_mask, kk._BWD_MASK_CONFIGS, {"ACC_IN_GRAD": False, "DOWN": False, "SS_PAD": ss_pad},
+             kk._fit_configs),
+            (kk._carafe_fwd, kk._FWD_CONFIGS, {"DOWN": True, "SS_PAD": 1}, kk._fit_configs),
+            (kk._carafe_bwd_mask, kk._BWD_MASK_CONFIGS, {"ACC_IN_GRAD": False, "DOWN": True, "SS_PAD": 1},
+             kk._fit_configs),
+            (kk._carafe_down_bwd_feat, kk._BWD_FEAT_CONFIGS, {"SS_PAD": ss_pad}, kk._down_fit_configs)):
         # the two configs with the largest fp32 tile per thread: the ones that could spill
-        fitted = [c for c in kk._fit_configs(configs, shape) if c.num_stages == 1]
-        fitted.sort(key=lambda c: -c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_P"] * ss_pad / c.num_warps)
+        fitted = [c for c in prune(configs, dict(shape, **extra)) if c.num_stages == 1]
+        fitted.sort(key=lambda c: -c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_P"] * extra["SS_PAD"] / c.num_warps)
         for cfg in fitted[:2]:
-            consts = dict(K=shape["K"], S=shape["S"], SS_PAD=ss_pad, FUSED=True, **extra, **cfg.kwargs)
+            consts = dict(K=shape["K"], S=shape["S"], FUSED=True, **extra, **cfg.kwargs)
             sig = {n: "constexpr" if n in consts else
                    ("*fp32" if n in ("lse_ptr", "dp_ptr") else "*bf16") if n.endswith("_ptr") else "i32"
                    for n in fn.arg_names}
