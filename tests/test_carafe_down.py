@@ -32,7 +32,7 @@ from carafe_kernels.contract import SCHEMAS
 from carafe_kernels.naive import carafe_down_fused_naive, carafe_down_naive
 from carafe_kernels.reference import (carafe_down_fused_reference, carafe_down_reference, carafe_down_unfold,
                                       down_output_size, normalize_down_mask_logits)
-from carafe_kernels.registry import BACKENDS
+from carafe_kernels.registry import BACKENDS, select_backend
 
 OPS = {"plain": carafe_down, "fused": carafe_down_fused}
 REFERENCE = {"plain": carafe_down_reference, "fused": carafe_down_fused_reference}
@@ -504,8 +504,12 @@ def test_auto_picks_the_cpu_kernels_and_the_environment_variable_is_read(monkeyp
     expected = "cpu" if NATIVE_REASON is None else "reference"
     torch.testing.assert_close(carafe_down(features, masks, 3, 2, 2),
                                carafe_down(features, masks, 3, 2, 2, backend=expected), rtol=0, atol=0)
-    monkeypatch.setenv("CARAFE_BACKEND", "cuda")
-    with pytest.raises(BackendUnavailableError, match="'cuda' cannot run this call: has no carafe_down kernel"):
+    monkeypatch.setenv("CARAFE_BACKEND", "reference")
+    assert select_backend("auto", features, 3, 2, op="carafe_down").name == "reference"
+    torch.testing.assert_close(carafe_down(features, masks, 3, 2, 2),
+                               carafe_down(features, masks, 3, 2, 2, backend="reference"), rtol=0, atol=0)
+    monkeypatch.setenv("CARAFE_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="unknown backend 'cudnn' from the environment variable CARAFE_BACKEND"):
         carafe_down(features, masks, 3, 2, 2)
 
 
