@@ -58,7 +58,10 @@ SHAPES = [TINY, ONE_PIXEL, ODD, GROUPS, K7_BIG_WINDOW, S4, S1, G4_S3, K1_G2, EMP
 DTYPE_CASES = ([(shape, torch.float32) for shape in SHAPES]
                + [(shape, torch.float64) for shape in (ODD, GROUPS, EMPTY, MMCV)]
                + [(shape, dtype) for dtype in (torch.bfloat16, torch.float16)
-                  for shape in (ODD, GROUPS, G4_S3, MMCV, MULTI_BLOCK)])
+                  for shape in (ODD, GROUPS, G4_S3, MMCV, MULTI_BLOCK)]
+               # the other kernel sizes and scales in bf16: the cpu kernels' bf16 forward pairs taps
+               # (AVX512-BF16 dot products), differently for each k
+               + [(shape, torch.bfloat16) for shape in (K7_BIG_WINDOW, S4, S1, K1_G2)])
 
 
 def _case_id(case) -> str:
@@ -242,13 +245,15 @@ def test_backward_of_one_input_equals_the_full_backwards(op, dtype, wanted, back
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("pixel", [(0, 1, 3, 2), (1, 4, 0, 0), (1, 7, 6, 7)], ids=["interior", "corner", "far-corner"])
 @pytest.mark.parametrize("op", OPS)
-def test_nan_spreads_only_within_its_windows(op, pixel, backend, device):
+def test_nan_spreads_only_within_its_windows(op, pixel, dtype, backend, device):
     """A NaN feature pixel makes exactly the outputs whose k x k window contains it NaN: same batch and
-    channel, low-res position within r of it. No other output (channel, batch, tile) is touched."""
+    channel, low-res position within r of it. No other output (channel, batch, tile) is touched. (bf16:
+    the cpu kernels pair adjacent taps there; the pixel just outside a window must not leak in.)"""
     shape = N, C, H, W, k, G, s = (2, 8, 7, 8, 3, 2, 2)
-    features, second = make_inputs(*shape, fused=op == "fused", device=device)
+    features, second = make_inputs(*shape, fused=op == "fused", dtype=dtype, device=device)
     n0, c0, y0, x0 = pixel
     features[n0, c0, y0, x0] = float("nan")
     out = run_op(op, backend, features, second, k, G, s).cpu()

@@ -10,7 +10,7 @@
 // .contiguous() on the inputs, allocation of the contiguous NCHW outputs, the task partition over
 // torch::stable::parallel_for (ATen's thread pool, through the stable C shim) and the registration. The
 // kernels themselves are in carafe_cpu_kernel.h, compiled once per instruction set
-// (carafe_cpu_isa_{avx512,avx2,default}.cpp); the widest one that both the machine and ATen's CPU
+// (carafe_cpu_isa_{avx512bf16,avx512,avx2,default}.cpp); the widest one that both the machine and ATen's CPU
 // capability override (ATEN_CPU_CAPABILITY) allow runs.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -41,14 +41,17 @@ namespace {
 // The instruction-set cap ATen's ATEN_CPU_CAPABILITY puts on its own kernels ("default", "avx2",
 // "avx512", ...; unset: no cap), which these kernels follow too. NB: the stable ABI has no
 // at::get_cpu_capability(), so the variable ATen reads is read here directly; ATen's own check of the
-// machine is the __builtin_cpu_supports below. An unknown value caps nothing, as in ATen.
+// machine is the __builtin_cpu_supports below. An unknown value caps nothing, as in ATen; "avx512"
+// also rules out the AVX512-BF16 kernels (ATen has no level of its own for them), which is how a
+// machine that has them runs (and tests) the plain avx512 ones.
 int capability_cap() {
   const char* env = std::getenv("ATEN_CPU_CAPABILITY");
   std::string v = env ? env : "";
   for (char& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   if (v == "default") return 0;
   if (v == "avx2") return 1;
-  return 2;
+  if (v == "avx512") return 2;
+  return 3;
 }
 
 const KernelTable& kernels() {
@@ -60,6 +63,8 @@ const KernelTable& kernels() {
                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                             __builtin_cpu_supports("fma");
     const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool has_avx512_bf16 = has_avx512 && __builtin_cpu_supports("avx512bf16");
+    if (cap >= 3 && has_avx512_bf16 && kernels_avx512_bf16() != nullptr) return kernels_avx512_bf16();
     if (cap >= 2 && has_avx512 && kernels_avx512() != nullptr) return kernels_avx512();
     if (cap >= 1 && has_avx2 && kernels_avx2() != nullptr) return kernels_avx2();
 #endif
@@ -277,7 +282,7 @@ std::tuple<Tensor, Tensor> carafe_down_fused_backward_cpu(const Tensor& grad_out
                       kernel_size, group_size, scale_factor, output_mask, /*down=*/true);
 }
 
-// Which compiled instruction set the CPU kernels run ("avx512", "avx2" or "default"), for benchmark
+// Which compiled instruction set the CPU kernels run ("avx512_bf16", "avx512", "avx2" or "default"), for benchmark
 // reports and tests.
 std::string cpu_kernel_isa() { return kernels().isa; }
 

@@ -33,7 +33,7 @@ struct Args {
 using RangeFn = void (*)(const Args&, int64_t begin, int64_t end);
 
 struct KernelTable {
-  const char* isa;  // "avx512", "avx2" or "default"
+  const char* isa;  // "avx512_bf16", "avx512", "avx2" or "default"
   RangeFn forward;
   RangeFn forward_fused;
   RangeFn backward;
@@ -52,6 +52,7 @@ inline int64_t num_tasks(const Args& a) {
 }
 
 // nullptr where that instruction set was not compiled in (non-x86 targets, other compilers).
+const KernelTable* kernels_avx512_bf16();  // avx512 plus the bf16 dot-product forward
 const KernelTable* kernels_avx512();
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_default();  // always available

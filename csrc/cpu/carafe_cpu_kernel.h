@@ -45,6 +45,10 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#if CARAFE_CPU_BF16_DOT
+#include <immintrin.h>
+#endif
+
 #include "carafe_common.h"
 #include "cpu/carafe_cpu.h"
 
@@ -240,6 +244,33 @@ CARAFE_INLINE void prefetch_range(const T* src, int64_t n) {
 // memset/memcpy call (it did, for the vector loops below too); it emits no instruction.
 #define CARAFE_NO_LIBCALL() __asm__ volatile("")
 
+// x converted to T. static_cast, except fp32 -> bf16: c10::BFloat16's constructor (round to nearest
+// even, NaN -> 0x7FC0) branches on NaN, which keeps GCC from vectorising the loops that store bf16
+// (a profile of the bf16 forward found its scalar output stores costing more than the arithmetic).
+// The same rounding without the branch: bitwise c10's result.
+template <typename T, typename S>
+CARAFE_INLINE T narrow(S x) {
+  if constexpr (std::is_same<T, c10::BFloat16>::value && std::is_same<S, float>::value) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<T>(x);
+  }
+}
+
+using VU32 = Vec<uint32_t>;
+typedef uint16_t VU16 __attribute__((vector_size(kVecBytes / 2)));  // L lanes of 16 bits
+
+// narrow<c10::BFloat16> on float lanes: the bf16 bits of each, in the low half of a 32-bit lane
+CARAFE_INLINE VU32 bf16_bits(Vec<float> x) {
+  VU32 u;
+  std::memcpy(&u, &x, sizeof(u));
+  const VU32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return x != x ? VU32{} + 0x7FC0u : rounded;
+}
+
 // dst[0, n) = 0
 template <typename T>
 CARAFE_INLINE void zero_row(T* __restrict dst, int64_t n) {
@@ -279,7 +310,18 @@ CARAFE_INLINE void convert_row(D* __restrict dst, const S* __restrict src, int64
     }
     return;
   }
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(src[i]);
+  if constexpr (std::is_same<D, c10::BFloat16>::value && std::is_same<S, float>::value) {
+    constexpr int64_t L = VecOf<float>::size;
+    if (n >= L) {  // whole vectors, the last one overlapping the previous
+      for (int64_t i = 0; i < n; i += L) {
+        const int64_t at = std::min(i, n - L);
+        const VU16 bits = __builtin_convertvector(bf16_bits(vload(src + at)), VU16);
+        std::memcpy(dst + at, &bits, sizeof(bits));
+      }
+      return;
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = narrow<D>(src[i]);
 }
 
 // dst[0, Wp) = [0]*r ++ src[0, W) ++ zeros
@@ -318,15 +360,28 @@ CARAFE_INLINE void deinterleave_row(acc_t* __restrict dst, int64_t dstride, cons
 template <int S, typename scalar_t, typename acc_t>
 CARAFE_INLINE void interleave_row(scalar_t* __restrict dst, const acc_t* __restrict src, int64_t sstride,
                                   const Geo& q) {
+  if constexpr (S == 2 && std::is_same<scalar_t, c10::BFloat16>::value && std::is_same<acc_t, float>::value) {
+    // bf16 at s = 2: output columns 2w and 2w + 1 are one 32-bit lane (low half first), so the two
+    // sub-pixel rows interleave by a shift; whole vectors, the last one overlapping the previous
+    constexpr int64_t L = VecOf<float>::size;
+    if (q.W >= L) {
+      for (int64_t w = 0; w < q.W; w += L) {
+        const int64_t at = std::min(w, q.W - L);
+        const VU32 pairs = bf16_bits(vload(src + at)) | (bf16_bits(vload(src + sstride + at)) << 16);
+        std::memcpy(dst + 2 * at, &pairs, sizeof(pairs));
+      }
+      return;
+    }
+  }
   if (S == 1) {
     convert_row(dst, src, q.W);
   } else if (S > 0) {
     for (int64_t w = 0; w < q.W; ++w)
-      for (int64_t j = 0; j < S; ++j) dst[w * S + j] = static_cast<scalar_t>(src[j * sstride + w]);
+      for (int64_t j = 0; j < S; ++j) dst[w * S + j] = narrow<scalar_t>(src[j * sstride + w]);
   } else {
     const int64_t s = q.s;
     for (int64_t j = 0; j < s; ++j)
-      for (int64_t w = 0; w < q.W; ++w) dst[w * s + j] = static_cast<scalar_t>(src[j * sstride + w]);
+      for (int64_t w = 0; w < q.W; ++w) dst[w * s + j] = narrow<scalar_t>(src[j * sstride + w]);
   }
 }
 
@@ -489,25 +544,190 @@ CARAFE_INLINE void forward_block(const acc_t* __restrict Ms,       // [ssp][kk][
   }
 }
 
-template <typename scalar_t, bool Fused, int PB>
+// ---------------------------------------------------------------------------------------------
+// bf16 dot products (AVX512-BF16; the up ops' bf16 forward). vdpbf16ps multiplies a pair of bf16 values
+// per fp32 lane by another pair and adds both products to the lane's fp32 accumulator, so it does two
+// taps per instruction where forward_block does one. The pairs are two horizontally adjacent taps
+// (kx, kx + 1) of one kernel row:
+//   features  Fp2[x] = F[x] | F[x + 1] << 16   (a padded staged row, bf16 bits): at offset w + kx it holds
+//             the features of taps kx and kx + 1 for output column w, so tap_offsets serves unchanged;
+//   masks     Mp[ij][ky][kp][w] = bf16(M[ky*k + 2kp]) | bf16(M[ky*k + 2kp + 1]) << 16 for kp < k/2, and
+//             for odd k the last tap kx = k - 1 alone, as its fp32 bits, in slot k/2.
+// A kernel row then costs k/2 dot products plus, for odd k, one fp32 FMA whose feature is the pair's low
+// half shifted into an fp32 (a bf16 is the top half of the fp32 it widens to): 3 instructions instead of
+// 5 at k = 5. The odd tap is not paired with a phantom tap of mask 0: a non-finite feature there
+// (outside the window) would give 0 * inf = NaN where the contract says nothing reaches.
+// Numerics: products of bf16 pairs are exact in fp32, accumulation is fp32 (vdpbf16ps rounds to
+// nearest even, with bf16 denormal inputs treated as zero), and the masks of paired taps are rounded to
+// bf16 (relative error <= 2^-9, the size of the output's own rounding); the softmax itself stays fp32.
+// ---------------------------------------------------------------------------------------------
+#if CARAFE_CPU_BF16_DOT
+// dst[x] = P[x] | P[x + 1] << 16 for x < round_up(Wp, L), P = [0]*r ++ src[0, W) ++ zeros (bf16 bits).
+// tmp: scratch of at least round_up(Wp, L) + L + 1 halves.
+CARAFE_INLINE void load_pair_row(uint32_t* __restrict dst, const c10::BFloat16* __restrict src, uint16_t* tmp,
+                                 const Geo& q) {
+  constexpr int64_t L = VecOf<uint32_t>::size;
+  const int64_t n = round_up(q.Wp, L);
+  zero_row(tmp, n + L + 1);
+  std::memcpy(tmp + q.r, src, sizeof(uint16_t) * static_cast<size_t>(q.W));
+  for (int64_t x = 0; x < n; x += L) {
+    VU16 lo, hi;
+    std::memcpy(&lo, tmp + x, sizeof(lo));
+    std::memcpy(&hi, tmp + x + 1, sizeof(hi));
+    vstore(dst + x, __builtin_convertvector(lo, VU32) | (__builtin_convertvector(hi, VU32) << 16));
+  }
+}
+
+// One row's fp32 masks Ms [ssp][kk][Wp] (as stage_softmax_row / stage_masks_row leave them) into the
+// pair layout Mp [ssp][k][slots][Wp] (slots = ceil(k/2)), for the columns forward_block reads.
+CARAFE_INLINE void pack_mask_pairs(uint32_t* __restrict Mp, const float* __restrict Ms, const Geo& q) {
+  constexpr int64_t L = VecOf<float>::size;
+  const int64_t k = q.k, kk = q.kk, Wp = q.Wp, slots = (k + 1) / 2;
+  for (int64_t ij = 0; ij < q.ssp; ++ij) {
+    for (int64_t ky = 0; ky < k; ++ky) {
+      const float* m = Ms + (ij * kk + ky * k) * Wp + q.r;
+      uint32_t* d = Mp + (ij * k + ky) * slots * Wp + q.r;
+      for (int64_t w = 0; w < q.Wv; w += L) {
+        for (int64_t kp = 0; kp < k / 2; ++kp)
+          vstore(d + kp * Wp + w, bf16_bits(vload(m + 2 * kp * Wp + w)) |
+                                      (bf16_bits(vload(m + (2 * kp + 1) * Wp + w)) << 16));
+        if (k % 2) {
+          VU32 bits;
+          const Vec<float> last = vload(m + (k - 1) * Wp + w);
+          std::memcpy(&bits, &last, sizeof(bits));
+          vstore(d + (k / 2) * Wp + w, bits);
+        }
+      }
+    }
+  }
+}
+
+CARAFE_INLINE Vec<float> dot_bf16_pairs(Vec<float> acc, VU32 a, VU32 b) {
+  // (C casts between vector types of one size reinterpret the bits)
+  return (Vec<float>)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+}
+
+// forward_block on the pair layouts: same loops, same register blocking, a kernel row in ceil(k/2) steps.
+template <int CB, int PB>
+CARAFE_INLINE void forward_block_bf16_dot(const uint32_t* __restrict Mp,      // [ssp][k][slots][Wp], row h
+                                          const uint32_t* __restrict Fb,      // pair rows of tap ky = 0, channel c0
+                                          const int64_t* __restrict tap_off,  // [kk] (tap_offsets)
+                                          int64_t cstride, float* __restrict rowbuf, const Geo& q, int64_t ky0,
+                                          int64_t ky1) {
+  constexpr int64_t L = VecOf<float>::size;
+  const int64_t k = q.k, Wp = q.Wp, slots = (k + 1) / 2, pstride = k * slots * Wp;
+  for (int64_t ij0 = 0; ij0 < q.ssp; ij0 += PB) {
+    for (int64_t w = 0; w < q.Wv; w += L) {
+      Vec<float> acc[CB][PB];
+      for (int cb = 0; cb < CB; ++cb)
+        for (int p = 0; p < PB; ++p) acc[cb][p] = Vec<float>{};
+      for (int64_t ky = ky0; ky < ky1; ++ky) {
+        const uint32_t* m0 = Mp + (ij0 * k + ky) * slots * Wp + q.r + w;
+        for (int64_t kp = 0; kp < k / 2; ++kp) {
+          const uint32_t* f0 = Fb + tap_off[ky * k + 2 * kp] + w;
+          VU32 f[CB];
+          for (int cb = 0; cb < CB; ++cb) f[cb] = vload(f0 + cb * cstride);
+          for (int p = 0; p < PB; ++p) {
+            const VU32 m = vload(m0 + p * pstride + kp * Wp);
+            for (int cb = 0; cb < CB; ++cb) acc[cb][p] = dot_bf16_pairs(acc[cb][p], f[cb], m);
+          }
+        }
+        if (k % 2) {  // the last tap alone, in fp32
+          const uint32_t* f0 = Fb + tap_off[ky * k + k - 1] + w;
+          Vec<float> f[CB];
+          for (int cb = 0; cb < CB; ++cb) f[cb] = (Vec<float>)(vload(f0 + cb * cstride) << 16);
+          for (int p = 0; p < PB; ++p) {
+            const Vec<float> m = (Vec<float>)vload(m0 + p * pstride + (k / 2) * Wp);
+            for (int cb = 0; cb < CB; ++cb) acc[cb][p] += f[cb] * m;
+          }
+        }
+      }
+      for (int cb = 0; cb < CB; ++cb)
+        for (int p = 0; p < PB; ++p) vstore(rowbuf + (cb * q.ssp + ij0 + p) * q.Wv + w, acc[cb][p]);
+    }
+  }
+}
+#endif  // CARAFE_CPU_BF16_DOT
+
+// How forward_tasks_impl stages its operands and multiplies them: the staging policy. AccStaging, every
+// dtype: masks and feature rows in acc_t, forward_block. Bf16PairStaging (AVX512-BF16 builds, bf16):
+// the pair layouts of "bf16 dot products" and forward_block_bf16_dot. The driver (row tasks, channel
+// chunks, prefetches, the stores) is one piece of code for both.
+template <typename scalar_t, int PB>
+struct AccStaging {
+  using acc_t = acc_type<scalar_t>;
+  using stage_t = acc_t;
+  const Geo& q;
+  CARAFE_INLINE explicit AccStaging(const Geo& geo) : q(geo) {}
+  CARAFE_INLINE int64_t mask_row() const { return q.ssp * q.kk * q.Wp; }  // one low-res row's masks
+  CARAFE_INLINE int64_t feature_row() const { return q.Wp; }              // one channel's feature row
+  template <bool Fused>
+  CARAFE_INLINE void stage_masks(stage_t* Ms, const scalar_t* masks, int64_t n, int64_t g, int64_t h) {
+    if (Fused) {
+      stage_softmax_row(Ms, masks, q, n, g, h);
+    } else {
+      stage_masks_row(Ms, masks, q, n, g, h, /*zero_padded_taps=*/true);
+    }
+  }
+  CARAFE_INLINE void stage_features(stage_t* dst, const scalar_t* src) { load_row(dst, src, q); }
+  template <int CB>
+  CARAFE_INLINE void block(const stage_t* Ms, const stage_t* Fb, const int64_t* tap_off, int64_t cstride,
+                           acc_t* rowbuf, int64_t ky0, int64_t ky1) {
+    forward_block<acc_t, CB, PB>(Ms, Fb, tap_off, cstride, rowbuf, q, ky0, ky1);
+  }
+};
+
+#if CARAFE_CPU_BF16_DOT
+template <int PB>
+struct Bf16PairStaging {
+  using acc_t = float;
+  using stage_t = uint32_t;
+  const Geo& q;
+  Scratch<float> ms_fp32;  // one row's fp32 masks, before packing
+  Scratch<uint16_t> halves;  // load_pair_row's padded bf16 row
+  CARAFE_INLINE explicit Bf16PairStaging(const Geo& geo)
+      : q(geo), ms_fp32(geo.ssp * geo.kk * geo.Wp), halves(feature_row() + geo.L + 1) {}
+  CARAFE_INLINE int64_t mask_row() const { return q.ssp * q.k * ((q.k + 1) / 2) * q.Wp; }
+  CARAFE_INLINE int64_t feature_row() const { return round_up(q.Wp, q.L); }  // load_pair_row writes whole vectors
+  template <bool Fused>
+  CARAFE_INLINE void stage_masks(stage_t* Mp, const c10::BFloat16* masks, int64_t n, int64_t g, int64_t h) {
+    AccStaging<c10::BFloat16, PB>(q).template stage_masks<Fused>(ms_fp32.get(), masks, n, g, h);
+    pack_mask_pairs(Mp, ms_fp32.get(), q);
+  }
+  CARAFE_INLINE void stage_features(stage_t* dst, const c10::BFloat16* src) {
+    load_pair_row(dst, src, halves.get(), q);
+  }
+  template <int CB>
+  CARAFE_INLINE void block(const stage_t* Mp, const stage_t* Fb, const int64_t* tap_off, int64_t cstride,
+                           float* rowbuf, int64_t ky0, int64_t ky1) {
+    forward_block_bf16_dot<CB, PB>(Mp, Fb, tap_off, cstride, rowbuf, q, ky0, ky1);
+  }
+};
+#endif
+
+template <typename scalar_t, bool Fused, int PB, typename Staging>
 CARAFE_INLINE void forward_tasks_impl(const Args& a, int64_t begin, int64_t end) {
   using acc_t = acc_type<scalar_t>;
+  using stage_t = typename Staging::stage_t;
   constexpr int CB = Blocking<PB>::fwd_channels;
   const Geo q(a.p, VecOf<acc_t>::size);
+  Staging staging(q);
   const int64_t B = a.rows_per_task;
   const int64_t rows = B + 2 * q.r;
   const auto* features = static_cast<const scalar_t*>(a.features);
   const auto* masks = static_cast<const scalar_t*>(a.masks);
   auto* out = static_cast<scalar_t*>(a.out);
 
-  const int64_t ms_row = q.ssp * q.kk * q.Wp;
+  const int64_t ms_row = staging.mask_row();
+  const int64_t fch = staging.feature_row();
   // channels per chunk: a multiple of CB, about 128 KiB of staged feature rows
-  const int64_t fc_budget = (int64_t{128} << 10) / static_cast<int64_t>(sizeof(acc_t) * rows * q.Wp);
+  const int64_t fc_budget = (int64_t{128} << 10) / static_cast<int64_t>(sizeof(stage_t) * rows * fch);
   const int64_t FC = std::min(round_up(std::max<int64_t>(q.Cg, 1), CB), std::max<int64_t>(CB, fc_budget / CB * CB));
-  const int64_t fp_row = FC * q.Wp;
-  Scratch<acc_t> ms_buf(B * ms_row), fp_buf(rows * fp_row), row_buf(CB * q.ssp * q.Wv);
-  acc_t* Ms = ms_buf.get();
-  acc_t* Fp = fp_buf.get();
+  const int64_t fp_row = FC * fch;
+  Scratch<stage_t> ms_buf(B * ms_row), fp_buf(rows * fp_row);
+  Scratch<acc_t> row_buf(CB * q.ssp * q.Wv);
+  stage_t* Ms = ms_buf.get();
+  stage_t* Fp = fp_buf.get();
   acc_t* rowbuf = row_buf.get();
   int64_t tap_off[kMaxKernelSize * kMaxKernelSize];
   tap_offsets(tap_off, q.k, q.r, 1, q.r, 0, fp_row);
@@ -515,13 +735,7 @@ CARAFE_INLINE void forward_tasks_impl(const Args& a, int64_t begin, int64_t end)
   for (int64_t task = begin; task < end; ++task) {
     const auto [n, g, h0, h1, lr_lo, lr_hi] = task_rows(task, q, B);
     const int64_t hh_lo = h0 - q.r + lr_lo, hh_hi = h0 - q.r + lr_hi;
-    for (int64_t h = h0; h < h1; ++h) {
-      if (Fused) {
-        stage_softmax_row(Ms + (h - h0) * ms_row, masks, q, n, g, h);
-      } else {
-        stage_masks_row(Ms + (h - h0) * ms_row, masks, q, n, g, h, /*zero_padded_taps=*/true);
-      }
-    }
+    for (int64_t h = h0; h < h1; ++h) staging.template stage_masks<Fused>(Ms + (h - h0) * ms_row, masks, n, g, h);
     for (int64_t f0 = 0; f0 < q.Cg; f0 += FC) {
       const int64_t nf = std::min<int64_t>(FC, q.Cg - f0);  // channels of this chunk
       const int64_t nfb = round_up(nf, CB);                 // ... staged (the rest are zero rows)
@@ -531,11 +745,11 @@ CARAFE_INLINE void forward_tasks_impl(const Args& a, int64_t begin, int64_t end)
         const int64_t channel = n * q.C + g * q.Cg + f0 + c;
         if (c + 1 < nf) prefetch_range(features + ((channel + 1) * q.H + hh_lo) * q.W, (hh_hi - hh_lo) * q.W);
         for (int64_t lr = lr_lo; lr < lr_hi; ++lr) {
-          acc_t* dst = Fp + lr * fp_row + c * q.Wp;
+          stage_t* dst = Fp + lr * fp_row + c * fch;
           if (c < nf) {
-            load_row(dst, features + (channel * q.H + h0 - q.r + lr) * q.W, q);
+            staging.stage_features(dst, features + (channel * q.H + h0 - q.r + lr) * q.W);
           } else {
-            zero_row(dst, q.Wp);  // a channel past the group's end: computed, never stored
+            zero_row(dst, fch);  // a channel past the group's end: computed, never stored
           }
         }
       }
@@ -550,8 +764,7 @@ CARAFE_INLINE void forward_tasks_impl(const Args& a, int64_t begin, int64_t end)
           // the output rows are written after the block's arithmetic: ask for them (for writing) now
           for (int64_t cb = 0; cb < nc; ++cb)
             prefetch_range<scalar_t, 1>(out + ((n * q.C + cbase + cb) * q.Ho + h * q.s) * q.Wo, q.s * q.Wo);
-          forward_block<acc_t, CB, PB>(Ms + b * ms_row, Fp + b * fp_row + c0 * q.Wp, tap_off, q.Wp, rowbuf, q, ky0,
-                                       ky1);
+          staging.template block<CB>(Ms + b * ms_row, Fp + b * fp_row + c0 * fch, tap_off, fch, rowbuf, ky0, ky1);
           for (int64_t cb = 0; cb < nc; ++cb) {
             for (int64_t i = 0; i < q.s; ++i) {
               scalar_t* dst = out + ((n * q.C + cbase + cb) * q.Ho + h * q.s + i) * q.Wo;
@@ -564,12 +777,21 @@ CARAFE_INLINE void forward_tasks_impl(const Args& a, int64_t begin, int64_t end)
   }
 }
 
+// The staging of forward_tasks_impl for scalar_t: bf16 pairs where the build has the dot products.
+template <typename scalar_t, int PB>
+#if CARAFE_CPU_BF16_DOT
+using ForwardStaging = std::conditional_t<std::is_same<scalar_t, c10::BFloat16>::value, Bf16PairStaging<PB>,
+                                          AccStaging<scalar_t, PB>>;
+#else
+using ForwardStaging = AccStaging<scalar_t, PB>;
+#endif
+
 template <typename scalar_t, bool Fused>
 CARAFE_KERNEL void forward_tasks(const Args& a, int64_t begin, int64_t end) {
   switch (pick_pb(a.p.s)) {
-    case 1: forward_tasks_impl<scalar_t, Fused, 1>(a, begin, end); break;
-    case 3: forward_tasks_impl<scalar_t, Fused, 3>(a, begin, end); break;
-    default: forward_tasks_impl<scalar_t, Fused, 4>(a, begin, end); break;
+    case 1: forward_tasks_impl<scalar_t, Fused, 1, ForwardStaging<scalar_t, 1>>(a, begin, end); break;
+    case 3: forward_tasks_impl<scalar_t, Fused, 3, ForwardStaging<scalar_t, 3>>(a, begin, end); break;
+    default: forward_tasks_impl<scalar_t, Fused, 4, ForwardStaging<scalar_t, 4>>(a, begin, end); break;
   }
 }
 
@@ -907,14 +1129,14 @@ CARAFE_INLINE void store_phases(scalar_t* __restrict dst, const acc_t* __restric
   const int64_t full = d.W / s;
   if (s == 2) {
     for (int64_t q = 0; q < full; ++q) {
-      dst[2 * q] = static_cast<scalar_t>(src[q]);
-      dst[2 * q + 1] = static_cast<scalar_t>(src[pstride + q]);
+      dst[2 * q] = narrow<scalar_t>(src[q]);
+      dst[2 * q + 1] = narrow<scalar_t>(src[pstride + q]);
     }
   } else {
     for (int64_t b = 0; b < s; ++b)
-      for (int64_t q = 0; q < full; ++q) dst[q * s + b] = static_cast<scalar_t>(src[b * pstride + q]);
+      for (int64_t q = 0; q < full; ++q) dst[q * s + b] = narrow<scalar_t>(src[b * pstride + q]);
   }
-  for (int64_t x = full * s; x < d.W; ++x) dst[x] = static_cast<scalar_t>(src[(x - full * s) * pstride + full]);
+  for (int64_t x = full * s; x < d.W; ++x) dst[x] = narrow<scalar_t>(src[(x - full * s) * pstride + full]);
 }
 
 // Plain masks of output row i: Ms[t][R + j] = masks[n, g*kk + t, i, j].
