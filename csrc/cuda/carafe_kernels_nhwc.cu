@@ -27,7 +27,7 @@
 //                every (k, s), so one kernel per dtype covers k <= 11, s <= 8 without register tiles
 //                (at s = 8 a position would hold 64*V accumulators) and without templated variants
 //                that could not be tuned without a GPU; the sub-pixels of one position are neighbouring
-//                pixels of the same block, whose feature loads hit L1.
+//                pixels of a row, taken by nearby threads, whose feature loads hit L1.
 //   fused        the softmax of the logits is computed once per (output pixel, group) by
 //                carafe_nhwc_softmax_kernel into an fp32 (fp64 for fp64) workspace in the masks' order,
 //                which the plain kernels then read as their masks. Computing it in every channel thread
@@ -48,8 +48,8 @@
 //   output_mask  a null gradient pointer launches nothing for it; the other gradient's kernels and
 //                operands are those of a full call, so its bits are the same.
 //
-// Indices: items are decoded with 32-bit divisions (a 64-bit division is a called subroutine of dozens
-// of instructions on the GPU, a 32-bit one a few), so one launch takes as many whole images as keep its
+// Indices: items are decoded with 32-bit divisions (a 64-bit division is a called subroutine on the GPU,
+// a 32-bit one a short inline sequence), so one launch takes as many whole images as keep its
 // items below 2^31, and the launchers loop over such chunks (one launch for any usual batch). Element
 // offsets are pixel indices times a channel count, in 64 bits. So one image of each tensor must have
 // fewer than 2^31 elements (carafe_nhwc_unsupported_reason; the glue runs larger images on the NCHW
