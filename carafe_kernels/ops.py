@@ -54,6 +54,13 @@ def _always_nchw(features: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def native_layout(features: torch.Tensor) -> torch.memory_format:
+    """The memory format the C++ ops return: the CUDA kernels read channels_last features in place and
+    return channels_last (follow_channels_last, csrc/cuda/carafe_cuda.cpp), the CPU kernels return
+    contiguous NCHW. The fake kernels follow the features' device type, as the dispatcher does."""
+    return follow_channels_last(features) if features.device.type == "cuda" else torch.contiguous_format
+
+
 # Why not torch.library.register_autocast: it casts to one dtype fixed at registration, while these
 # ops follow the dtype of the enclosing torch.autocast region (bf16 or fp16 on CPU, fp16 or bf16 on
 # CUDA), as aten::conv2d does. So this is register_autocast's own body (torch 2.13, torch/library.py)
@@ -317,7 +324,8 @@ def register_carafe_op_family(forward_qualname: str, backward_qualname: str, *,
     grad_masks_or_logits), None in the slot of a gradient output_mask ([features, masks]) does not ask for.
     dtypes: what the kernels compute in (the fake kernels refuse the others, as the real ones do).
     layout: features -> the memory format of the output and gradients the kernels return (the fake
-    kernels must give the real ones' strides): _always_nchw, or follow_channels_last. down: the content-aware
+    kernels must give the real ones' strides): _always_nchw, follow_channels_last (Triton) or native_layout
+    (the C++ ops: channels_last on CUDA, NCHW on CPU). down: the content-aware
     downsampling ops (carafe_down, carafe_down_fused), whose masks/logits and output are (.., ceil(H/s),
     ceil(W/s)) (contract.check_arguments(..., down=True)) and whose FLOPs are carafe_down_flops."""
     # register_flop_formula takes the OpOverloadPacket (torch.ops.ns.name).
@@ -369,8 +377,10 @@ def register_carafe_op_family(forward_qualname: str, backward_qualname: str, *,
 
 
 if HAS_NATIVE:
-    register_carafe_op_family("carafe_kernels::carafe", "carafe_kernels::carafe_backward")
-    register_carafe_op_family("carafe_kernels::carafe_fused", "carafe_kernels::carafe_fused_backward")
-    register_carafe_op_family("carafe_kernels::carafe_down", "carafe_kernels::carafe_down_backward", down=True)
+    register_carafe_op_family("carafe_kernels::carafe", "carafe_kernels::carafe_backward", layout=native_layout)
+    register_carafe_op_family("carafe_kernels::carafe_fused", "carafe_kernels::carafe_fused_backward",
+                              layout=native_layout)
+    register_carafe_op_family("carafe_kernels::carafe_down", "carafe_kernels::carafe_down_backward", down=True,
+                              layout=native_layout)
     register_carafe_op_family("carafe_kernels::carafe_down_fused", "carafe_kernels::carafe_down_fused_backward",
-                              down=True)
+                              down=True, layout=native_layout)

@@ -125,8 +125,10 @@ LAYOUTS = [("channels_last", "channels_last"), ("strided", "strided"), ("transpo
 @pytest.mark.parametrize("shape", LAYOUT_SHAPES, ids=lambda p: shape_id(*p))
 @pytest.mark.parametrize("op", OPS)
 def test_memory_layouts(op, shape, layouts, backend, device):
-    """Non-contiguous and channels_last inputs give the contiguous result (the "strided" layout is a view
-    into a NaN-filled buffer, so a kernel that ignores strides reads NaN)."""
+    """Non-contiguous and channels_last inputs give the values of contiguous ones (the "strided" layout is
+    a view into a NaN-filled buffer, so a kernel that ignores strides reads NaN). The layout returned is
+    each backend's: channels_last from cuda and triton for channels_last features (tests/test_ops.py,
+    tests/test_triton.py), contiguous otherwise."""
     N, C, H, W, k, G, s = shape
     features, second = make_inputs(*shape, fused=op == "fused", device=device)
     features, second = to_layout(features, layouts[0]), to_layout(second, layouts[1])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_inputs, shape_id, to_layout
+from conftest import TOLERANCES, make_inputs, shape_id, to_layout
 
 from carafe_kernels import backend_status, carafe_flops
 from carafe_kernels import ops as carafe_ops
@@ -378,3 +378,97 @@ def test_flop_counter(namespace):
     forward = carafe_flops(features.shape, k, s)
     assert forward == 2 * N * C * H * s * W * s * k * k
     assert counter.get_total_flops() == 3 * forward
+
+
+# --- the native ops' memory format: channels_last on CUDA, NCHW on CPU ---------------------------------
+# (op name, fused, down); one shape whose channels_last tensors are not also contiguous NCHW.
+NATIVE_OPS = [("carafe", False, False), ("carafe_fused", True, False), ("carafe_down", False, True),
+              ("carafe_down_fused", True, True)]
+LAYOUT_SHAPE = (2, 8, 5, 6, 3, 2, 2)
+
+
+def _native_op_tensors(fused, down, device, memory_format, dtype=torch.float32):
+    """features, masks or logits, grad_output of LAYOUT_SHAPE on `device`, in `memory_format`."""
+    N, C, H, W, k, G, s = LAYOUT_SHAPE
+    Ho, Wo = ((H + s - 1) // s, (W + s - 1) // s) if down else (H * s, W * s)
+    second = (N, G * k * k * s * s, H, W) if fused and not down else (N, G * k * k, Ho, Wo)
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(shape, generator=gen, dtype=dtype).to(device).contiguous(memory_format=memory_format)
+                 for shape in ((N, C, H, W), second, (N, C, Ho, Wo)))
+
+
+def _fake_on(mode, device: str, t: torch.Tensor):
+    """A fake tensor of t's shape, dtype and strides on `device` ("cuda" needs no GPU: fake tensors have
+    meta storage; torch's factory functions refuse a CUDA device on a CPU-only build, this does not)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+    return FakeTensor(mode, meta, torch.device("cuda", 0) if device == "cuda" else torch.device(device))
+
+
+@needs_native
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("name, fused, down", NATIVE_OPS, ids=[op[0] for op in NATIVE_OPS])
+def test_native_fake_kernels_give_the_kernels_memory_format(name, fused, down, device):
+    """The CUDA kernels read channels_last features in place and return channels_last outputs and
+    gradients (csrc/cuda/carafe_cuda.cpp), the CPU kernels return NCHW: the fake kernels (torch.compile,
+    torch.export) must give the same strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    k, G, s = LAYOUT_SHAPE[4:]
+    forward = getattr(torch.ops.carafe_kernels, name)
+    backward = getattr(torch.ops.carafe_kernels, name + "_backward")
+    for memory_format in (torch.channels_last, torch.contiguous_format):
+        mode = FakeTensorMode()
+        features, second, grad = (_fake_on(mode, device, t)
+                                  for t in _native_op_tensors(fused, down, "cpu", memory_format))
+        with mode:
+            out = forward(features, second, k, G, s)
+            grads = backward(grad, features, second, k, G, s, [True, True])
+        cuda_channels_last = device == "cuda" and memory_format == torch.channels_last
+        for what, t in zip(("output", "grad_features", "grad_masks"), (out, *grads)):
+            assert t.device.type == device
+            assert t.is_contiguous(memory_format=torch.channels_last) == cuda_channels_last, what
+            assert t.is_contiguous() != cuda_channels_last, what
+
+
+def test_native_layout_is_follow_channels_last_on_cuda_only():
+    # The rule itself, with the edge cases of follow_channels_last: one channel and 1x1 images are
+    # contiguous NCHW too, and stay NCHW; CPU (and meta) tensors are always NCHW.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cl, nchw = torch.channels_last, torch.contiguous_format
+    mode = FakeTensorMode()
+    cases = [((2, 8, 5, 6), cl, "cuda", cl), ((2, 8, 5, 6), nchw, "cuda", nchw), ((2, 1, 5, 6), cl, "cuda", nchw),
+             ((2, 8, 1, 1), cl, "cuda", nchw), ((2, 8, 5, 6), cl, "cpu", nchw), ((2, 8, 5, 6), cl, "meta", nchw)]
+    for shape, memory_format, device, want in cases:
+        t = torch.empty(shape).contiguous(memory_format=memory_format)
+        t = t.to("meta") if device == "meta" else _fake_on(mode, device, t)
+        assert carafe_ops.native_layout(t) == want, (shape, memory_format, device)
+
+
+@needs_native
+@pytest.mark.skipif(backend_status()["cuda"] is not None, reason=f"cuda backend: {backend_status()['cuda']}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name, fused, down", NATIVE_OPS, ids=[op[0] for op in NATIVE_OPS])
+def test_cuda_channels_last_is_returned_and_equals_nchw(name, fused, down, dtype):
+    """On a GPU: channels_last inputs give channels_last outputs and gradients (the channels_last
+    kernels), equal within the dtype's tolerance to those of the same values in NCHW (the NCHW kernels);
+    each output_mask gives bitwise the full backward's gradient."""
+    k, G, s = LAYOUT_SHAPE[4:]
+    forward = getattr(torch.ops.carafe_kernels, name)
+    backward = getattr(torch.ops.carafe_kernels, name + "_backward")
+    results = {}
+    for memory_format in (torch.channels_last, torch.contiguous_format):
+        features, second, grad = _native_op_tensors(fused, down, "cuda", memory_format, dtype)
+        results[memory_format] = (forward(features, second, k, G, s),
+                                  *backward(grad, features, second, k, G, s, [True, True]))
+        if memory_format == torch.channels_last:
+            only_f = backward(grad, features, second, k, G, s, [True, False])
+            only_m = backward(grad, features, second, k, G, s, [False, True])
+            assert torch.equal(only_f[0], results[memory_format][1]) and only_f[1] is None
+            assert torch.equal(only_m[1], results[memory_format][2]) and only_m[0] is None
+    for what, cl, nchw in zip(("output", "grad_features", "grad_masks"), results[torch.channels_last],
+                              results[torch.contiguous_format]):
+        assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous(), what
+        torch.testing.assert_close(cl.float(), nchw.float(), **TOLERANCES[dtype], msg=lambda m, w=what: f"{w}: {m}")
