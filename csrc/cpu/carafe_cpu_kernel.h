@@ -347,6 +347,22 @@ CARAFE_INLINE void deinterleave_row(acc_t* __restrict dst, int64_t dstride, cons
   }
   for (int64_t j = 0; j < s; ++j) zero_row(dst + j * dstride, q.Wp);
   acc_t* __restrict d = dst + q.r;
+  if constexpr (S == 2 && std::is_same<scalar_t, c10::BFloat16>::value && std::is_same<acc_t, float>::value) {
+    // bf16 at s = 2 (interleave_row's mirror): one 32-bit lane holds columns 2w (low half) and 2w + 1,
+    // and a bf16 widens to fp32 by moving it to the top half, so the two sub-pixel rows are a shift and
+    // a mask of the same vector; whole vectors, the last one overlapping the previous
+    constexpr int64_t L = VecOf<float>::size;
+    if (q.W >= L) {
+      for (int64_t w = 0; w < q.W; w += L) {
+        const int64_t at = std::min(w, q.W - L);
+        VU32 pairs;
+        std::memcpy(&pairs, src + 2 * at, sizeof(pairs));
+        vstore(d + at, (Vec<float>)(pairs << 16));
+        vstore(d + dstride + at, (Vec<float>)(pairs & 0xFFFF0000u));
+      }
+      return;
+    }
+  }
   if (S > 0) {
     for (int64_t w = 0; w < q.W; ++w)
       for (int64_t j = 0; j < S; ++j) d[j * dstride + w] = static_cast<acc_t>(src[w * S + j]);
