@@ -319,6 +319,13 @@ def _inputs(N, C, H, W, k, G, s, dtype, fused, seed, down=False):
     return f.to(dtype), m.to(dtype), go.to(dtype)
 
 
+
+def dirty_workspace(n: int) -> Guarded:
+    """A guarded workspace of n bytes filled with 0xFF (NaN in fp32/fp64 words), as a GPU's caching
+    allocator hands back memory with old contents: a kernel that read its workspace before writing it, or
+    accumulated into it, would show here instead of passing on zeros."""
+    return Guarded((n,), torch.uint8, guard=171, fill=torch.full((n,), 0xFF, dtype=torch.uint8))
+
 def emu_run(lib, N, C, H, W, k, G, s, dtype, fused, *, num_sms=1, max_blocks=2**31 - 1, shift=0, seed=0,
             output_mask=(True, True), down=False):
     """Forward and backward through the emulated launchers (down: the down ops' launchers); returns
@@ -334,7 +341,7 @@ def emu_run(lib, N, C, H, W, k, G, s, dtype, fused, *, num_sms=1, max_blocks=2**
     rc = launch_forward(dims, code, int(fused), gf_in.ptr, gm_in.ptr, out.ptr, num_sms, max_blocks)
     assert rc == 0, f"carafe_forward returned cudaError {rc}"
     ws_bytes = workspace_bytes(dims, code, int(fused), int(output_mask[1]), num_sms)
-    ws = Guarded((ws_bytes,), torch.uint8, guard=171, fill=torch.zeros(ws_bytes, dtype=torch.uint8))
+    ws = dirty_workspace(ws_bytes)
     grad_f, grad_m = (Guarded(t.shape, dtype, guard=SENTINEL, fill=torch.full(t.shape, SENTINEL), shift=shift)
                       if wanted else None for t, wanted in zip((f, m), output_mask))
     null = ctypes.c_void_p(0)
@@ -637,17 +644,14 @@ def emu_run_nhwc(lib, N, C, H, W, k, G, s, dtype, fused, *, down=False, num_sms=
     def output(t):
         return Guarded(_nhwc(t).shape, dtype, guard=SENTINEL, fill=torch.full(_nhwc(t).shape, SENTINEL), shift=shift)
 
-    def workspace(n):
-        return Guarded((n,), torch.uint8, guard=171, fill=torch.zeros(n, dtype=torch.uint8))
-
     out = output(go)
     fws_bytes = lib.emu_nhwc_forward_workspace_bytes(dims, code, int(fused), int(down))
-    fws = workspace(fws_bytes)
+    fws = dirty_workspace(fws_bytes)
     rc = lib.emu_nhwc_forward(dims, code, int(fused), int(down), f_in.ptr, m_in.ptr, out.ptr, fws.ptr, fws_bytes,
                               num_sms, max_blocks, max_launch_items)
     assert rc == 0, f"carafe_nhwc_forward returned cudaError {rc}"
     ws_bytes = lib.emu_nhwc_backward_workspace_bytes(dims, code, int(fused), int(down), int(output_mask[1]))
-    ws = workspace(ws_bytes)
+    ws = dirty_workspace(ws_bytes)
     grad_f, grad_m = (output(t) if wanted else None for t, wanted in zip((f, m), output_mask))
     null = ctypes.c_void_p(0)
     rc = lib.emu_nhwc_backward(dims, code, int(fused), int(down), go_in.ptr, f_in.ptr, m_in.ptr,
