@@ -38,16 +38,16 @@ void forward_range_bf16_dot(const Args& a, int64_t begin, int64_t end) {
 }  // namespace carafe
 
 const carafe::cpu::KernelTable* carafe::cpu::kernels_avx512_bf16() {
-  static const KernelTable* const table = []() -> const KernelTable* {
-    const KernelTable* avx512 = kernels_avx512();
-    if (avx512 == nullptr) return nullptr;
-    static KernelTable t = *avx512;
+  const KernelTable* avx512 = kernels_avx512();
+  if (avx512 == nullptr) return nullptr;
+  static const KernelTable table = [&] {
+    KernelTable t = *avx512;
     t.isa = CARAFE_CPU_ISA_NAME;
     t.forward = &avx512_bf16::forward_range_bf16_dot<false>;
     t.forward_fused = &avx512_bf16::forward_range_bf16_dot<true>;
-    return &t;
+    return t;
   }();
-  return table;
+  return &table;
 }
 #else
 const carafe::cpu::KernelTable* carafe::cpu::kernels_avx512_bf16() { return nullptr; }
