@@ -269,6 +269,30 @@ def test_nan_spreads_only_within_its_windows(op, pixel, dtype, backend, device):
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("pixel", [(0, 1, 5, 9), (1, 4, 0, 0), (1, 7, 13, 41)], ids=["interior", "corner", "far-corner"])
+@pytest.mark.parametrize("op", OPS)
+def test_grad_output_nan_spreads_only_within_its_window(op, pixel, dtype, backend, device):
+    """A NaN in grad_output at output pixel (Y, X) makes exactly the feature gradients of its k x k window
+    NaN (same batch and channel, low-res positions within r of (Y // s, X // s)), at a width that is not a
+    multiple of any vector length and at the image's far corner: the grad_features gather reads the
+    padded columns around each row and no more."""
+    shape = N, C, H, W, k, G, s = (2, 8, 7, 21, 5, 2, 2)
+    features, second = make_inputs(*shape, fused=op == "fused", dtype=dtype, device=device)
+    grad_out = torch.ones(N, C, H * s, W * s, dtype=dtype, device=device)
+    n0, c0, Y, X = pixel
+    grad_out[n0, c0, Y, X] = float("nan")
+    _, grad_features, _ = forward_backward(lambda f, m: run_op(op, backend, f, m, k, G, s), features, second,
+                                           grad_out)
+    r = (k - 1) // 2
+    window = (((torch.arange(H) - Y // s).abs() <= r)[:, None]
+              & ((torch.arange(W) - X // s).abs() <= r)[None, :])
+    expected = torch.zeros(N, C, H, W, dtype=torch.bool)
+    expected[n0, c0] = window
+    assert torch.equal(torch.isnan(grad_features.cpu()), expected)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 def test_autocast_mixed_dtypes(op, backend, device):
     """Under torch.autocast(bf16), fp32 features with bf16 masks/logits run in bf16 (like a conv) and

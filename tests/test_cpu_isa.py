@@ -25,9 +25,10 @@ pytestmark = pytest.mark.skipif(carafe_kernels.backend_status()["cpu"] is not No
 
 # (N, C, H, W, k, G, s): every kernel size's pairing (k = 1: no pair, 3: one pair and the odd tap,
 # 5, 7), every scale's register blocking (s = 1, 3, 2 and 4), ragged widths (not a multiple of the 16
-# lanes), channels not a multiple of the channel block, groups.
+# lanes), channels not a multiple of the channel block, groups; k = 9 and 11: the grad_features gather's
+# column shifts in several register blocks (5 + 4 and 5 + 5 + 1).
 SHAPES = [(1, 3, 5, 7, 1, 1, 2), (2, 5, 6, 19, 3, 1, 1), (1, 8, 7, 17, 5, 2, 2), (1, 6, 4, 33, 5, 3, 3),
-          (1, 4, 5, 9, 7, 1, 4), (2, 64, 11, 21, 5, 4, 2)]
+          (1, 4, 5, 9, 7, 1, 4), (2, 64, 11, 21, 5, 4, 2), (1, 6, 10, 23, 9, 2, 2), (1, 4, 12, 13, 11, 1, 2)]
 OPS = ("plain", "fused")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -31,8 +31,8 @@
 // outputs whose window holds it. Lanes w >= W are computed and never stored.
 //
 // Determinism: each output element is produced by one task with a fixed summation order (taps in
-// ky, kx order; grad_masks over channels in ascending order; grad_features over ky, ij, kx), which
-// does not depend on the task partition, so results are bitwise identical for any thread count.
+// ky, kx order; grad_masks over channels in ascending order; grad_features in its GatherPlan's order),
+// which does not depend on the task partition, so results are bitwise identical for any thread count.
 #pragma once
 
 #include <algorithm>
@@ -160,10 +160,13 @@ struct Blocking {
   // grad_masks: TB taps x PB sub-pixels accumulators, PB grad_output vectors, 1 feature vector
   static constexpr int gm_taps = kWide ? (PB == 1 ? 8 : (PB == 3 ? 6 : 5)) : (PB == 1 ? 8 : (PB == 3 ? 3 : 2));
 };
-// grad_features: channels per register block (accumulators + operands)
-constexpr int kGfChannels = kVecRegs >= 32 ? 8 : 4;
+// grad_features, channels per register block: 4 (the up ops on 32 registers: gather_by_shift's
+// kGatherShifts x 4 accumulators + operands; 16 registers: gather_by_term's 4 accumulators + operands)
+constexpr int kGatherChannels = 4;
+// ... the down ops' gather_by_term, channels accumulators + operands
+constexpr int kDownGatherChannels = kVecRegs >= 32 ? 8 : 4;
 // backward: channels whose grad_output / feature rows are staged in scratch together (a multiple of
-// kGfChannels); the grad_masks accumulators are read and written once per block.
+// both gathers' channels); the grad_masks accumulators are read and written once per block.
 constexpr int64_t kBwdChannelBlock = 16;
 
 template <typename scalar_t>
@@ -819,7 +822,9 @@ CARAFE_KERNEL void forward_tasks(const Args& a, int64_t begin, int64_t end) {
 //   Fp     [B+2r][CBLK][Wp]          features of the same channels
 //   gmacc  [B][ssp][kkp][Wv]         grad_masks accumulators (kkp = kk rounded up to TB)
 // grad_features (a gather: each low-res pixel collects from the outputs whose window covers it):
-//   gf[c, h, w] = sum_{ky, ij, kx} God[h - ky + r][c][ij][w - kx + r] * Ms[h - ky + r][ij][ky*k + kx][w - kx + r]
+//   gf[c, h, w] = sum_{kx} sum_{ky, ij} God[h - ky + r][c][ij][w - kx + r] * Ms[h - ky + r][ij][ky*k + kx][w - kx + r]
+//   (GatherPlan; with gather_by_shift the inner sum runs on unshifted vectors, the shift by kx applied to
+//   its result)
 // grad_masks (a reduction over the group's channels, in ascending channel order):
 //   gm[ij][t][h][w] = sum_c God[h][c][ij][w] * Fp[h + ky - r][c][w + kx - r]
 // Each task owns its rows of both outputs: no atomics, no races.
@@ -829,48 +834,137 @@ CARAFE_KERNEL void forward_tasks(const Args& a, int64_t begin, int64_t end) {
 // fused op stages the probabilities of its own rows, which its softmax backward reads). The gradient
 // computed is bitwise the one of a full call: same operands, same summation order.
 // ---------------------------------------------------------------------------------------------
-// One term of a grad_features gather: the grad_output vector at God + go + w (channel c: + c * cstride)
-// times the mask vector at Ms + m + w. The terms of a feature row are listed in summation order by each
-// direction (up: gather_terms_up; down: gather_terms_down); the loop below is shared.
-struct GatherTerm {
-  int64_t go, m;
+// grad_features is a gather: each feature row collects, for every channel c and column w,
+//   gf[c][w] = sum_{e, d} God[go[e] + c*cstride + w + shift[d]] * Ms[m[e][d] + w + shift[d]]
+// over the staged grad_output rows e it reads (up: (ky, ij); down: ky) and the column shifts d of its
+// taps (up: 2r - kx; down: one per kx of the row's phase): a GatherPlan (gather_plan_up / _down).
+// Two ways to sum it, both in a fixed order (so the result does not depend on threads or on the
+// output_mask):
+// - gather_by_term: term by term, e-major (up: ky, ij, kx; down: ky, kx).
+// - gather_by_shift (the up ops on 32-register ISAs): a tap's shift is common to both factors, so the
+//   sum over e runs first, at unshifted columns, and the shifts are applied once to its result:
+//     R[d][c][p] = sum_e God[go[e] + c*cstride + p] * Ms[m[e][d] + p]      (pass 1)
+//     gf[c][w]   = sum_d R[d][c][w + shift[d]]                             (pass 2)
+//   Pass 1 holds DB shifts x CB channels of accumulators and loads CB grad_output vectors and DB mask
+//   vectors per row e: CB + DB loads per CB*DB multiply-adds, where gather_by_term loads a grad_output
+//   vector, at a cache-line straddling shifted address, per multiply-add. Only the columns p in
+//   [r, r + Wv) are summed: grad_output's staged rows are zero outside them (the masks' padding is
+//   finite), so R is zero there, and R's rows (Wp long, like the staged rows) keep those zeros from
+//   their allocation (GatherScratch).
+//   It does not pay for the down ops (2-3 rows e per shift: 1.6x slower there) nor with 16 registers
+//   (AVX2: the 5 x 2 block that fits was 3-4% slower than gather_by_term on this project's machine).
+struct GatherPlan {
+  int64_t ne = 0;  // grad_output rows
+  int64_t nd = 0;  // column shifts
+  int64_t* go;     // [ne]: offset of row e in God (channel 0)
+  int64_t* m;      // [ne][nd]: offset of row e's masks of shift d in Ms
+  int64_t shift[kMaxKernelSize];
 };
+// The up ops' grad_features sums by shift where the registers hold gather_by_shift's block.
+constexpr bool kUpGatherByShift = kVecRegs >= 32;
+// gather_by_shift's pass-1 register block: shifts [d0, d0 + DB), DB <= kGatherShifts, x CB channels.
+constexpr int kGatherShifts = 5;
 
 template <typename acc_t, int CB>
-CARAFE_INLINE void grad_features_block(const acc_t* __restrict Ms,   // staged masks
-                                       const acc_t* __restrict God,  // staged grad_output, at channel c0
-                                       int64_t cstride,              // its channel stride
-                                       const GatherTerm* __restrict terms, int64_t nterms,
-                                       acc_t* __restrict rowbuf,     // [CB][Wv]
-                                       int64_t Wv) {
+CARAFE_INLINE void gather_by_term(const acc_t* __restrict Ms,   // staged masks
+                                  const acc_t* __restrict God,  // staged grad_output, at channel c0
+                                  int64_t cstride,              // its channel stride
+                                  const GatherPlan& plan,
+                                  acc_t* __restrict rowbuf,     // [CB][Wv]
+                                  int64_t Wv) {
   constexpr int64_t L = VecOf<acc_t>::size;
   for (int64_t w = 0; w < Wv; w += L) {
     Vec<acc_t> acc[CB];
     for (int cb = 0; cb < CB; ++cb) acc[cb] = Vec<acc_t>{};
-    for (int64_t e = 0; e < nterms; ++e) {
-      const Vec<acc_t> m = vload(Ms + terms[e].m + w);
-      const acc_t* g0 = God + terms[e].go + w;
-      for (int cb = 0; cb < CB; ++cb) acc[cb] += vload(g0 + cb * cstride) * m;
+    for (int64_t e = 0; e < plan.ne; ++e) {
+      for (int64_t d = 0; d < plan.nd; ++d) {
+        const int64_t at = plan.shift[d] + w;
+        const Vec<acc_t> m = vload(Ms + plan.m[e * plan.nd + d] + at);
+        const acc_t* g0 = God + plan.go[e] + at;
+        for (int cb = 0; cb < CB; ++cb) acc[cb] += vload(g0 + cb * cstride) * m;
+      }
     }
     for (int cb = 0; cb < CB; ++cb) vstore(rowbuf + cb * Wv + w, acc[cb]);
   }
 }
 
-// The up gather of low-res row h = h0 + b, in the order (ky, ij, kx): source row h' = h - ky + r (local
-// row b + 2r - ky, in the image only) and column w - kx + r, which a padded row holds at w - kx + 2r.
-// Returns the number of terms (at most kk*ss).
-inline int64_t gather_terms_up(GatherTerm* terms, const Geo& q, int64_t b, int64_t h, int64_t cblk) {
+// R of gather_by_shift, for kMaxKernelSize shifts x CB channels: rows of Wp, zero (the columns pass 1
+// never writes).
+template <typename acc_t>
+struct GatherScratch {
+  Scratch<acc_t> buf;
+  CARAFE_INLINE GatherScratch(bool used, int64_t channels, int64_t Wp)
+      : buf(used ? kMaxKernelSize * channels * Wp : 0) {
+    if (used) zero_row(buf.get(), kMaxKernelSize * channels * Wp);
+  }
+  acc_t* get() const { return buf.get(); }
+};
+
+template <typename acc_t, int CB, int DB>
+CARAFE_INLINE void gather_shift_block(const acc_t* __restrict Ms, const acc_t* __restrict God, int64_t cstride,
+                                      const GatherPlan& plan, int64_t d0, acc_t* __restrict R, const Geo& q) {
+  constexpr int64_t L = VecOf<acc_t>::size;
+  for (int64_t p = q.r; p < q.r + q.Wv; p += L) {
+    Vec<acc_t> acc[DB][CB];
+    for (int db = 0; db < DB; ++db)
+      for (int cb = 0; cb < CB; ++cb) acc[db][cb] = Vec<acc_t>{};
+    for (int64_t e = 0; e < plan.ne; ++e) {
+      Vec<acc_t> go[CB];
+      for (int cb = 0; cb < CB; ++cb) go[cb] = vload(God + plan.go[e] + cb * cstride + p);
+      const int64_t* me = plan.m + e * plan.nd + d0;
+      for (int db = 0; db < DB; ++db) {
+        const Vec<acc_t> mv = vload(Ms + me[db] + p);
+        for (int cb = 0; cb < CB; ++cb) acc[db][cb] += go[cb] * mv;
+      }
+    }
+    for (int db = 0; db < DB; ++db)
+      for (int cb = 0; cb < CB; ++cb) vstore(R + ((d0 + db) * CB + cb) * q.Wp + p, acc[db][cb]);
+  }
+}
+
+// gf of CB channels (God at the first one) into rowbuf[CB][Wv]; R: a GatherScratch of CB channels.
+template <typename acc_t, int CB>
+CARAFE_INLINE void gather_by_shift(const acc_t* __restrict Ms, const acc_t* __restrict God, int64_t cstride,
+                                   const GatherPlan& plan, acc_t* __restrict R, acc_t* __restrict rowbuf,
+                                   const Geo& q) {
+  constexpr int64_t L = VecOf<acc_t>::size;
+  const int64_t Wv = q.Wv, Wp = q.Wp;
+  for (int64_t d0 = 0; d0 < plan.nd; d0 += kGatherShifts) {
+    switch (std::min<int64_t>(kGatherShifts, plan.nd - d0)) {
+      case 1: gather_shift_block<acc_t, CB, 1>(Ms, God, cstride, plan, d0, R, q); break;
+      case 2: gather_shift_block<acc_t, CB, 2>(Ms, God, cstride, plan, d0, R, q); break;
+      case 3: gather_shift_block<acc_t, CB, 3>(Ms, God, cstride, plan, d0, R, q); break;
+      case 4: gather_shift_block<acc_t, CB, 4>(Ms, God, cstride, plan, d0, R, q); break;
+      default: gather_shift_block<acc_t, CB, kGatherShifts>(Ms, God, cstride, plan, d0, R, q); break;
+    }
+  }
+  for (int cb = 0; cb < CB; ++cb) {
+    for (int64_t w = 0; w < Wv; w += L) {
+      Vec<acc_t> acc = vload(R + cb * Wp + plan.shift[0] + w);
+      for (int64_t d = 1; d < plan.nd; ++d) acc += vload(R + (d * CB + cb) * Wp + plan.shift[d] + w);
+      vstore(rowbuf + cb * Wv + w, acc);
+    }
+  }
+}
+
+// The up gather of low-res row h = h0 + b: rows e = (ky, ij) in that order, source row h' = h - ky + r
+// (local row b + 2r - ky, in the image only); shifts d = kx: column w - kx + r, which a padded row holds
+// at w + 2r - kx. go and m must hold k*ss and k*ss*k entries.
+inline void gather_plan_up(GatherPlan& plan, const Geo& q, int64_t b, int64_t h, int64_t cblk) {
   const int64_t k = q.k, kk = q.kk, Wp = q.Wp, r = q.r, ssp = q.ssp;
   const int64_t ky0 = std::max<int64_t>(0, h + r - (q.H - 1));
   const int64_t ky1 = std::min<int64_t>(k, h + r + 1);
-  int64_t n = 0;
+  plan.nd = k;
+  for (int64_t kx = 0; kx < k; ++kx) plan.shift[kx] = 2 * r - kx;
+  int64_t e = 0;
   for (int64_t ky = ky0; ky < ky1; ++ky) {
     const int64_t lr = b + 2 * r - ky;
-    for (int64_t ij = 0; ij < q.ss; ++ij)
-      for (int64_t kx = 0; kx < k; ++kx)
-        terms[n++] = {(lr * cblk * ssp + ij) * Wp + 2 * r - kx, ((lr * ssp + ij) * kk + ky * k + kx) * Wp + 2 * r - kx};
+    for (int64_t ij = 0; ij < q.ss; ++ij, ++e) {
+      plan.go[e] = (lr * cblk * ssp + ij) * Wp;
+      for (int64_t kx = 0; kx < k; ++kx) plan.m[e * k + kx] = ((lr * ssp + ij) * kk + ky * k + kx) * Wp;
+    }
   }
-  return n;
+  plan.ne = e;
 }
 
 template <typename acc_t, int TB, int PB>
@@ -931,7 +1025,7 @@ template <typename scalar_t, bool Fused, int PB>
 CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end) {
   using acc_t = acc_type<scalar_t>;
   constexpr int TB = Blocking<PB>::gm_taps;
-  constexpr int CBG = kGfChannels;
+  constexpr int CBG = kGatherChannels;
   constexpr int64_t CBLK = kBwdChannelBlock;
   static_assert(CBLK % CBG == 0, "the channel block must hold whole grad_features register blocks");
   constexpr int64_t L = VecOf<acc_t>::size;
@@ -954,13 +1048,16 @@ CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end
   Scratch<acc_t> ms_buf(need_ms ? rows * ms_row : 0), god_buf(rows * god_row),
       fp_buf(want_masks ? rows * fp_row : 0), gm_buf(want_masks ? B * gm_row : 0),
       row_buf(want_features ? CBG * q.Wv : 0);
+  GatherScratch<acc_t> gather_buf(kUpGatherByShift && want_features, CBG, q.Wp);
   acc_t* Ms = ms_buf.get();
   acc_t* God = god_buf.get();
   acc_t* Fp = fp_buf.get();
   acc_t* gmacc = gm_buf.get();
   acc_t* rowbuf = row_buf.get();
-  Scratch<GatherTerm> term_buf(want_features ? q.kk * q.ss : 0);
-  GatherTerm* terms = term_buf.get();
+  Scratch<int64_t> plan_buf(want_features ? q.k * q.ss * (1 + q.k) : 0);
+  GatherPlan plan;
+  plan.go = plan_buf.get();
+  plan.m = plan.go + q.k * q.ss;
   int64_t tap_off[kMaxKernelSize * kMaxKernelSize];
   tap_offsets(tap_off, q.k, q.r, 1, q.r, 0, fp_row);
 
@@ -1021,9 +1118,14 @@ CARAFE_INLINE void backward_tasks_impl(const Args& a, int64_t begin, int64_t end
       for (int64_t h = h0; h < h1; ++h) {
         const int64_t b = h - h0;
         if (want_features) {
-          const int64_t nterms = gather_terms_up(terms, q, b, h, CBLK);
+          gather_plan_up(plan, q, b, h, CBLK);
           for (int64_t cg = 0; cg < nch; cg += CBG) {
-            grad_features_block<acc_t, CBG>(Ms, God + cg * q.ssp * q.Wp, q.ssp * q.Wp, terms, nterms, rowbuf, q.Wv);
+            const acc_t* god = God + cg * q.ssp * q.Wp;
+            if constexpr (kUpGatherByShift) {
+              gather_by_shift<acc_t, CBG>(Ms, god, q.ssp * q.Wp, plan, gather_buf.get(), rowbuf, q);
+            } else {
+              gather_by_term<acc_t, CBG>(Ms, god, q.ssp * q.Wp, plan, rowbuf, q.Wv);
+            }
             for (int64_t cb = 0; cb < std::min<int64_t>(CBG, nch - cg); ++cb) {
               scalar_t* dst = grad_features + ((n * q.C + cbase + cg + cb) * q.H + h) * q.W;
               convert_row(dst, rowbuf + cb * q.Wv, q.W);
@@ -1079,9 +1181,9 @@ CARAFE_KERNEL void backward_tasks(const Args& a, int64_t begin, int64_t end) {
 // (so their rows are staged as the up ops stage low-res rows: load_row, stage_softmax_row with s = 1).
 // The full-resolution feature rows are split into s "phase rows" P[b][q] = F[y][s*q + b], so that tap
 // kx of the columns [j, j + L) is one vector load (tap_offsets with s phases); forward_block and
-// grad_masks_block are the up ops' own. grad_features is a gather again (grad_features_block): feature
+// grad_masks_block are the up ops' own. grad_features is a gather again (gather_by_term): feature
 // row y, phase b, column q collects the output pixels (i, j) with s*i + ky - r = y, s*j + kx - r = s*q + b,
-// listed by gather_terms_down. Each task (n, g, output rows [i0, i1)) owns those output rows of the
+// planned by gather_plan_down. Each task (n, g, output rows [i0, i1)) owns those output rows of the
 // output and grad_masks, and the feature rows [s*i0, s*i1) of grad_features: no atomics, and a fixed
 // summation order (taps in ky, kx order; grad_masks over channels in ascending order), so the results
 // are bitwise identical for any thread count.
@@ -1255,26 +1357,29 @@ CARAFE_KERNEL void forward_down_tasks(const Args& a, int64_t begin, int64_t end)
   }
 }
 
-// The down gather of feature row y (local row ly of the task's staged feature rows), phase b: output
-// rows i = (y + r - ky) / s (those ky that divide, i in the image; staged row i - i0 + R) and columns
-// j = q + (b + r - kx) / s (those kx that divide), in the order (ky, kx). Returns the number of terms
-// (at most kk).
-inline int64_t gather_terms_down(GatherTerm* terms, const DownGeo& d, int64_t y, int64_t b, int64_t i0,
-                                 int64_t god_row) {
+// The down gather of feature row y, phase b: rows e = ky, output rows i = (y + r - ky) / s (those ky
+// that divide, i in the image; staged row i - i0 + R); shifts d = kx, columns j = q + (b + r - kx) / s
+// (those kx that divide), at R + (b + r - kx) / s in a padded row. go and m must hold k and kk entries.
+inline void gather_plan_down(GatherPlan& plan, const DownGeo& d, int64_t y, int64_t b, int64_t i0,
+                             int64_t god_row) {
   const Geo& q = d.m;
-  int64_t n = 0;
+  int64_t kxs[kMaxKernelSize];
+  plan.nd = 0;
+  for (int64_t kx = 0; kx < q.k; ++kx) {
+    const int64_t numx = b + d.r - kx;
+    if (((numx % d.s) + d.s) % d.s != 0) continue;
+    kxs[plan.nd] = kx;
+    plan.shift[plan.nd++] = d.R + numx / d.s;  // exact division
+  }
+  plan.ne = 0;
   for (int64_t ky = 0; ky < q.k; ++ky) {
     const int64_t num = y + d.r - ky;
     if (num < 0 || num % d.s != 0 || num / d.s >= q.H) continue;
     const int64_t lm = num / d.s - i0 + d.R;
-    for (int64_t kx = 0; kx < q.k; ++kx) {
-      const int64_t numx = b + d.r - kx;
-      if (((numx % d.s) + d.s) % d.s != 0) continue;
-      const int64_t o = d.R + numx / d.s;  // exact division
-      terms[n++] = {lm * god_row + o, (lm * q.kk + ky * q.k + kx) * q.Wp + o};
-    }
+    plan.go[plan.ne] = lm * god_row;
+    for (int64_t dd = 0; dd < plan.nd; ++dd) plan.m[plan.ne * plan.nd + dd] = (lm * q.kk + ky * q.k + kxs[dd]) * q.Wp;
+    ++plan.ne;
   }
-  return n;
 }
 
 // Backward of the down ops: task (n, g, output rows [i0, i1)), B = rows_per_task.
@@ -1286,7 +1391,7 @@ template <typename scalar_t, bool Fused>
 CARAFE_KERNEL void backward_down_tasks(const Args& a, int64_t begin, int64_t end) {
   using acc_t = acc_type<scalar_t>;
   constexpr int TB = Blocking<1>::gm_taps;
-  constexpr int CBG = kGfChannels;
+  constexpr int CBG = kDownGatherChannels;
   constexpr int64_t CBLK = kBwdChannelBlock;
   const DownGeo d(a.p, VecOf<acc_t>::size);
   const Geo& q = d.m;
@@ -1319,9 +1424,13 @@ CARAFE_KERNEL void backward_down_tasks(const Args& a, int64_t begin, int64_t end
   acc_t* Fp = fp_buf.get();
   acc_t* gmacc = gm_buf.get();
   acc_t* rowbuf = row_buf.get();  // [s][CBG][Wv]: one feature row's phases
-  Scratch<GatherTerm> term_buf(want_features ? d.s * q.kk : 0);
-  GatherTerm* terms = term_buf.get();
-  int64_t nterms[kMaxScaleFactor];
+  // one plan per phase b: go [k], m [k][k]
+  Scratch<int64_t> plan_buf(want_features ? d.s * q.k * (1 + q.k) : 0);
+  GatherPlan plans[kMaxScaleFactor];
+  for (int64_t b = 0; want_features && b < d.s; ++b) {
+    plans[b].go = plan_buf.get() + b * q.k * (1 + q.k);
+    plans[b].m = plans[b].go + q.k;
+  }
   int64_t tap_off[kMaxKernelSize * kMaxKernelSize];
   tap_offsets(tap_off, q.k, d.r, d.s, d.R, d.Wq, fp_row);
 
@@ -1379,11 +1488,10 @@ CARAFE_KERNEL void backward_down_tasks(const Args& a, int64_t begin, int64_t end
         }
       }
       for (int64_t y = d.s * i0; want_features && y < y_end; ++y) {
-        for (int64_t b = 0; b < d.s; ++b) nterms[b] = gather_terms_down(terms + b * q.kk, d, y, b, i0, god_row);
+        for (int64_t b = 0; b < d.s; ++b) gather_plan_down(plans[b], d, y, b, i0, god_row);
         for (int64_t cg = 0; cg < nch; cg += CBG) {
           for (int64_t b = 0; b < d.s; ++b)
-            grad_features_block<acc_t, CBG>(Ms, God + cg * q.Wp, q.Wp, terms + b * q.kk, nterms[b],
-                                            rowbuf + b * CBG * q.Wv, q.Wv);
+            gather_by_term<acc_t, CBG>(Ms, God + cg * q.Wp, q.Wp, plans[b], rowbuf + b * CBG * q.Wv, q.Wv);
           for (int64_t cb = 0; cb < std::min<int64_t>(CBG, nch - cg); ++cb)
             store_phases(grad_features + ((n * q.C + cbase + cg + cb) * d.H + y) * d.W, rowbuf + cb * q.Wv,
                          CBG * q.Wv, d);
