@@ -49,6 +49,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(warning, yellow=True, bold=True)
 
 
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """A saved run (--benchmark-save) carries this project's machine record beside pytest-benchmark's own:
+    the CPU model, the instruction set the CPU kernels ran, torch, threads and the git sha, so each row
+    kept in benchmarks/results/pytest-benchmark says which CPU it belongs to."""
+    from benchmarks.machine import machine_info as carafe_machine_info
+
+    machine_info["carafe"] = carafe_machine_info(threads=int(config.getoption("--carafe-threads")))
+
+
 def pytest_addoption(parser):
     group = parser.getgroup("carafe", "CARAFE benchmark cases")
     for name, (default, help_text) in OPTIONS.items():

@@ -50,6 +50,8 @@ PRESETS: dict[str, list[Shape]] = {
     "misc": [Shape(1, 256, 120, 120)],
     "target": [Shape(2, 256, 44, 44)],
     "tiny": [Shape(2, 16, 8, 8), Shape(1, 8, 5, 7, k=3, G=2, s=3)],
+    # the README's table per CPU model: the decoder's compute-bound sizes and the target shape
+    "per-cpu": [Shape(2, 256, 44, 44), Shape(4, 1024, 16, 16), Shape(4, 256, 64, 64), Shape(4, 128, 128, 128)],
 }
 
 _SHAPE_RE = re.compile(r"^N(\d+)-C(\d+)-H(\d+)-W(\d+)(?:-k(\d+))?(?:-g(\d+))?(?:-s(\d+))?$")

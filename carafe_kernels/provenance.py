@@ -22,10 +22,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cpu_model() -> str:
+    """The CPU's model name, with its x86 family and model numbers (which name the generation where a
+    virtual machine shows only a generic name, e.g. "AMD EPYC (family 25, model 17)": Zen 4)."""
     try:
+        fields = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            if "cpu family" in fields and "model" in fields:
+                return f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
+            return fields["model name"]
     except OSError:
         pass
     return platform.processor() or platform.machine()
@@ -96,6 +105,8 @@ def machine_info(threads: int | None = None) -> dict:
         import carafe_kernels
         info["carafe_kernels"] = carafe_kernels.__version__
         info["backend_status"] = carafe_kernels.backend_status()
+        if info["backend_status"].get("cpu") is None:  # the instruction set the CPU kernels run here
+            info["cpu_kernels"] = torch.ops.carafe_kernels._cpu_kernel_isa()
     except Exception as exc:  # noqa: BLE001
         info["carafe_kernels"] = f"import failed: {exc}"
     return info
@@ -107,6 +118,8 @@ def machine_line(info: dict) -> str:
     cores = f"{info['physical_cores'] or '?'} cores / {info['logical_cpus']} threads"
     if info["usable_cpus"] != info["logical_cpus"]:
         cores += f", {info['usable_cpus']} usable"
+    if info.get("cpu_kernels"):
+        cores += f"; CPU kernels {info['cpu_kernels']}"
     return (f"Machine: {info['cpu']} ({cores}; torch threads {info['torch_threads']}) | "
             f"GPU: {info['gpu'] or 'none'} | torch {info['torch']}"
             + (f" (CUDA {info['cuda']})" if info["cuda"] else "")
