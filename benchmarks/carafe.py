@@ -4,6 +4,7 @@
         --dtypes fp32,bf16 --json out.json [--plot out.png]
     python -m benchmarks.carafe --shapes target --threads 2          # the CPU targets
     python -m benchmarks.carafe --from-json out.json --plot out.png   # re-print / re-plot a run
+    python -m benchmarks.carafe --from-json run-1.json run-2.json run-3.json   # each row's median
 
 Rows, for each op (--ops; "fused" = carafe_fused, the default; "plain" = carafe), shape, dtype and mode:
     <backend>         each requested backend ("all": every backend usable on the device; the reference
@@ -327,6 +328,39 @@ def regate(rows: list[dict], spread_limit: float = SPREAD_LIMIT) -> None:
         for row in block:
             if row["impl"] in problems:
                 row["invalid"] = problems[row["impl"]]
+
+
+def median_over_runs(runs: list[list[dict]]) -> list[dict]:
+    """Each row's median over repeated runs of the same rows (a noisy machine: run the CLI several times):
+    the row, all columns, of the run whose time is the (lower) median among the runs where the row is
+    valid, plus `runs` (how many) and `ms_range` (their fastest and slowest time). A row invalid in every
+    run stays invalid."""
+    def key(row):
+        return (row["op"], row["shape"], row["dtype"], row["mode"], row["impl"], row.get("device"),
+                row.get("layout", "contiguous"))
+
+    seen: dict[tuple, list[dict]] = {}
+    for rows in runs:
+        for row in rows:
+            seen.setdefault(key(row), []).append(row)
+    merged = []
+    for versions in seen.values():
+        valid = sorted((r for r in versions if not r.get("invalid")), key=lambda r: r["ms"])
+        if not valid:
+            merged.append(dict(versions[0], runs=len(versions)))
+            continue
+        merged.append(dict(valid[(len(valid) - 1) // 2], runs=len(valid),
+                           ms_range=[valid[0]["ms"], valid[-1]["ms"]]))
+    return merged
+
+
+def print_ranges(rows: list[dict]) -> None:
+    print("Times over the runs (median row above; fastest - slowest run):")
+    for row in rows:
+        if row.get("ms_range"):
+            lo, hi = row["ms_range"]
+            print(f"  {row['op']} {row['shape']} {row['dtype']} {row['mode']} {row['impl']}: {row['ms']:.3f} ms "
+                  f"over {row['runs']} runs ({lo:.3f} - {hi:.3f})")
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -684,7 +718,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jsonl", help="append every row to this JSON-lines file as soon as it is measured "
                         "(kept if the run is killed)")
     parser.add_argument("--plot", help="draw speedups and fractions of the floor to this image (matplotlib)")
-    parser.add_argument("--from-json", help="re-print (and --plot) a previous run instead of running")
+    parser.add_argument("--from-json", nargs="+", metavar="JSON",
+                        help="re-print (and --plot) a previous run instead of running; several runs of the "
+                        "same rows: each row's median over them (median_over_runs)")
     args = parser.parse_args(argv)
 
     if args.plot:
@@ -694,10 +730,19 @@ def main(argv=None) -> int:
             parser.error("--plot needs matplotlib, which is not installed "
                          "(pip install matplotlib, or the project's [plot] extra)")
     if args.from_json:
-        result = json.loads(Path(args.from_json).read_text())
-        regate(result["rows"], args.spread_limit)
-        print(machine_line(result["machine"]))
+        results = [json.loads(Path(path).read_text()) for path in args.from_json]
+        for result in results:
+            regate(result["rows"], args.spread_limit)
+            print(machine_line(result["machine"]))
+        result = results[0]
+        if len(results) > 1:
+            merged = median_over_runs([r["rows"] for r in results])
+            result = dict(result, rows=merged, targets=evaluate_targets(merged),
+                          skipped=[s for r in results for s in r.get("skipped", [])])
+            print(f"Each row: the median of {len(results)} runs")
         print_table(result["rows"])
+        if len(results) > 1:
+            print_ranges(result["rows"])
     else:
         if args.device == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda: torch.cuda.is_available() is False")

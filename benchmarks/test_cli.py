@@ -116,6 +116,32 @@ def test_gate_finds_parts_slower_than_the_whole_and_wide_spreads():
     assert "spread 2.25x" in problems["unfold"]
 
 
+def test_median_over_runs_takes_each_rows_median_run():
+    """Three runs of the same rows: each row is the whole row of its median run (its columns stay
+    consistent), with the fastest and slowest time; a run where the row is invalid does not count."""
+    def row(mode, ms, **extra):
+        return dict(_row("cpu", mode, ms), op="fused", shape="N1-C4-H3-W4-k3-g2-s2", dtype="fp32", **extra)
+
+    runs = [[row("fwd", 5.0), row("fwdbwd", 20.0)],
+            [row("fwd", 9.0), row("fwdbwd", 18.0)],
+            [row("fwd", 6.0), row("fwdbwd", 1.0, invalid="spread 3x")]]
+    merged = {row["mode"]: row for row in cli.median_over_runs(runs)}
+    assert merged["fwd"]["ms"] == 6.0 and merged["fwd"]["ms_range"] == [5.0, 9.0] and merged["fwd"]["runs"] == 3
+    assert merged["fwdbwd"]["ms"] == 18.0 and merged["fwdbwd"]["ms_range"] == [18.0, 20.0]
+    assert merged["fwdbwd"]["runs"] == 2 and not merged["fwdbwd"].get("invalid")
+
+
+def test_from_json_of_several_runs_prints_medians(tmp_path, capsys):
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"run-{i}.json"))
+        assert cli.main(FAST + ["--modes", "fwd", "--ops", "fused", "--json", paths[-1]]) == 0
+    capsys.readouterr()
+    assert cli.main(["--from-json", *paths]) == 0
+    text = capsys.readouterr().out
+    assert "the median of 3 runs" in text and "over 3 runs" in text
+
+
 def _slow_forward_timer(monkeypatch):
     """time_fn that reports every fwd as slower than its fwdbwd (the README's 82 ms vs 21 ms row)."""
     real = cli.time_fn
