@@ -173,7 +173,7 @@ Tensor forward_cpu(const char* op, bool fused, const Tensor& features_in, const 
   a.out = out.mutable_data_ptr();
   a.down = down;
   const Shape grid = task_grid(p, down);
-  a.rows_per_task = rows_per_task(grid, 4);
+  a.rows_per_task = rows_per_task(grid, 8);
   const KernelTable& t = kernels();
   const RangeFn fn = down ? (fused ? t.forward_down_fused : t.forward_down) : (fused ? t.forward_fused : t.forward);
   run_tasks(fn, a, num_tasks(a), grid.channels_per_group() * grid.ss() * grid.kk() * grid.W * a.rows_per_task);
