@@ -859,6 +859,9 @@ CARAFE_KERNEL void forward_tasks(const Args& a, int64_t begin, int64_t end) {
 //   their allocation (GatherScratch).
 //   It does not pay for the down ops (2-3 rows e per shift: 1.6x slower there) nor with 16 registers
 //   (AVX2: the 5 x 2 block that fits was 3-4% slower than gather_by_term on this project's machine).
+//   It relies on the staging's zero padding: every staged grad_output and mask row (deinterleave_row,
+//   load_row, stage_softmax_row, stage_masks_row, zero_row for rows outside the image) is zero (masks:
+//   finite) outside its data columns.
 struct GatherPlan {
   int64_t ne = 0;  // grad_output rows
   int64_t nd = 0;  // column shifts
@@ -866,8 +869,10 @@ struct GatherPlan {
   int64_t* m;      // [ne][nd]: offset of row e's masks of shift d in Ms
   int64_t shift[kMaxKernelSize];
 };
-// The up ops' grad_features sums by shift where the registers hold gather_by_shift's block.
-constexpr bool kUpGatherByShift = kVecRegs >= 32;
+// The up ops' grad_features sums by shift where the registers hold gather_by_shift's block, on the
+// AVX-512 builds, where it was measured (aarch64's NEON build, also 32 registers, keeps gather_by_term
+// until measured there).
+constexpr bool kUpGatherByShift = kVecRegs >= 32 && kVecBytes == 64;
 // gather_by_shift's pass-1 register block: shifts [d0, d0 + DB), DB <= kGatherShifts, x CB channels.
 constexpr int kGatherShifts = 5;
 
@@ -929,6 +934,7 @@ CARAFE_INLINE void gather_shift_block(const acc_t* __restrict Ms, const acc_t* _
 }
 
 // gf of CB channels (God at the first one) into rowbuf[CB][Wv]; R: a GatherScratch of CB channels.
+// plan.nd >= 1 (the up plans have nd = k; a down phase no tap reaches has none, and gather_by_term).
 template <typename acc_t, int CB>
 CARAFE_INLINE void gather_by_shift(const acc_t* __restrict Ms, const acc_t* __restrict God, int64_t cstride,
                                    const GatherPlan& plan, acc_t* __restrict R, acc_t* __restrict rowbuf,
