@@ -160,8 +160,8 @@ struct Blocking {
   // grad_masks: TB taps x PB sub-pixels accumulators, PB grad_output vectors, 1 feature vector
   static constexpr int gm_taps = kWide ? (PB == 1 ? 8 : (PB == 3 ? 6 : 5)) : (PB == 1 ? 8 : (PB == 3 ? 3 : 2));
 };
-// grad_features, channels per register block: 4 (the up ops on 32 registers: gather_by_shift's
-// kGatherShifts x 4 accumulators + operands; 16 registers: gather_by_term's 4 accumulators + operands)
+// grad_features, channels per register block: 4 (the up ops on AVX-512: gather_by_shift's
+// kGatherShifts x 4 accumulators + operands; elsewhere gather_by_term's 4 accumulators + operands)
 constexpr int kGatherChannels = 4;
 // ... the down ops' gather_by_term, channels accumulators + operands
 constexpr int kDownGatherChannels = kVecRegs >= 32 ? 8 : 4;
@@ -847,7 +847,7 @@ CARAFE_KERNEL void forward_tasks(const Args& a, int64_t begin, int64_t end) {
 // Two ways to sum it, both in a fixed order (so the result does not depend on threads or on the
 // output_mask):
 // - gather_by_term: term by term, e-major (up: ky, ij, kx; down: ky, kx).
-// - gather_by_shift (the up ops on 32-register ISAs): a tap's shift is common to both factors, so the
+// - gather_by_shift (the up ops on the AVX-512 builds: kUpGatherByShift): a tap's shift is common to both factors, so the
 //   sum over e runs first, at unshifted columns, and the shifts are applied once to its result:
 //     R[d][c][p] = sum_e God[go[e] + c*cstride + p] * Ms[m[e][d] + p]      (pass 1)
 //     gf[c][w]   = sum_d R[d][c][w + shift[d]]                             (pass 2)
